@@ -1,0 +1,215 @@
+"""`PLDRConfig`: the model's hyperparameters as a frozen dataclass.
+
+Field names follow the original release's hyperparameter dictionary ("hpdict") where one
+exists, so `from_hpdict` / `to_hpdict` convert losslessly. Training settings of the hpdict
+(learning rate, FSDP options, ...) are not part of the model and are ignored here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+VARIANTS = ("v510", "v510G")
+
+# hpdict keys that describe the model (input_vocab_size is our vocab_size).
+_HPDICT_MODEL_KEYS = ("num_layers", "d_model", "num_heads", "dff", "num_reslayerA",
+                      "num_denseA", "A_dff", "input_vocab_size", "max_seq_len")
+# hpdict keys of the original that configure training, not the model: accepted and ignored.
+_HPDICT_TRAINING_KEYS = frozenset({
+    "activation", "epochs", "save_model_path", "warmup_steps", "lr_total_steps",
+    "learning_rate", "lr_alpha", "adamw_decay", "device", "auto_size_minimum", "disable_amp",
+    "disable_fsdp_mixed_precision", "fsdp_cpu_offload", "fsdp_sharding_strategy",
+    "backward_prefetch", "save_type", "DAG_reg_coeffs",
+    # written by the fixture generator / other tools alongside the hpdict
+    "dk", "model_version", "rope_convention", "torch_manual_seed_before_construction",
+    "input_generator_seed",
+})
+
+
+@dataclass(frozen=True)
+class PLDRConfig:
+    """Hyperparameters of a PLDR-LLM (see SPEC.md for what each one does)."""
+
+    num_layers: int
+    d_model: int
+    num_heads: int
+    dff: int
+    num_reslayerA: int
+    num_denseA: int
+    A_dff: int
+    vocab_size: int
+    max_seq_len: int
+    variant: str = "v510"
+    rope_base: float = 10000.0
+    layernorm_eps: float = 1e-6
+    pad_id: int = 0
+    eos_id: int = 3
+    metric_includes_pad: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int",) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"config field {f.name!r} must be an integer, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"config field {f.name!r} must be a number, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"config field {f.name!r} must be true or false, got {value!r}")
+        positive = ("num_layers", "d_model", "num_heads", "dff", "vocab_size", "max_seq_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"config field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "v510":
+            for name in ("num_reslayerA", "num_denseA", "A_dff"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(f"config field {name!r} must be > 0 for variant v510, "
+                                      f"got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by num_heads "
+                              f"({self.num_heads})")
+        if self.dk % 2:
+            raise ConfigError(f"the head size d_model/num_heads = {self.dk} must be even for "
+                              "rotary position embedding")
+        for name in ("pad_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must lie in "
+                                  f"[0, vocab_size={self.vocab_size})")
+
+    @property
+    def dk(self) -> int:
+        """Head size (the original's `depth`): d_model / num_heads."""
+        return self.d_model // self.num_heads
+
+    def replace(self, **changes: Any) -> "PLDRConfig":
+        """A copy with some fields changed (the config itself is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----- presets -----------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "PLDRConfig":
+        """A named configuration: `tiny` (demo), `pldr-110m` (paper), `pldr-110m-G` (its v510G twin)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    # ----- hpdict ------------------------------------------------------------------------
+    @classmethod
+    def from_hpdict(cls, hpdict: dict[str, Any], **overrides: Any) -> "PLDRConfig":
+        """Build a config from the original release's hyperparameter dictionary.
+
+        `input_vocab_size` becomes `vocab_size`; training keys are ignored; a key that is
+        neither is an error (it is most likely a typo)."""
+        if not isinstance(hpdict, dict):
+            raise ConfigError(f"an hpdict must be a dict, got {type(hpdict).__name__}")
+        missing = [k for k in _HPDICT_MODEL_KEYS if k not in hpdict]
+        if missing:
+            raise ConfigError(f"hpdict is missing the model key(s) {', '.join(missing)}; "
+                              "add them (see SPEC.md, Hyperparameters)")
+        ours = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in hpdict if k not in _HPDICT_MODEL_KEYS
+                         and k not in _HPDICT_TRAINING_KEYS and k not in ours)
+        if unknown:
+            raise ConfigError(f"hpdict has unknown key(s) {', '.join(unknown)}; remove them "
+                              "or fix their spelling")
+        kwargs = {k: hpdict[k] for k in _HPDICT_MODEL_KEYS if k != "input_vocab_size"}
+        kwargs["vocab_size"] = hpdict["input_vocab_size"]
+        for k in ours - set(kwargs):
+            if k in hpdict:
+                kwargs[k] = hpdict[k]
+        if "rope_base" in kwargs and isinstance(kwargs["rope_base"], int):
+            kwargs["rope_base"] = float(kwargs["rope_base"])
+        if "dk" in hpdict and hpdict["dk"] * hpdict["num_heads"] != hpdict["d_model"]:
+            raise ConfigError(f"hpdict dk={hpdict['dk']} x num_heads={hpdict['num_heads']} "
+                              f"!= d_model={hpdict['d_model']}")
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hpdict(self) -> dict[str, Any]:
+        """The original's model keys (plus `activation`), e.g. to build the original model."""
+        d = {k: getattr(self, k) for k in _HPDICT_MODEL_KEYS if k != "input_vocab_size"}
+        d["input_vocab_size"] = self.vocab_size
+        d["activation"] = "silu"
+        return {k: d[k] for k in (*_HPDICT_MODEL_KEYS, "activation")}
+
+    # ----- JSON --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, plus `model_type` so a Hugging Face adapter recognises the file."""
+        return {"model_type": "pldr_llm", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PLDRConfig":
+        """Read `to_dict` output, or an original hpdict (recognised by `input_vocab_size`)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+        if "input_vocab_size" in d:
+            return cls.from_hpdict(d)
+        d = {k: v for k, v in d.items() if k not in ("model_type", "architectures", "dk")}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"config has unknown key(s) {', '.join(unknown)}; remove them "
+                              "or fix their spelling")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.name not in d]
+        if required:
+            raise ConfigError(f"config is missing the key(s) {', '.join(required)}")
+        if isinstance(d.get("rope_base"), int) and not isinstance(d.get("rope_base"), bool):
+            d["rope_base"] = float(d["rope_base"])
+        if isinstance(d.get("layernorm_eps"), int) and not isinstance(d.get("layernorm_eps"), bool):
+            d["layernorm_eps"] = float(d["layernorm_eps"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PLDRConfig":
+        """Read a config written by `to_json`, or an original hpdict saved as JSON."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_json(self, path: str | Path) -> None:
+        """Write the config (with `model_type: "pldr_llm"`) as indented JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def num_parameters(self) -> int:
+        """Parameter count of a model built from this config (without building it)."""
+        D, H, dk, V, L = self.d_model, self.num_heads, self.dk, self.vocab_size, self.num_layers
+        glu = lambda i, h, o: 2 * (i * h + h) + h * o + o  # noqa: E731
+        per_layer = 4 * (D * D + D) + glu(D, self.dff, D) + 4 * D
+        if self.variant == "v510":
+            per_layer += 5 * H * dk * dk + 2 * dk  # power-law params + metric LayerNorm
+            per_layer += self.num_reslayerA * (self.num_denseA * glu(dk, self.A_dff, dk) + 2 * dk)
+        return V * D + 2 * D + L * per_layer + D * V + V
+
+
+def _paper_dff(d_model: int) -> int:
+    """The original's feed-forward width: floor(d_model * 4 * 2 / 3)."""
+    return int(math.floor(d_model * 4 * 2 / 3))
+
+
+PRESETS: dict[str, PLDRConfig] = {
+    # Small enough to train on the built-in corpus in a few minutes on 2 CPU cores.
+    "tiny": PLDRConfig(num_layers=2, d_model=128, num_heads=4, dff=_paper_dff(128),
+                       num_reslayerA=2, num_denseA=2, A_dff=64, vocab_size=2048,
+                       max_seq_len=256),
+    # The paper's 110M model (arXiv 2502.13502) and its v510G ablation twin.
+    "pldr-110m": PLDRConfig(num_layers=5, d_model=896, num_heads=14, dff=_paper_dff(896),
+                            num_reslayerA=8, num_denseA=2, A_dff=170, vocab_size=32000,
+                            max_seq_len=1024),
+}
+PRESETS["pldr-110m-G"] = PRESETS["pldr-110m"].replace(variant="v510G")
