@@ -127,11 +127,12 @@ class PLDRConfig:
                 kwargs[k] = hpdict[k]
         if "rope_base" in kwargs and isinstance(kwargs["rope_base"], int):
             kwargs["rope_base"] = float(kwargs["rope_base"])
-        if "dk" in hpdict and hpdict["dk"] * hpdict["num_heads"] != hpdict["d_model"]:
-            raise ConfigError(f"hpdict dk={hpdict['dk']} x num_heads={hpdict['num_heads']} "
-                              f"!= d_model={hpdict['d_model']}")
         kwargs.update(overrides)
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        if "dk" in hpdict and hpdict["dk"] != config.dk:
+            raise ConfigError(f"hpdict dk={hpdict['dk']} does not equal d_model/num_heads="
+                              f"{config.dk}; fix dk or d_model")
+        return config
 
     def to_hpdict(self) -> dict[str, Any]:
         """The original's model keys (plus `activation`), e.g. to build the original model."""
