@@ -8,10 +8,14 @@ from .errors import CheckpointError, ConfigError, DataError, PLDRError
 from .cache import GCache, KVCache
 from .losses import dag_values, loss_with_dag, masked_accuracy, masked_loss
 from .model import Deductive, PLDRModel, PLDROutput, infer_G_LM, to_v510G
+from .checkpoint import load_G_LM, load_model, save_G_LM
+from .generate import generate, stream
+from .tokenizer import Tokenizer
 
 __all__ = [
     "PLDRConfig", "PLDRError", "ConfigError", "CheckpointError", "DataError",
     "PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "KVCache", "GCache",
     "masked_loss", "masked_accuracy", "dag_values", "loss_with_dag",
+    "load_model", "load_G_LM", "save_G_LM", "generate", "stream", "Tokenizer",
 ]
 __version__ = "0.1.0"
