@@ -44,11 +44,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an original .pth checkpoint to a model directory",
                        description="Load an original PLDR-LLM checkpoint with its hpdict and write "
                        "our directory (config.json + model.safetensors [+ tokenizer.model]).")
-    p.add_argument("--checkpoint", required=True, metavar="FILE",
+    p.add_argument("--checkpoint", metavar="FILE",
                    help="original checkpoint (.pth/.pt: a dict with model_state_dict, or a "
                    "state dict)")
-    p.add_argument("--config", required=True, metavar="JSON",
-                   help="the model's hpdict or a config.json")
+    p.add_argument("--config", metavar="JSON",
+                   help="the model's hpdict or a config.json (needed with --checkpoint)")
+    p.add_argument("--dcp", metavar="DIR",
+                   help="instead of --checkpoint: a Distributed Checkpoint of a multi-process "
+                   "`pldr train` run (OUT/checkpoints/step-N)")
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="G_LM file for a v510G checkpoint (predefined pickle, .pt or .safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -61,9 +64,32 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, save_pretrained
 
+    if args.dcp is not None:
+        return _convert_dcp(args)
+    if args.checkpoint is None or args.config is None:
+        raise PLDRError("give --checkpoint FILE with --config JSON (an original checkpoint), "
+                        "or --dcp DIR (a checkpoint of a multi-process `pldr train` run)")
     model = load_model(args.checkpoint, args.config, G_LM=args.G_LM, dtype=args.dtype)
     save_pretrained(model, args.out, tokenizer=args.tokenizer)
     print(f"wrote {args.out} ({model.config.variant}, {model.num_parameters():,} parameters, "
+          f"{str(model.dtype).removeprefix('torch.')})")
+    return 0
+
+
+def _convert_dcp(args: argparse.Namespace) -> int:
+    """`pldr convert --dcp DIR --out DIR2`: a sharded training checkpoint to a model folder."""
+    from .checkpoint import load_model, save_pretrained
+    from .distributed import dcp_to_pretrained
+
+    if args.checkpoint is not None or args.config is not None or args.G_LM is not None:
+        raise PLDRError("--dcp takes the config and weights from the checkpoint folder; drop "
+                        "--checkpoint, --config and --G-LM")
+    out = dcp_to_pretrained(args.dcp, args.out, tokenizer=args.tokenizer)
+    model = load_model(out, dtype=args.dtype)
+    if args.dtype is not None:
+        save_pretrained(model, out, tokenizer=out / "tokenizer.model"
+                        if (out / "tokenizer.model").is_file() else None)
+    print(f"wrote {out} ({model.config.variant}, {model.num_parameters():,} parameters, "
           f"{str(model.dtype).removeprefix('torch.')})")
     return 0
 
@@ -311,9 +337,121 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    # Flags left out keep TrainConfig's defaults, or with --resume the resumed run's settings.
+    p = sub.add_parser("train", help="train a PLDR-LLM (torchrun for several processes)",
+                       argument_default=argparse.SUPPRESS,
+                       description="Train a model on a data source; writes checkpoints, "
+                       "metrics.jsonl, TensorBoard events and OUT/final (a model directory). "
+                       "Run under `torchrun --nproc_per_node=N -m pldr train ...` to shard the "
+                       "model with FSDP2 over N processes.")
+    p.add_argument("--model", metavar="PRESET|JSON",
+                   help="preset (tiny, pldr-110m, pldr-110m-G) or a config.json / original "
+                   "hpdict; vocab_size comes from the tokenizer (default tiny)")
+    p.add_argument("--data", metavar="SOURCE",
+                   help="builtin, a .txt/.jsonl/.parquet/.csv file, a folder, or hf:NAME[:CONFIG] "
+                   "(default builtin)")
+    p.add_argument("--split", help="training slice, e.g. train[:90%%] (default train[:95%%])")
+    p.add_argument("--val-split", help="validation slice (default train[95%%:] with the default "
+                   "--split); none turns validation off")
+    p.add_argument("--text-column", help="text column of structured data (default content, text)")
+    p.add_argument("--chunk-mode", choices=("pack", "pad", "nopad"),
+                   help="how documents become chunks (default pack)")
+    p.add_argument("--batch-agg-count", type=int, help="pad/nopad modes: documents are "
+                   "concatenated batch_size * this many at a time (default 1)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece .model (default: train one on the data and save it)")
+    p.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: "
+                   "the model's vocab_size)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/train)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 1; with "
+                   "--max-steps, whichever ends first)")
+    p.add_argument("--batch-size", type=int, help="global batch: rows per micro-batch over all "
+                   "processes (default 16)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--context-length", type=int,
+                   help="tokens per row (default: the model's max_seq_len)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
+    p.add_argument("--lr-alpha", type=float,
+                   help="final learning rate as a fraction of --lr (default 0.1)")
+    p.add_argument("--lr-total-steps", type=int,
+                   help="step where the cosine decay ends (default: the run's total steps)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--seed", type=int, help="seed of initial weights and data order (default 0)")
+    p.add_argument("--save-every", type=int,
+                   help="checkpoint every N steps (default 0: at the end only)")
+    p.add_argument("--keep-checkpoints", type=int,
+                   help="keep the last K checkpoints (default 3; 0 keeps all)")
+    p.add_argument("--eval-every", type=int,
+                   help="validate every N steps (default 0: at the end only)")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation "
+                   "(default: all)")
+    p.add_argument("--log-every", type=int, help="report every N steps (default 10)")
+    p.add_argument("--resume", metavar="CKPT|auto",
+                   help="continue from a checkpoint folder, or auto: the latest in --out")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="bfloat16: autocast (and FSDP mixed precision) with fp32 weights")
+    p.add_argument("--dag-coeffs", metavar="cA,cAp,cG",
+                   help="DAG regularisation coefficients (default 0,0,0; DAG values are logged "
+                   "anyway)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="tqdm progress bar (default: when stderr is a terminal)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="write TensorBoard events to OUT/tb (default on)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="tokenised-data cache (default $PLDR_CACHE_DIR or ~/.cache/pldr)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .train import config_from_flags, train
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    result = train(config_from_flags(flags))
+    if result.interrupted:
+        return 130
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.step} steps; model in {result.final_dir}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train the tiny model on the built-in corpus, then generate",
+                       description="The main job in a few minutes on 2 CPU cores: train the tiny "
+                       "preset (and a 2048-piece tokenizer) on the built-in corpus, generate with "
+                       "the KV + G cache, and show the loss curve and how much G_LM varies "
+                       "between prompts.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="run folder (default runs/demo; a previous demo there is replaced)")
+    p.add_argument("--steps", type=int, default=600,
+                   help="training steps (default 600, about 2-3 minutes on 2 CPU cores)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bar (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if args.steps < 1:
+        raise PLDRError(f"--steps must be >= 1, got {args.steps}")
+    run_demo(args.out, steps=args.steps, device=args.device, dtype=args.dtype,
+             progress=args.progress)
+    return 0
+
+
 # Registration order is the order in `pldr --help`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_version,
+    _add_demo,
+    _add_train,
     _add_generate,
     _add_bench,
     _add_convert,
