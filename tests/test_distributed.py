@@ -28,7 +28,9 @@ SMALL = dict(num_layers=2, d_model=32, num_heads=2, dff=64, num_reslayerA=1, num
              A_dff=16, max_seq_len=64)
 # Short documents in `pad` mode, so rows hold different numbers of real tokens and the two
 # ranks' halves of a batch have different token counts (the loss scaling must handle that).
-FLAGS = dict(chunk_mode="pad", batch_size=4, context_length=32, lr=1e-3, warmup_steps=2,
+# lr 1e-4: the power-law step amplifies float rounding through AdamW at larger rates (the
+# v510G twin does not), so a batch summed in another order drifts past 1e-4 after a few steps.
+FLAGS = dict(chunk_mode="pad", batch_size=4, context_length=32, lr=1e-4, warmup_steps=2,
              log_every=1, save_every=3, keep_checkpoints=0, max_steps=6, eval_every=3,
              eval_batches=2)
 
@@ -138,12 +140,13 @@ def test_two_ranks_equal_one_process_on_the_same_rows(runs):
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(runs):
-    """Against one batch of 4 rows, the float sums differ in order; this tiny PLDR model
-    amplifies such rounding (by orders of magnitude per step after a few steps, as much as
-    a change of thread count does in one process), so only the first steps are compared."""
+    """Against one batch of 4 rows the float sums differ in order; every logged loss still
+    agrees within 1e-4 relative."""
     two, one = by_step(runs["two"]), by_step(runs["plain"])
-    assert {s: two[s] for s in (1, 2, 3)} == pytest.approx({s: one[s] for s in (1, 2, 3)},
-                                                            rel=1e-4)
+    assert two.keys() == one.keys() and len(two) == FLAGS["max_steps"]
+    assert two == pytest.approx(one, rel=1e-4)
+    val_two, val_one = by_step(runs["two"], "val"), by_step(runs["plain"], "val")
+    assert val_two.keys() == val_one.keys() and val_two == pytest.approx(val_one, rel=1e-4)
 
 
 def test_dcp_checkpoint_resumes_on_two_ranks(runs, tmp_path):
