@@ -173,3 +173,13 @@ def test_bfloat16_forward_is_close_to_float32():
         low = model.to(torch.bfloat16)(ids).logits
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max() < 0.25
+
+
+def test_logits_to_keep_gives_the_last_positions_only():
+    model = fixture_model()
+    ids = inputs()["tokens"]
+    with torch.no_grad():
+        full = model(ids)
+        last = model(ids, logits_to_keep=3)
+    assert last.logits.shape == (2, 3, 300) and last.hidden.shape == full.hidden.shape
+    assert torch.allclose(last.logits, full.logits[:, -3:], atol=1e-5)

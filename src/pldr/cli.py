@@ -351,8 +351,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="SOURCE",
                    help="builtin, a .txt/.jsonl/.parquet/.csv file, a folder, or hf:NAME[:CONFIG] "
                    "(default builtin)")
-    p.add_argument("--split", help="training slice, e.g. train[:90%%] (default train[:95%%])")
-    p.add_argument("--val-split", help="validation slice (default train[95%%:] with the default "
+    p.add_argument("--split", help="training slice, e.g. train[:90%%] (default train[:90%%])")
+    p.add_argument("--val-split", help="validation slice (default train[90%%:] with the default "
                    "--split); none turns validation off")
     p.add_argument("--text-column", help="text column of structured data (default content, text)")
     p.add_argument("--chunk-mode", choices=("pack", "pad", "nopad"),

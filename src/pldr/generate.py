@@ -168,7 +168,7 @@ def start(model: PLDRModel, rows: list[list[int]], cache: str, max_new_tokens: i
 
 def prefill(model: PLDRModel, state: GenerationState) -> Tensor:
     """Run the whole prompt once; returns the last position's logits [B, V]."""
-    out = model(state.seq, kv_cache=state.kv_cache, g_cache=state.g_cache)
+    out = model(state.seq, kv_cache=state.kv_cache, g_cache=state.g_cache, logits_to_keep=1)
     return out.logits[:, -1]
 
 
@@ -179,7 +179,7 @@ def decode_step(model: PLDRModel, state: GenerationState, next_ids: Tensor) -> T
     G-cache, if any, standing in for the metric learner)."""
     state.seq = torch.cat([state.seq, next_ids[:, None]], dim=1)
     ids = next_ids[:, None] if state.kv_cache is not None else state.seq
-    out = model(ids, kv_cache=state.kv_cache, g_cache=state.g_cache)
+    out = model(ids, kv_cache=state.kv_cache, g_cache=state.g_cache, logits_to_keep=1)
     return out.logits[:, -1]
 
 

@@ -137,7 +137,8 @@ class PLDRModel(nn.Module):
     # ----- forward ---------------------------------------------------------------------------
 
     def forward(self, ids: Tensor, *, kv_cache: KVCache | None = None,
-                g_cache: GCache | None = None, return_deductive: bool = False) -> PLDROutput:
+                g_cache: GCache | None = None, return_deductive: bool = False,
+                logits_to_keep: int = 0) -> PLDROutput:
         """Logits for ids [B, T]; with caches, a cached step of any number of new tokens.
 
         - no cache: full forward; A is summed over the non-pad positions of `ids` (all
@@ -145,7 +146,9 @@ class PLDRModel(nn.Module):
         - `kv_cache`: keys/values are appended at `kv_cache.length`; the first call on an
           empty cache fixes A (from its tokens) for every later call.
         - `g_cache`: an empty one is filled by this call; a filled one (or a predefined G_LM)
-          replaces the metric learner and power-law step, which then do not run."""
+          replaces the metric learner and power-law step, which then do not run.
+        - `logits_to_keep=n > 0` computes the logits of the last n positions only (generation
+          needs one; the vocabulary projection is a large share of a long forward)."""
         B, T = self._check_ids(ids, kv_cache)
         real = ids != self.config.pad_id                                  # [B, T]
         start = 0 if kv_cache is None else kv_cache.length
@@ -165,7 +168,8 @@ class PLDRModel(nn.Module):
         if g_cache is not None:
             g_cache.filled = True
         deductive = Deductive.stack(layer_outputs) if return_deductive else None
-        return PLDROutput(logits=self.final_layer(x), hidden=x, deductive=deductive)
+        logits = self.final_layer(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)
+        return PLDROutput(logits=logits, hidden=x, deductive=deductive)
 
     def _positions(self, real: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
         """RoPE positions [B, T] counted from each row's first real token, and the

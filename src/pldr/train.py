@@ -89,8 +89,8 @@ class TrainConfig:
     out: str = "runs/train"
     tokenizer: str | None = None       # SentencePiece .model; None: train one on the data
     vocab_size: int | None = None      # for a trained tokenizer; default: the model's vocab_size
-    split: str | None = None           # default train[:95%]
-    val_split: str | None = None       # default train[95%:] when split is default; "none": off
+    split: str | None = None           # default train[:90%]
+    val_split: str | None = None       # default train[90%:] when split is default; "none": off
     text_column: str | None = None
     chunk_mode: str = "pack"           # pack | pad | nopad (SPEC.md, Data)
     batch_agg_count: int = 1           # pad/nopad: documents are grouped batch_size * this
