@@ -4,7 +4,9 @@ Each measurement runs in a fresh Python process, so its peak RSS (`ru_maxrss`) b
 alone; inside, one warm-up run is followed by `repeats` timed runs and the median is kept.
 The method follows the original's CPU baseline (reference/original_cpu_speed.md): random
 weights (seed 0), random ids, batch 1 decoding of `new_tokens` after a `prompt_len` prompt,
-one `prefill_len` forward, and one AdamW training step on [train_batch, train_len] tokens.
+one `prefill_len` forward, and one AdamW training step on [train_batch, train_len] tokens
+(float32 weights; `dtype="bfloat16"` runs it under bf16 autocast, as `pldr train` does, and
+casts the weights to bf16 for decode and prefill).
 The machine's CPU flags, thread count and load are recorded with the results: compare only
 figures from the same run.
 """
@@ -100,7 +102,8 @@ def _build_model(spec: BenchSpec):
     from .config import PLDRConfig
     from .model import PLDRModel
 
-    dtype = parse_dtype(spec.dtype)
+    # training keeps float32 weights and runs bf16 under autocast, as `pldr train --dtype`
+    dtype = torch.float32 if spec.what == "train" else parse_dtype(spec.dtype)
     if os.path.isdir(spec.model):
         return load_model(spec.model, device=spec.device, dtype=dtype)
     config = PLDRConfig.preset(spec.model)
@@ -125,6 +128,8 @@ def run_one(spec: BenchSpec) -> BenchResult:
     rss_built = _current_rss_mb()
     V, gen = model.config.vocab_size, torch.Generator().manual_seed(1)
     ids = lambda *shape: torch.randint(6, V, shape, generator=gen).to(spec.device)  # noqa: E731
+    from .checkpoint import parse_dtype
+
     if spec.what == "decode":
         from .generate import generate
 
@@ -149,10 +154,14 @@ def run_one(spec: BenchSpec) -> BenchResult:
                                 weight_decay=0.1)
         batch = ids(spec.train_batch, spec.train_len + 1)
 
+        low = parse_dtype(spec.dtype) != torch.float32
+        device_type = torch.device(spec.device).type
+
         def job():
             opt.zero_grad(set_to_none=True)
-            out = model(batch[:, :-1])  # as the original's step: no DAG values
-            res = loss_with_dag(out.logits, batch[:, 1:], None)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=low):
+                out = model(batch[:, :-1])  # as the original's step: no DAG values
+                res = loss_with_dag(out.logits, batch[:, 1:], None)
             res.loss.backward()
             torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
             opt.step()
