@@ -296,8 +296,11 @@ def test_G_LM_files_that_are_not_G_LM_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no 'G_LM' entry"):
         load_G_LM(tmp_path / "w.pt")
     torch.save([torch.zeros(3, 8, 4)], tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match=r"expected \[1, H, dk, dk\]"):
+    with pytest.raises(CheckpointError, match=r"needs \[H, dk, dk\] or \[1, H, dk, dk\]"):
         load_G_LM(tmp_path / "bad.pt")
+    torch.save([torch.zeros(3, 4, 4), torch.zeros(3, 8, 8)], tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match=r"G_LM\[1\] has shape \[3, 8, 8\] but needs \[3, 4, 4\] like G_LM\[0\]"):
+        load_G_LM(tmp_path / "mixed.pt")
 
 
 # ----- command line ---------------------------------------------------------------------------

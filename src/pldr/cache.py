@@ -95,11 +95,13 @@ class GCache:
         return cls(A_LM=A, G_LM=G, filled=True)
 
 
-def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig,
+def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig | None,
                     name: str = "G_LM") -> Tensor:
     """Per-layer [H, dk, dk] / [1, H, dk, dk] tensors (or one [L, (1,) H, dk, dk] tensor)
-    as one [L, 1, H, dk, dk] tensor, with a clear error when the shapes do not fit."""
-    L, H, dk = config.num_layers, config.num_heads, config.dk
+    as one [L, 1, H, dk, dk] tensor, with a clear error when the shapes do not fit.
+
+    With `config` None (a file read without a model) the layers need only agree with each
+    other and be square per head."""
     if isinstance(tensors, Tensor):
         items = list(tensors.unbind(0)) if tensors.dim() in (4, 5) else [tensors]
     elif isinstance(tensors, (list, tuple)):
@@ -107,8 +109,11 @@ def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig,
     else:
         raise PLDRTypeError(f"{name} must be a tensor or a list of per-layer tensors, "
                             f"got {type(tensors).__name__}")
-    if len(items) != L:
-        raise PLDRError(f"{name} has {len(items)} layers but the model has {L}; "
+    if not items:
+        raise PLDRError(f"{name} is empty; give one [H, dk, dk] tensor per layer")
+    if config is not None and len(items) != config.num_layers:
+        H, dk = config.num_heads, config.dk
+        raise PLDRError(f"{name} has {len(items)} layers but the model has {config.num_layers}; "
                         f"give one [{H}, {dk}, {dk}] tensor per layer")
     out = []
     for i, t in enumerate(items):
@@ -117,8 +122,14 @@ def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig,
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.dim() == 4 and t.shape[0] == 1:
             t = t[0]
-        if tuple(t.shape) != (H, dk, dk):
-            raise PLDRError(f"{name}[{i}] has shape {list(t.shape)} but the model needs "
-                            f"[{H}, {dk}, {dk}] (or [1, {H}, {dk}, {dk}]) per layer")
+        if config is not None:
+            H, dk = config.num_heads, config.dk
+            ok, need = tuple(t.shape) == (H, dk, dk), f"[{H}, {dk}, {dk}] (or [1, {H}, {dk}, {dk}])"
+        elif out:
+            ok, need = t.shape == out[0].shape, f"{list(out[0].shape)} like {name}[0]"
+        else:
+            ok, need = t.dim() == 3 and t.shape[1] == t.shape[2], "[H, dk, dk] or [1, H, dk, dk]"
+        if not ok:
+            raise PLDRError(f"{name}[{i}] has shape {list(t.shape)} but needs {need} per layer")
         out.append(t)
     return torch.stack(out)[:, None]  # [L, 1, H, dk, dk]

@@ -36,7 +36,7 @@ from torch import Tensor
 from .attention import rope_tables
 from .cache import stack_per_layer
 from .config import PLDRConfig
-from .errors import CheckpointError, PLDRTypeError
+from .errors import CheckpointError, PLDRError, PLDRTypeError
 from .model import PLDRModel
 
 CONFIG_FILE = "config.json"
@@ -501,25 +501,10 @@ def _pairs_of(obj: Any, path: Path) -> tuple[list[Tensor] | None, list[Tensor]]:
 
 def _per_layer(obj: Any, name: str, path: Path) -> list[Tensor]:
     """A list of L float tensors [1, H, dk, dk] from a stacked tensor or a per-layer list."""
-    if isinstance(obj, Tensor) and obj.dim() in (4, 5):
-        obj = list(obj.unbind(0))
-    if not isinstance(obj, (list, tuple)) or not obj:
-        raise CheckpointError(f"{str(path)!r}: {name} must be a list of per-layer tensors or a "
-                              f"tensor [L, H, dk, dk], got {type(obj).__name__}")
-    out = []
-    for i, t in enumerate(obj):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise CheckpointError(f"{str(path)!r}: {name}[{i}] is not a float tensor "
-                                  f"({getattr(t, 'dtype', type(t).__name__)})")
-        t = t[None] if t.dim() == 3 else t
-        if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != t.shape[3]:
-            raise CheckpointError(f"{str(path)!r}: {name}[{i}] has shape {list(t.shape)}; "
-                                  "expected [1, H, dk, dk] or [H, dk, dk]")
-        if out and t.shape != out[0].shape:
-            raise CheckpointError(f"{str(path)!r}: {name}[{i}] has shape {list(t.shape)} but "
-                                  f"{name}[0] has {list(out[0].shape)}")
-        out.append(t)
-    return out
+    try:
+        return list(stack_per_layer(obj, None, name).unbind(0))
+    except PLDRError as e:
+        raise CheckpointError(f"{str(path)!r}: {e}") from None
 
 
 # ----- the restricted unpickler ----------------------------------------------------------------
