@@ -104,9 +104,15 @@ def init_distributed(device: str | torch.device | None = None,
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def destroy_distributed() -> None:
-    """End the process group if one runs (safe to call always)."""
+def destroy_distributed(synchronize: bool = True) -> None:
+    """End the process group if one runs (safe to call always).
+
+    After a run that ended normally every rank first meets at a barrier, so no rank tears
+    its group down while another is still inside a collective (with gloo that ended in a
+    SIGABRT at exit now and then). After an error no barrier: another rank may never come."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

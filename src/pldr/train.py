@@ -26,6 +26,7 @@ accumulators, so a resumed run logs the same losses as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1072,11 +1073,15 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     accuracy, DAG values and learning rate. Under torchrun the process group is started here
     and ended when training ends."""
     started = ptd.env_world_size() > 1 and not torch.distributed.is_initialized()
+    finished = False
     try:
-        return Trainer(cfg, on_step=on_step).run()
+        result = Trainer(cfg, on_step=on_step).run()
+        finished = True
+        return result
     finally:
         if started:
-            ptd.destroy_distributed()
+            gc.collect()  # drop the sharded model (its DTensors hold the group) first
+            ptd.destroy_distributed(synchronize=finished)
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "train", "lr_at",
