@@ -164,6 +164,15 @@ def test_stream_yields_step_by_step(model):
     assert [s[0] for s in steps] == generate(model, [PROMPTS[0]], 5, temperature=0, eos_id=-1)[0]
 
 
+def test_generation_fills_max_seq_len_exactly(model):
+    # 8 prompt tokens + 249 new: the model runs 8 + 248 = 256 = max_seq_len positions
+    for mode in ("kv_g", "no_cache"):
+        out = generate(model, [PROMPTS[0]], 249, cache=mode, temperature=0, eos_id=-1)
+        assert len(out[0]) == 249
+    with pytest.raises(ValueError, match="exceeds max_seq_len=256"):
+        generate(model, [PROMPTS[0]], 250, temperature=0)
+
+
 def test_tensor_prompts(model):
     t = torch.tensor(PROMPTS[0])
     assert generate(model, t, 4, temperature=0) == generate(model, [PROMPTS[0]], 4, temperature=0)
@@ -264,3 +273,22 @@ def test_cli_text_prompt_with_a_model_directory(tmp_path, capsys):
     prompt = tok.encode("The class")[:-1]  # the EOS the tokenizer appends is dropped
     assert rows[0]["prompt_ids"] == prompt and len(rows[0]["ids"]) == 6
     assert streamed.rstrip("\n") == rows[0]["text"] == tok.decode(rows[0]["ids"])
+
+
+def test_predefined_G_LM_reports_no_invented_deductive_outputs(model):
+    from pldr import loss_with_dag
+
+    eye = [torch.eye(16).expand(1, 4, 16, 16) for _ in range(2)]
+    ids = inputs()["tokens"]
+    with torch.no_grad():
+        out = model(ids, g_cache=GCache.from_G_LM(model.config, eye), return_deductive=True)
+    d = out.deductive
+    assert d.A is None and d.A_LM is None and d.A_P is None
+    assert torch.equal(d.G_LM[:, 0], torch.stack(eye)[:, 0])
+    plain = loss_with_dag(out.logits[:, :-1], ids[:, 1:], d)  # no DAG values to log, no crash
+    assert plain.dag == {} and torch.equal(plain.loss, plain.ce)
+    with pytest.raises(ValueError, match="non-zero DAG coefficients"):
+        loss_with_dag(out.logits[:, :-1], ids[:, 1:], d, (1.0, 0, 0))
+    pairs = GCache.from_G_LM(model.config, eye, A_LM=eye)  # a Gcachelst file has both
+    with torch.no_grad():
+        assert model(ids, g_cache=pairs, return_deductive=True).deductive.A_LM is not None

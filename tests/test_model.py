@@ -112,7 +112,7 @@ def test_meta_device_build_then_materialise():
     model.to_empty(device="cpu")
     model.init_weights()
     ref_cos, _ = rope_tables(cfg.dk, cfg.max_seq_len, cfg.rope_base)
-    assert torch.equal(model.rope_cos, ref_cos)
+    assert torch.equal(model.rope_tables("cpu")[0], ref_cos)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     out = model(torch.randint(1, cfg.vocab_size, (2, 8)))
     assert torch.isfinite(out.logits).all()
@@ -165,6 +165,14 @@ def test_bad_ids_are_clear_errors(ids, error, message):
         fixture_model()(ids)
 
 
+def test_rope_stays_float32_when_the_model_is_cast():
+    model = fixture_model().to(torch.bfloat16)
+    cos, sin = model.rope_tables("cpu")
+    want_cos, want_sin = rope_tables(16, 256, 10000.0)
+    assert cos.dtype == torch.float32 and torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert "rope" not in " ".join(model.state_dict())
+
+
 def test_bfloat16_forward_is_close_to_float32():
     model = fixture_model()
     ids = inputs()["tokens"]
@@ -172,7 +180,9 @@ def test_bfloat16_forward_is_close_to_float32():
         ref = model(ids).logits
         low = model.to(torch.bfloat16)(ids).logits
     assert low.dtype == torch.bfloat16
-    assert (low.float() - ref).abs().max() < 0.25
+    err = (low.float() - ref).abs()
+    assert err.mean() < 0.05 and err.max() < 0.5  # logits reach 2.2; bf16 keeps ~3 digits
+    assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
 def test_logits_to_keep_gives_the_last_positions_only():

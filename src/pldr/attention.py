@@ -169,7 +169,7 @@ class PowerLawAttention(nn.Module):
             return LayerDeductive(None, None, None, self.G_LM[None].expand(q.shape[0], -1, -1, -1))
         if g_cache is not None and g_cache.filled:
             pick = lambda t: None if t is None else t[i]  # noqa: E731
-            return LayerDeductive(pick(g_cache.A), g_cache.A_LM[i], pick(g_cache.A_P),
+            return LayerDeductive(pick(g_cache.A), pick(g_cache.A_LM), pick(g_cache.A_P),
                                   g_cache.G_LM[i])
         if kv_cache is not None and kv_cache.length > 0:
             A = kv_cache.A[i]

@@ -66,9 +66,9 @@ class KVCache:
 class GCache:
     """A_LM and G_LM per layer (A and A_P too when known), filled once and then reused."""
 
-    A_LM: Tensor             # [L, B or 1, H, dk, dk]
-    G_LM: Tensor             # [L, B or 1, H, dk, dk]
-    A: Tensor | None = None  # [L, B, H, dk, dk]; None for a predefined G_LM
+    G_LM: Tensor                # [L, B or 1, H, dk, dk]
+    A_LM: Tensor | None = None  # [L, B or 1, H, dk, dk]; None for a G_LM given without it
+    A: Tensor | None = None     # [L, B, H, dk, dk]; None for a predefined G_LM
     A_P: Tensor | None = None
     filled: bool = False
 
@@ -88,11 +88,9 @@ class GCache:
                   dtype: torch.dtype = torch.float32) -> "GCache":
         """A filled G-cache from a predefined G_LM (per-layer list or [L, H, dk, dk])."""
         G = stack_per_layer(G_LM, config, "G_LM").to(device=device, dtype=dtype)
-        if A_LM is None:
-            A = torch.zeros_like(G)
-        else:
-            A = stack_per_layer(A_LM, config, "A_LM").to(device=device, dtype=dtype)
-        return cls(A_LM=A, G_LM=G, filled=True)
+        if A_LM is not None:
+            A_LM = stack_per_layer(A_LM, config, "A_LM").to(device=device, dtype=dtype)
+        return cls(G_LM=G, A_LM=A_LM, filled=True)
 
 
 def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig | None,

@@ -33,7 +33,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .attention import rope_tables
 from .cache import stack_per_layer
 from .config import PLDRConfig
 from .errors import CheckpointError, PLDRError, PLDRTypeError
@@ -233,7 +232,6 @@ def _build(config: PLDRConfig, state: dict[str, Tensor], G: Tensor | None) -> PL
         model = PLDRModel(config, G_LM=G)
     check_state_fits(model, state)
     model.load_state_dict(state, strict=True, assign=True)
-    _reset_rope(model, torch.device("cpu"))
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"internal error: {left[0]} was not loaded (still on the meta "
@@ -269,20 +267,12 @@ def _first_few(keys: Sequence[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _reset_rope(model: PLDRModel, device: torch.device) -> None:
-    """Rebuild the non-persistent RoPE tables (float32, as the original computes them)."""
-    c = model.config
-    cos, sin = rope_tables(c.dk, c.max_seq_len, c.rope_base)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-
-
 def _place(model: PLDRModel, device: Any, dtype: Any) -> PLDRModel:
-    """Move to the device and cast to the dtype; the RoPE tables stay float32."""
+    """Move to the device and cast to the dtype (the RoPE tables are float32 regardless)."""
     dtype, device = parse_dtype(dtype), _parse_device(device)
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if kwargs:
         model.to(**kwargs)
-        _reset_rope(model, model.device)
     return model
 
 

@@ -269,7 +269,7 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
     with torch.device("meta"):
         model = PLDRModel(config)
     model.to_empty(device="cpu")
-    model.init_weights()  # RoPE tables and G_LM buffers; the weights are overwritten below
+    model.init_weights()  # the v510G G_LM buffers; everything in the checkpoint is overwritten
     try:
         load_sharded(model, None, dcp_dir)
     except CheckpointError:

@@ -139,7 +139,7 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> Tensor
 class GenerationState:
     """What the loop carries between steps for one batch."""
 
-    seq: Tensor                   # [B, T + steps so far] all ids, left padded
+    seq: Tensor                   # [B, T (+ steps so far without a KV-cache)] ids, left padded
     kv_cache: KVCache | None
     g_cache: GCache | None
 
@@ -158,11 +158,17 @@ def _caches(model: PLDRModel, mode: str, batch: int, max_len: int,
     return kv, g
 
 
+def positions_needed(prompt_len: int, max_new_tokens: int) -> int:
+    """Positions the model runs: the prompt and every new token but the last, which is
+    sampled and never fed back."""
+    return prompt_len + max(max_new_tokens - 1, 0)
+
+
 def start(model: PLDRModel, rows: list[list[int]], cache: str, max_new_tokens: int,
           G_LM=None) -> GenerationState:
     """Left-pad checked prompt rows and allocate the caches of `cache` for the whole run."""
     seq = left_pad(rows, model.config.pad_id, model.device)
-    kv, g = _caches(model, cache, len(rows), seq.shape[1] + max_new_tokens, G_LM)
+    kv, g = _caches(model, cache, len(rows), positions_needed(seq.shape[1], max_new_tokens), G_LM)
     return GenerationState(seq=seq, kv_cache=kv, g_cache=g)
 
 
@@ -177,8 +183,10 @@ def decode_step(model: PLDRModel, state: GenerationState, next_ids: Tensor) -> T
 
     With a KV-cache only the new token runs; otherwise the whole sequence is re-run (with the
     G-cache, if any, standing in for the metric learner)."""
-    state.seq = torch.cat([state.seq, next_ids[:, None]], dim=1)
-    ids = next_ids[:, None] if state.kv_cache is not None else state.seq
+    if state.kv_cache is not None:  # the cache holds the past: run the new token only
+        ids = next_ids[:, None]
+    else:
+        state.seq = ids = torch.cat([state.seq, next_ids[:, None]], dim=1)
     out = model(ids, kv_cache=state.kv_cache, g_cache=state.g_cache, logits_to_keep=1)
     return out.logits[:, -1]
 
@@ -204,7 +212,7 @@ def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_
     rows = prepare_prompts(prompts, model)
     eos = model.config.eos_id if eos_id is None else eos_id
     T = max(len(r) for r in rows)
-    if T + max_new_tokens > model.config.max_seq_len:
+    if positions_needed(T, max_new_tokens) > model.config.max_seq_len:
         raise PLDRError(f"the longest prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) "
                         f"exceeds max_seq_len={model.config.max_seq_len}; shorten one of them")
     _check_G_LM(model, G_LM)
@@ -221,16 +229,17 @@ def _stream(model, rows, max_new_tokens, cache, sampling, G_LM, eos, seed):
     generators = None
     if seed is not None and not sampling.greedy:
         generators = [torch.Generator(device=dev).manual_seed(seed) for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    done = [False] * B
+    pad = model.config.pad_id
     logits = prefill(model, state)
     for step in range(max_new_tokens):
-        next_ids = sample(logits, sampling, generators)
-        next_ids = next_ids.masked_fill(done, model.config.pad_id)  # finished rows feed pads
-        yield [None if d else int(t) for t, d in zip(next_ids.tolist(), done.tolist())]
-        done |= next_ids == eos
-        if bool(done.all()) or step == max_new_tokens - 1:
+        tokens = sample(logits, sampling, generators).tolist()  # the one sync per step
+        tokens = [pad if d else t for t, d in zip(tokens, done)]  # finished rows feed pads
+        yield [None if d else t for t, d in zip(tokens, done)]
+        done = [d or t == eos for t, d in zip(tokens, done)]
+        if all(done) or step == max_new_tokens - 1:
             return
-        logits = decode_step(model, state, next_ids)
+        logits = decode_step(model, state, torch.tensor(tokens, device=dev))
 
 
 def generate(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int, *,

@@ -94,8 +94,9 @@ def loss_with_dag(logits: Tensor, targets: Tensor, deductive: Any | None,
         raise PLDRError(f"DAG coefficients must be three numbers >= 0 (cA, cAp, cG), got {coeffs}")
     ce = masked_loss(logits, targets, pad_id)
     loss, dag = ce, {}
-    if deductive is not None and deductive.A_LM is not None:
-        for c, key, name in zip(coeffs, ("A", "A_P", "G"), ("A_LM", "A_P", "G_LM")):
+    names = ("A_LM", "A_P", "G_LM")
+    if deductive is not None and all(getattr(deductive, n, None) is not None for n in names):
+        for c, key, name in zip(coeffs, ("A", "A_P", "G"), names):
             X = getattr(deductive, name)
             if float(c) > 0:
                 dag[key] = dag_value(X)
@@ -104,6 +105,6 @@ def loss_with_dag(logits: Tensor, targets: Tensor, deductive: Any | None,
                 with torch.no_grad():
                     dag[key] = dag_value(X)
     elif any(float(c) > 0 for c in coeffs):
-        raise PLDRError("non-zero DAG coefficients need the deductive outputs of a v510 model "
-                        "(forward with return_deductive=True)")
+        raise PLDRError("non-zero DAG coefficients need A_LM, A_P and G_LM of a v510 model "
+                        "computing its own G_LM (forward with return_deductive=True)")
     return LossOutput(loss=loss, ce=ce, dag=dag)

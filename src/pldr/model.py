@@ -100,22 +100,19 @@ class PLDRModel(nn.Module):
         self.decoder = Decoder(config)
         self.final_layer = nn.Linear(config.d_model, config.vocab_size)
         self._given_G_LM = None if G_LM is None else stack_per_layer(G_LM, config)[:, 0].detach().cpu()
-        cos, sin = rope_tables(config.dk, config.max_seq_len, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, dk/2]
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE cos/sin tables per device, float32 whatever the model's dtype (as the original
+        # computes them); not buffers, so `.to(bfloat16)` cannot round them
+        self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.init_weights()
 
     # ----- initialisation --------------------------------------------------------------------
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise from scratch as the original intends (wv included), and rebuild the
-        RoPE tables and the v510G G_LM. Call after `to_empty()` when built on the meta device."""
-        if self.rope_cos.is_meta:
+        """Initialise from scratch as the original intends (wv included) and set the v510G
+        G_LM. Call after `to_empty()` when built on the meta device."""
+        if self.final_layer.weight.is_meta:
             return
-        cos, sin = rope_tables(self.config.dk, self.config.max_seq_len, self.config.rope_base)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
         nn.init.normal_(self.decoder.embedding.weight)
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
@@ -153,7 +150,8 @@ class PLDRModel(nn.Module):
         real = ids != self.config.pad_id                                  # [B, T]
         start = 0 if kv_cache is None else kv_cache.length
         positions, key_real = self._positions(real, kv_cache)             # [B, T], [B, S]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]      # [B, T, dk/2]
+        cos_table, sin_table = self.rope_tables(ids.device)                # [max_seq_len, dk/2]
+        cos, sin = cos_table[positions], sin_table[positions]              # [B, T, dk/2]
         mask = attention_mask(key_real, start, T)                          # [B, 1, T, S]
         metric_mask = None if self.config.metric_includes_pad else real
 
@@ -201,7 +199,7 @@ class PLDRModel(nn.Module):
         if B == 0 or T == 0:
             raise PLDRError(f"ids is empty (shape {list(ids.shape)}); give at least one token")
         V = self.config.vocab_size
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise PLDRError(f"token id {bad} is outside the vocabulary [0, {V}); check the "
@@ -216,6 +214,15 @@ class PLDRModel(nn.Module):
         return B, T
 
     # ----- helpers ---------------------------------------------------------------------------
+
+    def rope_tables(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """float32 cos and sin tables [max_seq_len, dk/2] on `device`, built once per device."""
+        device = torch.device(device)
+        if device not in self._rope:
+            c = self.config
+            self._rope[device] = tuple(t.to(device) for t in
+                                       rope_tables(c.dk, c.max_seq_len, c.rope_base))
+        return self._rope[device]
 
     @property
     def device(self) -> torch.device:
@@ -260,6 +267,4 @@ def to_v510G(model: PLDRModel, G_LM: Tensor | Sequence[Tensor]) -> PLDRModel:
     for i in range(config.num_layers):
         shared[f"decoder.dec_layers.{i}.mha1.G_LM"] = G[i]
     g_model.load_state_dict(shared, strict=True, assign=True)
-    cos, sin = rope_tables(config.dk, config.max_seq_len, config.rope_base)
-    g_model.rope_cos, g_model.rope_sin = cos.to(model.device), sin.to(model.device)
     return g_model.train(model.training)
