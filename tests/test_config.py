@@ -76,3 +76,19 @@ def test_bad_json_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         PLDRConfig.from_json(tmp_path / "bad.json")
+
+
+def test_resolve_takes_every_form_of_a_config(tmp_path):
+    tiny = PLDRConfig.preset("tiny")
+    hp = fixture_hpdict()
+    tiny.to_json(tmp_path / "config.json")
+    assert PLDRConfig.resolve(tiny) is tiny
+    assert PLDRConfig.resolve("tiny") == tiny
+    assert PLDRConfig.resolve(tiny.to_dict()) == tiny
+    assert PLDRConfig.resolve(hp) == PLDRConfig.from_hpdict(hp)
+    assert PLDRConfig.resolve(tmp_path / "config.json") == tiny
+    assert PLDRConfig.resolve(str(tmp_path)) == tiny  # a model folder
+    with pytest.raises(ConfigError, match="--model 'pldr-9000b' is neither a preset"):
+        PLDRConfig.resolve("pldr-9000b", "--model")
+    with pytest.raises(TypeError, match="config must be"):
+        PLDRConfig.resolve(3)

@@ -213,6 +213,10 @@ def test_dcp_checkpoint_converts_to_a_model_directory(runs, tmp_path, capsys):
     rc = cli_main(["convert", "--dcp", str(ckpt6), "--out", str(tmp_path / "cli")])
     assert rc == 0, capsys.readouterr().err
     assert load_model(tmp_path / "cli").config.num_layers == 2
+    rc = cli_main(["convert", "--dcp", str(ckpt6), "--out", str(tmp_path / "bf16"),
+                   "--dtype", "bfloat16"])
+    assert rc == 0 and "bfloat16" in capsys.readouterr().out
+    assert load_model(tmp_path / "bf16").dtype == torch.bfloat16
 
     with pytest.raises(CheckpointError, match="not a Distributed Checkpoint"):
         dcp_to_pretrained(tmp_path / "model", tmp_path / "nope")

@@ -98,7 +98,8 @@ def _current_rss_mb() -> float:
 
 def _build_model(spec: BenchSpec):
     """The benchmarked model: random weights from seed 0, or a saved directory."""
-    from .checkpoint import load_model, parse_dtype
+    from .checkpoint import load_model
+    from .devices import parse_dtype
     from .config import PLDRConfig
     from .model import PLDRModel
 
@@ -106,7 +107,7 @@ def _build_model(spec: BenchSpec):
     dtype = torch.float32 if spec.what == "train" else parse_dtype(spec.dtype)
     if os.path.isdir(spec.model):
         return load_model(spec.model, device=spec.device, dtype=dtype)
-    config = PLDRConfig.preset(spec.model)
+    config = PLDRConfig.resolve(spec.model, "--model")
     if spec.variant:
         config = config.replace(variant=spec.variant)
     torch.manual_seed(0)
@@ -128,7 +129,7 @@ def run_one(spec: BenchSpec) -> BenchResult:
     rss_built = _current_rss_mb()
     V, gen = model.config.vocab_size, torch.Generator().manual_seed(1)
     ids = lambda *shape: torch.randint(6, V, shape, generator=gen).to(spec.device)  # noqa: E731
-    from .checkpoint import parse_dtype
+    from .devices import parse_dtype
 
     if spec.what == "decode":
         from .generate import generate

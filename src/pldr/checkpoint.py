@@ -24,7 +24,6 @@ import io
 import os
 import pickle
 import shutil
-import uuid
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -35,7 +34,9 @@ from torch import Tensor
 
 from .cache import stack_per_layer
 from .config import PLDRConfig
+from .devices import parse_dtype, resolve_device
 from .errors import CheckpointError, PLDRError, PLDRTypeError
+from .files import atomic_path, replace_dir, temp_sibling
 from .model import PLDRModel
 
 CONFIG_FILE = "config.json"
@@ -43,8 +44,6 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 _PREFIXES = ("module.", "_orig_mod.")          # DDP/FSDP wrappers and torch.compile
 _LEARNER_MARKERS = ("plgatt_layer", "reslayerAs")  # only v510 has these keys
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -79,10 +78,10 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
     if path.is_dir():
-        config = _resolve_config(config) if config is not None else _directory_config(path)
-        state = _read_safetensors(path / WEIGHTS_FILE)
+        config = PLDRConfig.resolve(config) if config is not None else _directory_config(path)
+        state = read_safetensors(path / WEIGHTS_FILE)
     elif path.suffix == ".safetensors":
-        state = _read_safetensors(path)
+        state = read_safetensors(path)
         sibling = path.with_name(CONFIG_FILE)
         if config is None and sibling.is_file():
             config = sibling
@@ -107,19 +106,7 @@ def _require_config(config: Any, path: Path) -> PLDRConfig:
     if config is None:
         raise CheckpointError(f"{str(path)!r} holds weights only; pass its config (config= an "
                               "hpdict dict, a PLDRConfig or a JSON path; --config on the CLI)")
-    return _resolve_config(config)
-
-
-def _resolve_config(config: Any) -> PLDRConfig:
-    """A PLDRConfig from a PLDRConfig, an hpdict / config dict, or a JSON file path."""
-    if isinstance(config, PLDRConfig):
-        return config
-    if isinstance(config, Mapping):
-        return PLDRConfig.from_dict(dict(config))
-    if isinstance(config, (str, os.PathLike)):
-        return PLDRConfig.from_json(config)
-    raise PLDRTypeError(f"config must be a PLDRConfig, an hpdict dict or a JSON path, got "
-                        f"{type(config).__name__}")
+    return PLDRConfig.resolve(config)
 
 
 def _config_for_state(config: PLDRConfig, state: Mapping[str, Tensor]) -> PLDRConfig:
@@ -157,8 +144,9 @@ def _weights_only_reason(e: Exception) -> str:
     return lines[-1].rstrip(".") if lines else type(e).__name__
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    """All tensors of a safetensors file, on CPU."""
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file, on CPU; a missing or unreadable file is a
+    CheckpointError that names it."""
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -269,36 +257,13 @@ def _first_few(keys: Sequence[str], n: int = 3) -> str:
 
 def _place(model: PLDRModel, device: Any, dtype: Any) -> PLDRModel:
     """Move to the device and cast to the dtype (the RoPE tables are float32 regardless)."""
-    dtype, device = parse_dtype(dtype), _parse_device(device)
+    dtype = parse_dtype(dtype)
+    if device is not None:
+        device = resolve_device(device, error=CheckpointError)
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if kwargs:
         model.to(**kwargs)
     return model
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """torch.float32 / torch.bfloat16 / ... from a dtype or a name like "bfloat16"."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and not dtype.is_floating_point:
-            raise PLDRTypeError(f"dtype must be floating point, got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise PLDRTypeError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
-
-
-def _parse_device(device: str | torch.device | None) -> torch.device | None:
-    """A torch.device, with a clear error for a name torch does not know or a missing GPU."""
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise PLDRTypeError(f"unknown device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {str(device)!r} is not available on this machine; "
-                              "use device='cpu'")
-    return device
 
 
 def inspect_checkpoint(path: str | os.PathLike, config: Any = None) -> dict[str, Any]:
@@ -336,22 +301,28 @@ def save_pretrained(model: PLDRModel, directory: str | os.PathLike, tokenizer: A
         raise CheckpointError(f"{str(target)!r} exists and is not a directory; choose "
                               "another directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(target)
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the renamed directory
     try:
-        _write_model_files(model, tmp, tokenizer)
+        write_model_files(model, tmp, tokenizer)
         _move_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_model_files(model: PLDRModel, directory: Path, tokenizer: Any) -> None:
-    """config.json, model.safetensors and the tokenizer, into an existing empty directory."""
+def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, *,
+                      weights: bool = True) -> None:
+    """config.json, model.safetensors and the tokenizer, into an existing directory.
+
+    Shared by `save_pretrained` and training checkpoints, so both hold the same files.
+    `weights=False` leaves out model.safetensors, for a sharded run whose weights are written
+    by Distributed Checkpoint instead."""
     from safetensors.torch import save_file
 
     model.config.to_json(directory / CONFIG_FILE)
-    save_file(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
-              metadata={"format": "pt"})
+    if weights:
+        save_file(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
     if tokenizer is not None:
         _write_tokenizer(tokenizer, directory / TOKENIZER_FILE)
 
@@ -389,19 +360,8 @@ def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished temporary folder to `target`, replacing what is there safely."""
     ours = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE}
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    existing = {p.name for p in target.iterdir()}
-    if existing <= ours:  # an old model (or empty folder): swap it out whole
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists() or {p.name for p in target.iterdir()} <= ours:
+        replace_dir(tmp, target)  # no folder, an old model or an empty one: swap it out whole
         return
     for name in (WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE):  # config last: it marks "done"
         if (tmp / name).exists():
@@ -427,7 +387,7 @@ def load_G_LM_pairs(path: str | os.PathLike,
     if not path.is_file():
         raise CheckpointError(f"G_LM file {str(path)!r} does not exist; check the path")
     if path.suffix == ".safetensors":
-        obj: Any = _read_safetensors(path)
+        obj: Any = read_safetensors(path)
     elif _starts_with(path, _ZIP_MAGIC):
         obj = _torch_load(path, device)
     else:
@@ -455,10 +415,8 @@ def save_G_LM(G_LM: Tensor | Sequence[Tensor], path: str | os.PathLike,
         if tensors["A_LM"].shape != tensors["G_LM"].shape:
             raise CheckpointError(f"A_LM has shape {list(tensors['A_LM'].shape)} but G_LM "
                                   f"{list(tensors['G_LM'].shape)}; they must match")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata={"format": "pt", "content": "pldr.G_LM"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "content": "pldr.G_LM"})
 
 
 def _stack_layers(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -558,4 +516,5 @@ def _restricted_unpickle(path: Path, device: str | torch.device) -> Any:
 
 
 __all__ = ["load_model", "save_pretrained", "load_G_LM", "load_G_LM_pairs", "save_G_LM",
-           "inspect_checkpoint", "read_state", "check_state_fits", "G_LM_key", "parse_dtype"]
+           "inspect_checkpoint", "read_state", "check_state_fits", "G_LM_key", "parse_dtype",
+           "read_safetensors", "write_model_files"]

@@ -13,6 +13,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from .devices import SUPPORTED_DTYPES
 from .errors import PLDRError
 
 
@@ -56,7 +57,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="G_LM file for a v510G checkpoint (predefined pickle, .pt or .safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model to copy along")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES,
                    help="cast the weights (default: as stored)")
     p.set_defaults(func=cmd_convert)
 
@@ -78,19 +79,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert_dcp(args: argparse.Namespace) -> int:
     """`pldr convert --dcp DIR --out DIR2`: a sharded training checkpoint to a model folder."""
-    from .checkpoint import load_model, save_pretrained
+    from .config import PLDRConfig
     from .distributed import dcp_to_pretrained
 
     if args.checkpoint is not None or args.config is not None or args.G_LM is not None:
         raise PLDRError("--dcp takes the config and weights from the checkpoint folder; drop "
                         "--checkpoint, --config and --G-LM")
-    out = dcp_to_pretrained(args.dcp, args.out, tokenizer=args.tokenizer)
-    model = load_model(out, dtype=args.dtype)
-    if args.dtype is not None:
-        save_pretrained(model, out, tokenizer=out / "tokenizer.model"
-                        if (out / "tokenizer.model").is_file() else None)
-    print(f"wrote {out} ({model.config.variant}, {model.num_parameters():,} parameters, "
-          f"{str(model.dtype).removeprefix('torch.')})")
+    out = dcp_to_pretrained(args.dcp, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+    config = PLDRConfig.from_json(out)  # the summary comes from the config: no read-back
+    print(f"wrote {out} ({config.variant}, {config.num_parameters():,} parameters, "
+          f"{args.dtype or 'float32'})")
     return 0
 
 
@@ -182,7 +180,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="predefined G_LM file used at every step instead of the model's own")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
     p.add_argument("--json", action="store_true", help="print ids and text per prompt as JSON")
     p.set_defaults(func=cmd_generate)
 
@@ -191,9 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from .checkpoint import load_G_LM, load_model
+    from .devices import resolve_device
     from .generate import SamplingConfig, stream
     from .tokenizer import Tokenizer
 
@@ -204,14 +201,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.ids:
         raise PLDRError("give at least one --prompt TEXT or --ids 5,6,7")
     id_prompts = [_parse_ids(s) for s in args.ids]
-    tok_path = args.tokenizer or (Path(args.model) / "tokenizer.model"
-                                  if Path(args.model).is_dir() else None)
-    if args.prompt and (tok_path is None or not Path(tok_path).is_file()):
+    # --tokenizer, else the model folder's own tokenizer.model (an original .pth has none)
+    source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    tok_file = Tokenizer.find(source) if source is not None else None
+    if args.prompt and tok_file is None:
         raise PLDRError("text prompts need a tokenizer: pass --tokenizer FILE.model (model "
                         "directories written by pldr carry their own)")
-    tokenizer = Tokenizer.load(tok_path) if tok_path and Path(tok_path).is_file() else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, args.config, device=device, dtype=args.dtype)
+    tokenizer = Tokenizer.load(tok_file) if tok_file is not None else None
+    model = load_model(args.model, args.config, device=resolve_device(args.device),
+                       dtype=args.dtype)
     G_LM = load_G_LM(args.G_LM) if args.G_LM else None
 
     prompts = [_strip_eos(tokenizer.encode(t), model.config.eos_id) for t in args.prompt]
@@ -300,8 +298,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if c not in CACHE_MODES:
             raise PLDRError(f"--cache {c!r} is unknown; choose from {', '.join(CACHE_MODES)}")
     for d in dtypes:
-        if d not in ("float32", "bfloat16"):
-            raise PLDRError(f"--dtype {d!r} is unknown; choose float32 or bfloat16")
+        if d not in SUPPORTED_DTYPES:
+            raise PLDRError(f"--dtype {d!r} is unknown; choose "
+                            f"{' or '.join(SUPPORTED_DTYPES)}")
     if args.model not in PRESETS and not Path(args.model).is_dir():
         raise PLDRError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
                         "nor a model directory")
@@ -391,7 +390,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, help="report every N steps (default 10)")
     p.add_argument("--resume", metavar="CKPT|auto",
                    help="continue from a checkpoint folder, or auto: the latest in --out")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES,
                    help="bfloat16: autocast (and FSDP mixed precision) with fp32 weights")
     p.add_argument("--dag-coeffs", metavar="cA,cAp,cG",
                    help="DAG regularisation coefficients (default 0,0,0; DAG values are logged "
@@ -431,7 +430,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=600,
                    help="training steps (default 600, about 2-3 minutes on 2 CPU cores)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_demo)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, PLDRTypeError
 
 VARIANTS = ("v510", "v510G")
 
@@ -100,6 +101,29 @@ class PLDRConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name]
+
+    @classmethod
+    def resolve(cls, spec: Any, name: str = "config") -> "PLDRConfig":
+        """The config that `spec` names, whatever form it takes: a PLDRConfig (as it is), a
+        preset name, a dict (our config or an original hpdict), or the path of a config.json
+        / hpdict JSON file or of a model folder holding a config.json.
+
+        One resolver for every place that takes a model config (training, loading,
+        benchmarks); `name` is what error messages call the argument, e.g. "--model"."""
+        if isinstance(spec, PLDRConfig):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(dict(spec))
+        if isinstance(spec, str) and spec in PRESETS:
+            return PRESETS[spec]
+        if isinstance(spec, (str, os.PathLike)):
+            if not Path(spec).exists():
+                raise ConfigError(f"{name} {os.fspath(spec)!r} is neither a preset "
+                                  f"({', '.join(PRESETS)}) nor an existing config.json / hpdict "
+                                  "file or model folder")
+            return cls.from_json(spec)
+        raise PLDRTypeError(f"{name} must be a PLDRConfig, a preset name, an hpdict / config "
+                            f"dict or a JSON path, got {type(spec).__name__}")
 
     # ----- hpdict ------------------------------------------------------------------------
     @classmethod

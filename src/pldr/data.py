@@ -14,7 +14,7 @@ The pipeline follows the original release (SPEC.md, "Training conventions of the
    epoch from a seed, split over ranks without overlap, and resumable at any batch.
 
 `build_loaders` does all four for a training and a validation split. This module imports
-only the tokenizer and errors from `pldr`, never the model.
+only the tokenizer, errors and files from `pldr`, never the model.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .files import atomic_path
 from .tokenizer import Tokenizer, split_paragraphs
 
 if TYPE_CHECKING:  # `datasets` takes a second to import; only structured data needs it.
@@ -476,14 +477,9 @@ class TokenizedDocs:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`np.save` to `path` through a temporary file, so a reader never sees half an array."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer, *, batch_docs: int = 512,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .distributed import resolve_device
+from .devices import resolve_device
 from .train import TrainConfig, read_metrics, train
 
 PROMPTS = (
@@ -89,8 +89,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     val = [r["loss"] for r in records if r["split"] == "val"]
 
-    model = load_model(result.final_dir, device=resolve_device(device))  # where it trained
-    tok = Tokenizer.load(result.final_dir / "tokenizer.model")
+    model = load_model(result.final_dir, device=resolve_device(device, 0))  # where it trained
+    tok = Tokenizer.load(result.final_dir)  # the tokenizer.model in the model folder
     prompt_ids = [tok.encode(p, eos=False) for p in PROMPTS]
     new = generate(model, prompt_ids, max_new_tokens, cache="kv_g", temperature=0.8, top_k=40,
                    seed=seed)

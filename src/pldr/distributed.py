@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .devices import parse_dtype, resolve_device
 from .errors import CheckpointError, PLDRError
 
 DCP_METADATA = ".metadata"  # the file that marks a Distributed Checkpoint folder
@@ -63,24 +64,6 @@ def env_world_size() -> int:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
         raise PLDRError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
-
-
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """The training device: the one asked for, else CUDA when present, else CPU. Under
-    torchrun a bare "cuda" becomes this process's GPU, cuda:LOCAL_RANK."""
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise PLDRError(f"unknown device {str(device)!r}: {e}; use cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PLDRError(f"device {str(device)!r} is not available on this machine; use "
-                            "--device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device: str | torch.device | None = None,
@@ -250,18 +233,21 @@ def check_dcp_dir(directory: str | os.PathLike) -> Path:
 
 
 def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      tokenizer: Any = None) -> Path:
+                      tokenizer: Any = None, dtype: str | torch.dtype | None = None) -> Path:
     """Convert a Distributed Checkpoint of a training run into a `save_pretrained` directory
     (config.json + model.safetensors [+ tokenizer.model]) that `load_model` reads.
 
     The model config is read from the checkpoint's `config.json` (training writes one into
-    every checkpoint) and the tokenizer, unless given, from its `tokenizer.model`. Runs on one
-    process; no process group is needed."""
+    every checkpoint) and the tokenizer, unless given, from its `tokenizer.model`. `dtype`
+    (e.g. "bfloat16") casts the weights before they are written, so the folder is written
+    once; the default keeps them as stored (float32). Runs on one process; no process group
+    is needed."""
     from .checkpoint import save_pretrained
     from .config import PLDRConfig
     from .model import PLDRModel
 
     dcp_dir = check_dcp_dir(dcp_dir)
+    dtype = parse_dtype(dtype)  # a bad name fails before any work
     if not (dcp_dir / "config.json").is_file():
         raise CheckpointError(f"{str(dcp_dir)!r} has no config.json; it is not a checkpoint "
                               "written by `pldr train`")
@@ -277,6 +263,8 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
     except Exception as e:  # noqa: BLE001  DCP raises CheckpointException and others
         raise CheckpointError(f"cannot read the Distributed Checkpoint {str(dcp_dir)!r}: "
                               f"{' '.join(str(e).split())[:300]}") from None
+    if dtype is not None:
+        model.to(dtype=dtype)
     if tokenizer is None and (dcp_dir / "tokenizer.model").is_file():
         tokenizer = dcp_dir / "tokenizer.model"
     save_pretrained(model, out_dir, tokenizer=tokenizer)

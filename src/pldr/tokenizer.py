@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from .errors import DataError, PLDRError
+from .files import atomic_write_bytes
 
 # Special pieces and their ids, as in the paper's tokenizer.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -77,21 +78,30 @@ class Tokenizer:
                             "file written by SentencePiece or `pldr tokenizer train`") from None
 
     # ----- construction ------------------------------------------------------------------
-    @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """Read a SentencePiece `.model` file, or the `tokenizer.model` inside a model folder."""
+    @staticmethod
+    def find(path: str | Path) -> Path | None:
+        """The file `load(path)` reads: `path` itself when it is a file, the `tokenizer.model`
+        inside it when it is a model folder that has one; None otherwise. Lets a caller for
+        whom a tokenizer is optional tell "there is none" from "it is broken"."""
         path = Path(path)
         if path.is_dir() and (path / "tokenizer.model").is_file():
             path = path / "tokenizer.model"
-        if not path.is_file():
-            raise DataError(f"tokenizer file {str(path)!r} does not exist; pass the path of a "
-                            "SentencePiece `.model` file (make one with `pldr tokenizer train`)")
-        return cls(path.read_bytes(), path=path)
+        return path if path.is_file() else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a SentencePiece `.model` file, or the `tokenizer.model` inside a model folder."""
+        found = cls.find(path)
+        if found is None:
+            raise DataError(f"tokenizer file {str(Path(path))!r} does not exist; pass the path "
+                            "of a SentencePiece `.model` file (make one with `pldr tokenizer "
+                            "train`)")
+        return cls(found.read_bytes(), path=found)
 
     def save(self, path: str | Path) -> Path:
         """Write the serialized model to `path` (e.g. `model_dir/tokenizer.model`), atomically."""
         path = Path(path)
-        _write_atomic(path, self.model_proto)
+        atomic_write_bytes(path, self.model_proto)
         return path
 
     def __getstate__(self) -> dict[str, Any]:
@@ -227,7 +237,7 @@ class Tokenizer:
         """SentencePiece's `.vocab` file: one `piece<TAB>score` line per id."""
         lines = (f"{self._sp.id_to_piece(i)}\t{self._sp.get_score(i):g}\n"
                  for i in range(self.vocab_size))
-        _write_atomic(path, "".join(lines).encode("utf-8"))
+        atomic_write_bytes(path, "".join(lines).encode("utf-8"))
 
 
 # ----- helpers ----------------------------------------------------------------------------
@@ -297,13 +307,3 @@ def _training_error(e: RuntimeError, vocab_size: int) -> PLDRError:
     detail = msg.split("]")[-1].strip() or msg
     return DataError(f"SentencePiece could not train the tokenizer: {detail}")
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

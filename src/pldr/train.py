@@ -47,8 +47,12 @@ import torch
 from torch import Tensor
 
 from . import distributed as ptd
-from .config import PRESETS, PLDRConfig
+from .checkpoint import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_safetensors,
+                         save_pretrained, write_model_files)
+from .config import PLDRConfig
+from .devices import SUPPORTED_DTYPES, parse_dtype
 from .errors import CheckpointError, ConfigError, DataError, PLDRError
+from .files import atomic_write_text, is_temp_name, replace_dir
 from .losses import loss_with_dag
 from .model import PLDRModel
 
@@ -56,10 +60,9 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
-TOKENIZER_FILE = "tokenizer.model"
+OPTIMIZER_FILE = "optimizer.pt"
 STATE_FORMAT = "pldr-train-checkpoint"
 STATE_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-5
 CLIP_VALUE = 1.0
@@ -176,8 +179,9 @@ class TrainConfig:
                                   f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
         if not isinstance(self.lr_alpha, (int, float)) or not 0 <= self.lr_alpha <= 1:
             raise ConfigError(f"--lr-alpha must lie in [0, 1], got {self.lr_alpha!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got "
+                              f"{self.dtype!r}")
         if self.chunk_mode not in ("pack", "pad", "nopad"):
             raise ConfigError(f"--chunk-mode must be pack, pad or nopad, got {self.chunk_mode!r}")
         if len(self.dag_coeffs) != 3 or any(
@@ -227,11 +231,24 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, alpha: floa
 def rng_state() -> dict[str, Any]:
     """The torch (CPU and CUDA), numpy and Python RNG states as tensors and plain numbers, so
     they save with torch.save and load with weights_only=True."""
-    version, py_state, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return _saveable_rng(_capture_rng())
+
+
+def _capture_rng() -> tuple[Any, ...]:
+    """The RNG states as the libraries return them (copies), without converting them: cheap
+    enough to take before every training step; `_saveable_rng` converts them for saving."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def _saveable_rng(captured: tuple[Any, ...]) -> dict[str, Any]:
+    """What `_capture_rng` took, in the form `rng_state` returns."""
+    torch_state, cuda, np_state, py = captured
+    version, py_state, gauss = py
+    _, keys, pos, has_gauss, cached = np_state
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "torch": torch_state,
+        "cuda": cuda,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
@@ -379,9 +396,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
@@ -450,19 +465,6 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 # ===== setup helpers =============================================================================
 
 
-def resolve_model_config(model: str | PLDRConfig) -> PLDRConfig:
-    """A preset name, a config.json / hpdict path (or a model folder), or a PLDRConfig."""
-    if isinstance(model, PLDRConfig):
-        return model
-    if model in PRESETS:
-        return PLDRConfig.preset(model)
-    path = Path(model)
-    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
-        return PLDRConfig.from_json(path)
-    raise ConfigError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an "
-                      "existing config.json / hpdict file")
-
-
 def build_model(config: PLDRConfig, device: torch.device, seed: int) -> PLDRModel:
     """A freshly initialised model: built on the meta device (no memory, no init), then
     materialised on `device` and initialised under `seed`, so every process (and a 1-process
@@ -478,12 +480,6 @@ def build_model(config: PLDRConfig, device: torch.device, seed: int) -> PLDRMode
 
 def _is_run_dir(out: Path) -> bool:
     return any((out / name).exists() for name in (CHECKPOINTS, METRICS_FILE, FINAL))
-
-
-def _load_tokenizer(path: str | os.PathLike):
-    from .tokenizer import Tokenizer
-
-    return Tokenizer.load(path)
 
 
 def _train_tokenizer(cfg: TrainConfig, split: str, vocab_size: int):
@@ -539,7 +535,7 @@ class Trainer:
         if cfg.batch_size % self.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be "
                               f"divisible by the number of processes, {self.world_size}")
-        base_config = resolve_model_config(cfg.model)
+        base_config = PLDRConfig.resolve(cfg.model, "--model")
         if base_config.variant != "v510" and any(cfg.dag_coeffs):
             raise ConfigError("--dag-coeffs regularise A_LM, A_P and G_LM of a v510 model; a "
                               f"{base_config.variant} model has a fixed G_LM: drop --dag-coeffs")
@@ -576,7 +572,7 @@ class Trainer:
                                           eos_id=tok.eos_id if tok.eos_id >= 0 else
                                           base_config.eos_id)
         if self.resume_dir is not None:
-            saved = PLDRConfig.from_json(self.resume_dir / "config.json")
+            saved = PLDRConfig.from_json(self.resume_dir / CONFIG_FILE)
             if saved != self.config:
                 raise CheckpointError(f"the model of checkpoint {str(self.resume_dir)!r} does not "
                                       "match --model / --tokenizer; resume with the settings of "
@@ -593,7 +589,7 @@ class Trainer:
             self.total_steps = cfg.max_steps if cfg.epochs is None else min(cfg.max_steps,
                                                                             by_epochs)
         self.lr_total_steps = cfg.lr_total_steps or self.total_steps
-        self.amp_dtype = DTYPES[cfg.dtype] if cfg.dtype != "float32" else None
+        self.amp_dtype = parse_dtype(cfg.dtype) if cfg.dtype != "float32" else None
         self.step = 0
         self.metrics = TrainMetrics()
         self.stop_flag = threading.Event()
@@ -613,11 +609,11 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.tokenizer is not None:
-            return _load_tokenizer(cfg.tokenizer)
+            return Tokenizer.load(cfg.tokenizer)
         if self.resume_dir is not None:
             for candidate in (self.resume_dir / TOKENIZER_FILE, self.out / TOKENIZER_FILE):
                 if candidate.is_file():
-                    return _load_tokenizer(candidate)
+                    return Tokenizer.load(candidate)
         proto = None
         if self.dist.is_main:
             vocab = cfg.vocab_size or base_config.vocab_size
@@ -667,7 +663,7 @@ class Trainer:
         if self.dist.is_main:
             (self.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             for p in (self.out / CHECKPOINTS).iterdir():
-                if p.name.startswith(".tmp-") or p.name.startswith(".old-"):
+                if p.name.startswith((".tmp-", ".old-")) or is_temp_name(p.name):
                     shutil.rmtree(p, ignore_errors=True)
             if self.resume_dir is None or not (self.out / TOKENIZER_FILE).is_file():
                 self.tokenizer.save(self.out / TOKENIZER_FILE)
@@ -731,6 +727,7 @@ class Trainer:
                 micro = [next(batches) for _ in range(self.cfg.grad_accum)]
                 values, stop = self._train_step(micro)
                 position = None  # the step is complete: the live state is consistent
+                self.updating = False  # only now, so no interrupt pairs new weights with `position`
                 bar.update(1)
                 if self._report_due(self.step):
                     now = time.perf_counter()
@@ -843,8 +840,7 @@ class Trainer:
         self.metrics.add({k: values[k] for k in ("loss", "ce", "accuracy",
                                                   *(n for _, n in _DAG_KEYS))},
                          self.train_loader.epoch, tokens)
-        self.updating = False
-        return values, s[7] > 0
+        return values, s[7] > 0  # `updating` stays True until the loop drops its position
 
     def _figures(self, s: list[float]) -> dict[str, Any]:
         """Loss, CE, accuracy and DAG values from the summed stats of a step or evaluation."""
@@ -901,8 +897,11 @@ class Trainer:
     # ----- checkpoints ---------------------------------------------------------------------
 
     def _position(self) -> dict[str, Any]:
-        """What besides model and optimizer a checkpoint must hold to continue exactly here."""
-        return {"loader": self.train_loader.state_dict(), "rng": rng_state(),
+        """What besides model and optimizer a checkpoint must hold to continue exactly here.
+
+        Taken before every step (for a Ctrl-C mid-step), so the RNG states are captured as
+        they are and converted only when a checkpoint is written."""
+        return {"loader": self.train_loader.state_dict(), "rng": _capture_rng(),
                 "metrics": self.metrics.state_dict(), "step": self.step}
 
     def _save_checkpoint(self, position: dict[str, Any] | None = None) -> Path | None:
@@ -927,35 +926,33 @@ class Trainer:
             ptd.save_sharded(self.model, self.optimizer, tmp)
             kind = "dcp"
         else:
-            self._save_single(tmp)
+            self._save_optimizer(tmp)
             kind = "single"
-        torch.save(position["rng"], tmp / f"rng-rank{self.dist.rank}.pt")
+        torch.save(_saveable_rng(position["rng"]), tmp / f"rng-rank{self.dist.rank}.pt")
         ptd.barrier(self.dist)
         if self.dist.is_main:
-            self.config.to_json(tmp / "config.json")
-            self.tokenizer.save(tmp / TOKENIZER_FILE)
+            # config.json, tokenizer.model and (one process) model.safetensors, as a
+            # save_pretrained folder holds them; a sharded run's weights are in its DCP shards
+            write_model_files(self.model, tmp, self.tokenizer, weights=kind == "single")
             _write_json(tmp / TRAINER_STATE, {
                 "format": STATE_FORMAT, "version": STATE_VERSION, "kind": kind,
                 "step": step, "world_size": self.dist.world_size,
                 "loader": position["loader"], "metrics": position["metrics"],
                 "total_steps": self.total_steps, "lr_total_steps": self.lr_total_steps,
                 "train_config": self.cfg.to_dict()})
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
             self._prune_checkpoints()
         ptd.barrier(self.dist)
         self.last_checkpoint, self.last_saved_step = final, step
         return final
 
-    def _save_single(self, directory: Path) -> None:
-        """model.safetensors + optimizer.pt (state keyed by parameter name, which a sharded
-        run can load too)."""
-        from safetensors.torch import save_file
+    def _save_optimizer(self, directory: Path) -> None:
+        """optimizer.pt of a 1-process run: the state keyed by parameter name, which a
+        sharded run can load too."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         torch.save(get_optimizer_state_dict(self.model, self.optimizer),
-                   directory / "optimizer.pt")
+                   directory / OPTIMIZER_FILE)
 
     def _prune_checkpoints(self) -> None:
         k = self.cfg.keep_checkpoints
@@ -970,11 +967,10 @@ class Trainer:
         if state["kind"] == "dcp":
             ptd.load_sharded(self.model, self.optimizer, ckpt)
         else:
-            from safetensors.torch import load_file
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-            weights = load_file(ckpt / "model.safetensors", device="cpu")
-            optim = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+            weights = read_safetensors(ckpt / WEIGHTS_FILE)
+            optim = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
             if self.dist.enabled:
                 ptd.load_full_state(self.model, self.optimizer, weights, optim)
             else:
@@ -990,8 +986,6 @@ class Trainer:
 
     def _save_final(self, final: Path) -> None:
         """The trained model as a save_pretrained folder (with the tokenizer)."""
-        from .checkpoint import save_pretrained
-
         state = ptd.full_model_state(self.model, self.dist)
         if self.dist.is_main:
             with torch.device("meta"):
@@ -1006,23 +1000,9 @@ class Trainer:
                            interrupted=interrupted, records=self.records)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` (a checkpoint of the same step) is swapped out
-    first and removed after, so a complete folder is in place at every moment but one rename."""
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """`obj` as indented JSON, written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _format_record(r: dict[str, Any], total: int) -> str:
@@ -1062,7 +1042,7 @@ def config_from_flags(flags: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig.from_dict({k: v for k, v in saved.items() if k in names})
         # the checkpoint's own model config, which exists even if the original file does not
-        base = base.replace(model=str(ckpt / "config.json"))
+        base = base.replace(model=str(ckpt / CONFIG_FILE))
     return base.replace(**flags)
 
 
@@ -1087,4 +1067,4 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "train", "lr_at",
            "config_from_flags", "parse_dag_coeffs",
            "build_model", "list_checkpoints", "find_resume_checkpoint", "read_metrics",
-           "rng_state", "set_rng_state", "resolve_model_config"]
+           "rng_state", "set_rng_state"]

@@ -1,0 +1,54 @@
+"""Device and dtype names, parsed in one place with errors that say what to pass instead.
+
+A leaf module (torch and `pldr.errors` only): checkpoint loading, training, distributed
+setup and the CLI all resolve "cuda" / "bfloat16" here, so they accept the same names.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import PLDRError, PLDRTypeError
+
+# Names `parse_dtype` accepts (lower case) and the dtypes they stand for.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# What training, benchmarks and the CLI's --dtype offer: fp16 would need a gradient scaler.
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """torch.float32 / torch.bfloat16 / ... from a dtype or a name like "bfloat16"."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and not dtype.is_floating_point:
+            raise PLDRTypeError(f"dtype must be floating point, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise PLDRTypeError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+
+
+def resolve_device(device: str | torch.device | None = None, local_rank: int | None = None, *,
+                   error: type[PLDRError] = PLDRError) -> torch.device:
+    """The device asked for, or with None / "auto" CUDA when present, else CPU.
+
+    With `local_rank` (under torchrun) a bare "cuda" becomes this process's GPU,
+    cuda:LOCAL_RANK; without it "cuda" stays the current GPU. An unknown name is a
+    PLDRTypeError; a CUDA device on a machine without one raises `error`, so each caller
+    reports it as its own kind (a CheckpointError when loading a model)."""
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PLDRTypeError(f"unknown device {str(device)!r}: {e}; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise error(f"device {str(device)!r} is not available on this machine; use "
+                        "device cpu (--device cpu)")
+        if device.index is None and local_rank is not None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+__all__ = ["parse_dtype", "resolve_device", "DTYPES", "SUPPORTED_DTYPES"]
