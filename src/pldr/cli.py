@@ -461,7 +461,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `pldr` parser with every registered subcommand."""
-    parser = _Parser(prog="pldr", description="PLDR-LLMs: train, generate, evaluate, inspect.")
+    parser = _Parser(prog="pldr", description="PLDR-LLMs: train, generate, convert, inspect, benchmark.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
