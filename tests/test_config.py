@@ -73,6 +73,9 @@ def test_config_is_frozen():
 def test_bad_json_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         PLDRConfig.from_json(tmp_path / "nope.json")
+    (tmp_path / "weights.pth").write_bytes(b"PK\x03\x04\x80\xff binary")
+    with pytest.raises(ConfigError, match="not a text file"):
+        PLDRConfig.from_json(tmp_path / "weights.pth")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         PLDRConfig.from_json(tmp_path / "bad.json")

@@ -202,7 +202,10 @@ class PLDRConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a text file; pass the "
+                              "hpdict or config.json (JSON), not a checkpoint") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
         return cls.from_dict(d)
