@@ -54,11 +54,11 @@ from .devices import SUPPORTED_DTYPES, parse_dtype
 from .errors import CheckpointError, ConfigError, DataError, PLDRError
 from .files import atomic_write_text, is_temp_name, replace_dir
 from .losses import loss_with_dag
+from .metrics import DAG_KEYS, METRICS_FILE, MetricsLog, TrainMetrics, read_metrics
 from .model import PLDRModel
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
-METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FORMAT = "pldr-train-checkpoint"
@@ -67,7 +67,6 @@ ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-5
 CLIP_VALUE = 1.0
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_DAG_KEYS = (("A", "dag_A"), ("A_P", "dag_Ap"), ("G", "dag_G"))
 
 
 class TrainingError(PLDRError):
@@ -272,141 +271,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ===== metrics ===================================================================================
-
-
-class MeanTracker:
-    """Means of per-step values since the last reset (keys may come and go: DAG values are
-    absent for v510G models). Its state is plain JSON, for checkpoints."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, values: dict[str, float | None]) -> None:
-        for k, v in values.items():
-            if v is not None:
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
-                self.counts[k] = self.counts.get(k, 0) + 1
-
-    def mean(self, key: str) -> float | None:
-        n = self.counts.get(key, 0)
-        return self.sums[key] / n if n else None
-
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = {k: float(v) for k, v in state["sums"].items()}
-        self.counts = {k: int(v) for k, v in state["counts"].items()}
-
-
-class TrainMetrics:
-    """The original's figures: running (since the last report), global (since the start) and
-    epoch means of loss and accuracy, the three DAG values, and the token count."""
-
-    def __init__(self) -> None:
-        self.running, self.total, self.epoch = MeanTracker(), MeanTracker(), MeanTracker()
-        self.epoch_index = 0
-        self.tokens = 0
-
-    def add(self, values: dict[str, float | None], epoch: int, tokens: int) -> None:
-        if epoch != self.epoch_index:
-            self.epoch.reset()
-            self.epoch_index = epoch
-        for tracker in (self.running, self.total, self.epoch):
-            tracker.add(values)
-        self.tokens += tokens
-
-    def report(self) -> dict[str, Any]:
-        """The train record's figures; resets the running means."""
-        r = self.running
-        record = {"loss": r.mean("loss"), "ce": r.mean("ce"), "accuracy": r.mean("accuracy"),
-                  **{name: r.mean(name) for _, name in _DAG_KEYS},
-                  "global_loss": self.total.mean("loss"),
-                  "global_accuracy": self.total.mean("accuracy"),
-                  "epoch_loss": self.epoch.mean("loss"),
-                  "epoch_accuracy": self.epoch.mean("accuracy")}
-        r.reset()
-        return record
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"running": self.running.state_dict(), "total": self.total.state_dict(),
-                "epoch": self.epoch.state_dict(), "epoch_index": self.epoch_index,
-                "tokens": self.tokens}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.running.load_state_dict(state["running"])
-        self.total.load_state_dict(state["total"])
-        self.epoch.load_state_dict(state["epoch"])
-        self.epoch_index = int(state["epoch_index"])
-        self.tokens = int(state["tokens"])
-
-
-class MetricsLog:
-    """Writes records to OUT/metrics.jsonl and TensorBoard (OUT/tb), on rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.path = out / METRICS_FILE
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step is not None:
-            _truncate_metrics(self.path, resume_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resume_step + 1 if resume_step is not None else None
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=purge)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            split, step = record["split"], record["step"]
-            for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)) \
-                        and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{split}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` (by a run that went on past the checkpoint we resume
-    from), so the file reads as one uninterrupted run."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    atomic_write_text(path, "".join(kept))
-
-
-def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl (or of OUT/metrics.jsonl when given a run folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-    return [r for r in records if split is None or r.get("split") == split]
 
 
 # ===== checkpoint folders =======================================================================
@@ -813,7 +677,7 @@ class Trainer:
                 stats[0] += lo.ce.double() * counts[i]
                 stats[2] += ((out.logits.argmax(-1) == y) & keep).sum()
                 if lo.dag:
-                    for j, (key, _) in enumerate(_DAG_KEYS):
+                    for j, (key, _) in enumerate(DAG_KEYS):
                         stats[3 + j] += lo.dag[key].double()
                     stats[6] += 1
         stats[1] = float(sum(counts))
@@ -838,7 +702,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.metrics.add({k: values[k] for k in ("loss", "ce", "accuracy",
-                                                  *(n for _, n in _DAG_KEYS))},
+                                                  *(n for _, n in DAG_KEYS))},
                          self.train_loader.epoch, tokens)
         return values, s[7] > 0  # `updating` stays True until the loop drops its position
 
@@ -846,9 +710,9 @@ class Trainer:
         """Loss, CE, accuracy and DAG values from the summed stats of a step or evaluation."""
         n = max(s[1], 1.0)
         ce, acc = s[0] / n, s[2] / n
-        dag = {name: s[3 + j] / s[6] for j, (_, name) in enumerate(_DAG_KEYS)} if s[6] else \
-            {name: None for _, name in _DAG_KEYS}
-        loss = ce + sum(c * dag[name] for c, (_, name) in zip(self.cfg.dag_coeffs, _DAG_KEYS)
+        dag = {name: s[3 + j] / s[6] for j, (_, name) in enumerate(DAG_KEYS)} if s[6] else \
+            {name: None for _, name in DAG_KEYS}
+        loss = ce + sum(c * dag[name] for c, (_, name) in zip(self.cfg.dag_coeffs, DAG_KEYS)
                         if c and dag[name] is not None)
         return {"loss": loss, "ce": ce, "accuracy": acc, **dag}
 
@@ -876,7 +740,7 @@ class Trainer:
             stats[1] += n
             stats[2] += ((out.logits.argmax(-1) == y) & (y != pad)).sum()
             if lo.dag:
-                for j, (key, _) in enumerate(_DAG_KEYS):
+                for j, (key, _) in enumerate(DAG_KEYS):
                     stats[3 + j] += lo.dag[key].double()
                 stats[6] += 1
         ptd.all_reduce_sum(stats, self.dist)
