@@ -44,3 +44,13 @@ def test_library_errors_become_exit_2_and_debug_shows_the_traceback(capsys, tmp_
 def test_version(capsys):
     assert main(["version"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_streamed_text_waits_for_the_last_byte_of_a_character(capsys):
+    from pldr.cli import _print_new_text
+
+    shown = _print_new_text("ab", "")
+    shown = _print_new_text("ab\ufffd", shown)        # first byte of a character: wait
+    shown = _print_new_text("abé", shown)             # complete now
+    _print_new_text("abéz\ufffd", shown, final=True)  # at the end, print what there is
+    assert capsys.readouterr().out == "abéz\ufffd"

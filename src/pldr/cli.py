@@ -224,11 +224,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for row, t in zip(new, tokens):
             if t is not None:
                 row.append(t)
-        if live:  # print the text as it grows (decode all, print the new part)
-            text = tokenizer.decode(new[0])
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        if live:
+            shown = _print_new_text(tokenizer.decode(new[0]), shown)
     if live:
+        _print_new_text(tokenizer.decode(new[0]), shown, final=True)
         print()
         return 0
     texts = [tokenizer.decode(r) if tokenizer else None for r in new]
@@ -239,6 +238,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for i, (r, t) in enumerate(zip(new, texts)):
             print(f"[{i}] {t if t is not None else ','.join(map(str, r))}")
     return 0
+
+
+def _print_new_text(text: str, shown: str, final: bool = False) -> str:
+    """Print what `text` adds to the `shown` text; returns the text shown so far.
+
+    A character spelled as several byte pieces decodes to U+FFFD until its last byte arrives,
+    so printing waits for it (except at the end)."""
+    if text.endswith("\ufffd") and not final:
+        return shown
+    if text.startswith(shown):
+        print(text[len(shown):], end="", flush=True)
+        return text
+    return shown  # decoding changed earlier text: leave what is on screen
 
 
 def _parse_ids(text: str) -> list[int]:
