@@ -421,3 +421,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert all(v >= 0 for v in result.g_spread)
     assert (tmp_path / "demo" / "final" / "tokenizer.model").is_file()
     assert load_model(tmp_path / "demo" / "final").config.vocab_size == 2048
+
+
+def test_a_trained_tokenizer_does_not_make_the_run_read_the_data_twice(tmp_path, monkeypatch):
+    import pldr.data as data
+
+    reads = []
+    original = data._resolve
+
+    def counting(source, split, *args, **kwargs):
+        resolved = original(source, split, *args, **kwargs)
+        return data._Resolved(resolved.identity,
+                              lambda: reads.append(str(split)) or resolved.read())
+
+    monkeypatch.setattr(data, "_resolve", counting)
+    train(TrainConfig(model=PLDRConfig.preset("tiny").replace(num_layers=1, d_model=32,
+                                                               num_heads=2, dff=64, A_dff=16,
+                                                               max_seq_len=64),
+                      data="builtin", out=str(tmp_path / "run"), vocab_size=400, max_steps=1,
+                      batch_size=4, context_length=32, progress=False, tensorboard=False,
+                      cache_dir=str(tmp_path / "cache")))
+    assert sorted(reads) == sorted(["train[:90%]", "train[90%:]"])  # each split read once

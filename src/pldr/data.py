@@ -515,13 +515,15 @@ def token_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
                 split: str | Split | None = None, text_column: str | None = None, *,
                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                progress: bool = True) -> TokenizedDocs:
+                progress: bool = True, docs: Sequence[str] | None = None) -> TokenizedDocs:
     """The tokenised documents of a data source and split, from the cache when possible.
 
     The cache key is a sha256 of the data's identity (file paths, sizes and mtimes; the
     builtin text; or a hub dataset's fingerprint), the split, the text column and the
     tokenizer's model bytes, so a change to any of them tokenises again. The files are
-    `<cache>/tokens/<key>.ids.npy` (int32) and `<key>.offsets.npy` (int64)."""
+    `<cache>/tokens/<key>.ids.npy` (int32) and `<key>.offsets.npy` (int64). `docs`, when the
+    caller has already read this source and split (e.g. to train the tokenizer), saves
+    reading them again."""
     resolved = _resolve(parse_source(data), parse_split(split), text_column, progress)
     key = _cache_key(resolved.identity, tokenizer)
     path = token_cache_dir(cache_dir) / key
@@ -532,7 +534,8 @@ def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
             pass  # not cached yet
         except (OSError, ValueError, EOFError):
             pass  # a damaged cache file is rebuilt below
-    tokens = tokenize_documents(resolved.read(), tokenizer, progress=progress)
+    tokens = tokenize_documents(resolved.read() if docs is None else docs, tokenizer,
+                                progress=progress)
     if use_cache:
         tokens.save(path)
     return tokens
@@ -736,14 +739,16 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
                   val_split: str | None = None, text_column: str | None = None,
                   mode: str = "pack", batch_agg_count: int = 1, seed: int = 0, rank: int = 0,
                   world_size: int = 1, cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True) -> tuple[TokenBatches, TokenBatches | None]:
+                  progress: bool = True, train_docs: Sequence[str] | None = None,
+                  ) -> tuple[TokenBatches, TokenBatches | None]:
     """Training and validation loaders of [batch_size / world_size, context_length + 1].
 
     Without `split`, training reads `train[:90%]` and validation the held-out tail
     `train[90%:]`; with `split` given, validation reads `val_split` only if given (None or
     "none": no validation loader). Documents are grouped `batch_size * batch_agg_count` at a
     time for the `pad`/`nopad` modes, as in the original. The training loader is shuffled
-    with `seed`; the validation loader is in order."""
+    with `seed`; the validation loader is in order. `train_docs`: the training split's
+    documents if the caller has read them already."""
     if isinstance(context_length, bool) or not isinstance(context_length, int) \
             or context_length < 1:
         raise DataError(f"context_length must be a positive integer, got {context_length!r}")
@@ -759,9 +764,9 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
         val_split = None
     group_size = batch_size * batch_agg_count
 
-    def loader(split_: str, shuffle: bool, what: str) -> TokenBatches:
+    def loader(split_: str, shuffle: bool, what: str, texts=None) -> TokenBatches:
         docs = load_tokens(data, tokenizer, split_, text_column, cache_dir=cache_dir,
-                           progress=progress and rank == 0)
+                           progress=progress and rank == 0, docs=texts)
         chunks = Chunks.from_tokens(docs, context_length + 1, mode, group_size)
         batches = TokenBatches(chunks, batch_size, shuffle=shuffle, seed=seed, rank=rank,
                                world_size=world_size)
@@ -772,6 +777,6 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
                             "smaller batch size or context length")
         return batches
 
-    train = loader(split, True, "training")
+    train = loader(split, True, "training", train_docs)
     val = loader(val_split, False, "validation") if val_split is not None else None
     return train, val

@@ -347,14 +347,15 @@ def _is_run_dir(out: Path) -> bool:
 
 
 def _train_tokenizer(cfg: TrainConfig, split: str, vocab_size: int):
-    """A SentencePiece model trained on the run's training documents."""
+    """A SentencePiece model trained on the run's training documents, and those documents
+    (so the loader need not read them again)."""
     from .data import load_documents
     from .tokenizer import Tokenizer
 
     docs = load_documents(cfg.data, split, cfg.text_column)
     # SentencePiece samples this many documents when there are more (keeps memory bounded)
     return Tokenizer.train(docs, vocab_size, input_sentence_size=200_000,
-                           shuffle_input_sentence=True)
+                           shuffle_input_sentence=True), docs
 
 
 @contextmanager
@@ -427,6 +428,7 @@ class Trainer:
 
         self.dist = ptd.init_distributed(cfg.device)
         self.device = self.dist.device
+        self._train_docs: list[str] | None = None  # set when a tokenizer is trained here
         self.tokenizer = self._tokenizer(base_config)
         tok = self.tokenizer
         if tok.pad_id != 0:
@@ -481,7 +483,8 @@ class Trainer:
         proto = None
         if self.dist.is_main:
             vocab = cfg.vocab_size or base_config.vocab_size
-            proto = _train_tokenizer(cfg, self.train_split, vocab).model_proto
+            tokenizer, self._train_docs = _train_tokenizer(cfg, self.train_split, vocab)
+            proto = tokenizer.model_proto
         return Tokenizer(ptd.broadcast_object(proto, self.dist))
 
     def _loaders(self):
@@ -496,7 +499,8 @@ class Trainer:
                                  split=self.train_split, val_split="none", mode=cfg.chunk_mode,
                                  batch_agg_count=cfg.batch_agg_count, seed=cfg.seed,
                                  rank=self.dist.rank, world_size=self.dist.world_size,
-                                 **common)
+                                 train_docs=self._train_docs, **common)
+        self._train_docs = None  # tokenised now (and cached); free the texts
         if self.val_split is None:
             return train, None
         docs = load_tokens(cfg.data, self.tokenizer, self.val_split, cfg.text_column,
