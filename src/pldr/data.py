@@ -734,6 +734,18 @@ def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
                         f"the number of processes {world_size}")
 
 
+def default_splits(split: str | None, val_split: str | None) -> tuple[str, str | None]:
+    """The (training, validation) splits to read: without `split`, `train[:90%]` and the
+    held-out tail `train[90%:]`; with `split`, `val_split` only if given. A validation split
+    of None, "" or "none" means no validation."""
+    if split is None:
+        split = DEFAULT_TRAIN_SPLIT
+        val_split = DEFAULT_VAL_SPLIT if val_split is None else val_split
+    if val_split is not None and val_split.strip().lower() in ("", "none"):
+        val_split = None
+    return split, val_split
+
+
 def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
                   context_length: int, batch_size: int, *, split: str | None = None,
                   val_split: str | None = None, text_column: str | None = None,
@@ -757,11 +769,7 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
         raise DataError(f"batch_agg_count must be a positive integer, got {batch_agg_count!r}")
     _check_batching(batch_size, rank, world_size)
     _check_chunking(context_length + 1, mode, None)
-    if split is None:
-        split = DEFAULT_TRAIN_SPLIT
-        val_split = DEFAULT_VAL_SPLIT if val_split is None else val_split
-    if val_split is not None and val_split.strip().lower() in ("", "none"):
-        val_split = None
+    split, val_split = default_splits(split, val_split)
     group_size = batch_size * batch_agg_count
 
     def loader(split_: str, shuffle: bool, what: str, texts=None) -> TokenBatches:

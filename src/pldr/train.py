@@ -358,6 +358,19 @@ def _train_tokenizer(cfg: TrainConfig, split: str, vocab_size: int):
                            shuffle_input_sentence=True), docs
 
 
+@torch.no_grad()
+def _add_batch_stats(stats: Tensor, lo: Any, logits: Tensor, y: Tensor, n_targets: int,
+                     pad: int) -> None:
+    """Add one batch's CE sum, correct predictions and DAG values to `stats`, laid out as
+    [ce_sum, tokens, hits, dag_A, dag_Ap, dag_G, dag_count, ...] (tokens: the caller's)."""
+    stats[0] += lo.ce.double() * n_targets
+    stats[2] += ((logits.argmax(-1) == y) & (y != pad)).sum()
+    if lo.dag:
+        for j, (key, _) in enumerate(DAG_KEYS):
+            stats[3 + j] += lo.dag[key].double()
+        stats[6] += 1
+
+
 @contextmanager
 def _stop_on_signals(flag: threading.Event) -> Iterator[None]:
     """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step
@@ -415,13 +428,10 @@ class Trainer:
                                   "--resume auto to continue it, or choose another --out")
         if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
             raise DataError(f"--tokenizer {cfg.tokenizer!r} does not exist")
-        from .data import DEFAULT_TRAIN_SPLIT, DEFAULT_VAL_SPLIT, parse_source, parse_split
+        from .data import default_splits, parse_source, parse_split
 
         parse_source(cfg.data)  # a missing file or folder fails here
-        self.train_split = cfg.split or DEFAULT_TRAIN_SPLIT
-        val = cfg.val_split if cfg.val_split is not None else (
-            DEFAULT_VAL_SPLIT if cfg.split is None else None)
-        self.val_split = None if val is None or val.strip().lower() in ("", "none") else val
+        self.train_split, self.val_split = default_splits(cfg.split, cfg.val_split)
         for s in (self.train_split, self.val_split):
             if s is not None:
                 parse_split(s)
@@ -676,14 +686,7 @@ class Trainer:
             lo = loss_with_dag(out.logits, y, out.deductive, cfg.dag_coeffs, pad)
             weight = counts[i] * W / n_global if n_global else 0.0
             (lo.ce * weight + (lo.loss - lo.ce) / M).backward()
-            with torch.no_grad():
-                keep = y != pad
-                stats[0] += lo.ce.double() * counts[i]
-                stats[2] += ((out.logits.argmax(-1) == y) & keep).sum()
-                if lo.dag:
-                    for j, (key, _) in enumerate(DAG_KEYS):
-                        stats[3 + j] += lo.dag[key].double()
-                    stats[6] += 1
+            _add_batch_stats(stats, lo, out.logits, y, counts[i], pad)
         stats[1] = float(sum(counts))
         stats[7] = float(self.stop_flag.is_set())
         ptd.all_reduce_sum(stats, self.dist)
@@ -734,19 +737,14 @@ class Trainer:
         for i, ids in enumerate(self.val_loader.iter_epoch(0)):
             if self.cfg.eval_batches and i >= self.cfg.eval_batches:
                 break
+            n = int((ids[:, 1:] != pad).sum())  # counted before the copy: no device sync
             ids = ids.to(self.device)
             x, y = ids[:, :-1], ids[:, 1:]
             with self._autocast():
                 out = self.model(x, return_deductive=True)
             lo = loss_with_dag(out.logits, y, out.deductive, (0.0, 0.0, 0.0), pad)
-            n = int((y != pad).sum())
-            stats[0] += lo.ce.double() * n
             stats[1] += n
-            stats[2] += ((out.logits.argmax(-1) == y) & (y != pad)).sum()
-            if lo.dag:
-                for j, (key, _) in enumerate(DAG_KEYS):
-                    stats[3 + j] += lo.dag[key].double()
-                stats[6] += 1
+            _add_batch_stats(stats, lo, out.logits, y, n, pad)
         ptd.all_reduce_sum(stats, self.dist)
         self.model.train()
         record = {"step": self.step, "split": "val", "epoch": self.metrics.epoch_index,
