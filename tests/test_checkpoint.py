@@ -20,7 +20,7 @@ from pldr import CheckpointError, PLDRConfig, PLDRModel, load_G_LM, load_model, 
 from pldr.checkpoint import inspect_checkpoint, load_G_LM_pairs, save_pretrained
 from pldr.cli import main as cli_main
 from conftest import reference_dir
-from fixture_utils import assert_close_scaled, expected, fixture_file, fixture_hpdict, inputs
+from fixture_utils import assert_matches_fixture, expected, fixture_file, fixture_hpdict, inputs
 
 CKPT = "checkpoint.pth"
 G_CKPT = "v510G_identity_checkpoint.pth"
@@ -61,7 +61,7 @@ def test_fixture_checkpoint_loads_and_matches_the_original(form):
     model = load_model(fixture_file(CKPT), config)
     assert not model.training and model.config.variant == "v510"
     _assert_all_real(model)
-    assert_close_scaled(_logits(model), expected()["tokens/logits"], what="logits")
+    assert_matches_fixture(_logits(model), expected()["tokens/logits"], "logits")
 
 
 def test_bare_state_dict_and_wrapper_prefixes_load(tmp_path):
@@ -121,8 +121,8 @@ def test_missing_file_and_missing_config_are_clear_errors(tmp_path):
 def _check_v510G_identity(model: PLDRModel) -> None:
     assert model.config.variant == "v510G"
     _assert_all_real(model)
-    assert_close_scaled(_logits(model), expected("v510G_identity_expected.pt")["tokens/logits"],
-                        what="v510G logits")
+    assert_matches_fixture(_logits(model), expected("v510G_identity_expected.pt")["tokens/logits"],
+                           "logits", what="v510G logits")
 
 
 def test_v510G_identity_checkpoint_loads_with_a_G_LM_list():
@@ -310,7 +310,8 @@ def test_cli_convert_end_to_end(tmp_path, capsys):
                    "--config", str(fixture_file("config.json")), "--out", str(out)])
     assert rc == 0 and "162,068 parameters" in capsys.readouterr().out
     model = load_model(out)
-    assert_close_scaled(_logits(model), expected()["tokens/logits"], what="converted logits")
+    assert_matches_fixture(_logits(model), expected()["tokens/logits"], "logits",
+                           what="converted logits")
     original = _fixture_state()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
 

@@ -8,8 +8,8 @@ from pldr.attention import PowerLawAttention, PowerLawStep
 from pldr.cli import main
 from pldr.generate import (CACHE_MODES, SamplingConfig, decode_step, filter_logits, generate,
                            prefill, prepare_prompts, start, stream)
-from fixture_utils import (FIXTURE, assert_close_scaled, expected, fixture_model,
-                           fixture_v510G_model, generation, inputs)
+from fixture_utils import (FIXTURE, assert_matches_fixture, assert_same, expected,
+                           fixture_model, fixture_v510G_model, generation, inputs)
 
 PROMPTS = [[255, 84, 58, 257, 132, 129, 26, 174], [17, 5, 99], [42, 7, 280, 9, 12]]
 
@@ -30,11 +30,13 @@ def test_greedy_streams_match_the_original(model, mode):
 def test_per_step_logits_match_the_original(model, mode):
     gen = generation()
     want = torch.load(FIXTURE / "generation_logits.pt", weights_only=True)[mode]  # [16, V]
+    # no_cache recomputes A (hence G_LM) from the whole sequence at every step
+    kind = "recomputed_logits" if mode == "no_cache" else "logits"
     state = start(model, [gen["prompt"]], mode, 16)
     with torch.no_grad():
         logits = prefill(model, state)
         for step, token in enumerate(gen[mode]["new_tokens"]):
-            assert_close_scaled(logits[0], want[step], what=f"{mode} step {step}")
+            assert_matches_fixture(logits[0], want[step], kind, what=f"{mode} step {step}")
             if step < 15:
                 logits = decode_step(model, state, torch.tensor([token]))
 
@@ -46,24 +48,45 @@ def test_a_batch_equals_one_by_one(model, mode):
     assert batch == alone
 
 
-def test_multi_token_cached_step_equals_full_forward_with_the_same_A(model):
+@pytest.mark.parametrize("mode", CACHE_MODES)
+def test_a_batch_equals_one_by_one_in_float64_logits(mode):
+    # the exact property behind the token test above: every step's logits of a left-padded
+    # batch equal the row's own run (float64, 1e-10)
+    model = fixture_model().double()
+    feeds = [[7, 19, 3, 250, 31, 5], [8, 8, 2, 140, 77, 9], [1, 2, 3, 4, 5, 6]]
+    with torch.no_grad():
+        batch = start(model, PROMPTS, mode, 7)  # room for 6 fed tokens
+        alone = [start(model, [p], mode, 7) for p in PROMPTS]
+        got = prefill(model, batch)
+        want = [prefill(model, s) for s in alone]
+        for step in range(6):
+            for b in range(len(PROMPTS)):
+                assert_same(got[b], want[b][0], what=f"{mode} row {b} step {step}")
+            nxt = torch.tensor([f[step] for f in feeds])
+            got = decode_step(model, batch, nxt)
+            want = [decode_step(model, s, nxt[b:b + 1]) for b, s in enumerate(alone)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multi_token_cached_step_equals_full_forward_with_the_same_A(dtype):
+    model = fixture_model().to(dtype)
     ids = inputs()["tokens"][:1, :14]
     prompt, rest = ids[:, :8], ids[:, 8:]
     with torch.no_grad():
         # several tokens in one KV-cached call (A fixed by the prompt, G recomputed from it)
-        kv = KVCache.allocate(model.config, 1, 14)
+        kv = KVCache.allocate(model.config, 1, 14, dtype=dtype)
         model(prompt, kv_cache=kv)
         chunk = model(rest, kv_cache=kv).logits                      # [1, 6, V]
         # one token at a time through the same cache
-        kv1 = KVCache.allocate(model.config, 1, 14)
+        kv1 = KVCache.allocate(model.config, 1, 14, dtype=dtype)
         model(prompt, kv_cache=kv1)
         steps = torch.cat([model(rest[:, i:i + 1], kv_cache=kv1).logits for i in range(6)], 1)
         # the full sequence with G_LM fixed by the prompt (a filled G-cache)
-        g = GCache.allocate(model.config, 1)
+        g = GCache.allocate(model.config, 1, dtype=dtype)
         model(prompt, g_cache=g)
         full = model(ids, g_cache=g).logits[:, 8:]
-    assert_close_scaled(chunk, steps, what="chunk vs steps")
-    assert_close_scaled(chunk, full, what="chunk vs full forward")
+    assert_same(chunk, steps, what="chunk vs steps")
+    assert_same(chunk, full, what="chunk vs full forward")
     assert kv.length == 14 and kv1.length == 14
 
 
@@ -110,7 +133,8 @@ def test_identity_G_LM_on_v510_equals_the_v510G_identity_model(model):
     with torch.no_grad():
         g = GCache.from_G_LM(model.config, eye)
         logits = model(ids, g_cache=g).logits
-    assert_close_scaled(logits, expected("v510G_identity_expected.pt")["tokens/logits"])
+    assert_matches_fixture(logits, expected("v510G_identity_expected.pt")["tokens/logits"],
+                           "logits")
     g_model = fixture_v510G_model()
     for mode in CACHE_MODES:
         assert (generate(model, PROMPTS, 10, cache=mode, temperature=0, G_LM=eye, eos_id=-1)
@@ -225,6 +249,9 @@ def test_cli_generates_the_fixture_stream(capsys):
     assert rows[0]["ids"] == gen["kv_g"]["new_tokens"]
     assert rows[1]["ids"] == generate(fixture_model(), [[17, 5, 99]], 16, temperature=0,
                                       eos_id=-1)[0]
+
+# parity with the original's numbers: .ci/run also runs these under AVX2-only kernels
+pytestmark = pytest.mark.parity
 
 
 @pytest.mark.parametrize("extra, message", [
