@@ -1,8 +1,8 @@
-"""Shared helpers for the parity tests on the original's fixture (tests/data/fixture/).
+"""Shared helpers for the parity tests on the original's fixture (tests/fixtures/original/).
 
 The fixture is a small v510 model of the original release (2 layers, 4 heads of 16, d_model
 64, vocabulary 300) with two 24-token inputs and what the original computed for them; see
-tests/data/README.md."""
+tests/fixtures/README.md."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 
 from pldr import PLDRConfig, PLDRModel
 
-FIXTURE = Path(__file__).parent / "data" / "fixture"
+FIXTURE = Path(__file__).parent / "fixtures" / "original"
 
 
 def fixture_file(name: str) -> Path:
     path = FIXTURE / name
-    assert path.is_file(), f"fixture file {path} is missing: restore tests/data/fixture from git"
+    assert path.is_file(), f"fixture file {path} is missing: restore tests/fixtures/original from git"
     return path
 
 
@@ -66,7 +66,7 @@ def generation() -> dict:
     return json.loads(fixture_file("generation.json").read_text())
 
 
-# Tolerances of tests/data/README.md (the fixture's README), in one place: every parity test
+# Tolerances of tests/fixtures/README.md (the fixture's README), in one place: every parity test
 # takes its bound from here. Each is relative to the expected tensor's largest magnitude when
 # that exceeds 1 (absolute below). A_P = A_LM ** pw amplifies float32 rounding, so A_P and
 # G_LM, and logits computed from a G_LM that the step recomputes from the whole sequence

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pldr import GCache, generate
-from pldr.generate import CACHE_MODES
+from pldr.inference import CACHE_MODES
 from fixture_utils import assert_close_scaled, expected, fixture_model, generation, inputs
 
 
@@ -47,7 +47,7 @@ def test_g_cache_on_cuda_matches_cpu():
 
 
 def test_training_steps_on_cuda(tmp_path):
-    from pldr.train import TrainConfig, train
+    from pldr.training import TrainConfig, train
 
     result = train(TrainConfig(model="tiny", data="builtin", out=str(tmp_path / "run"),
                                max_steps=20, batch_size=8, context_length=64, lr=2e-3,

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from pldr import files
-from pldr.tokenizer import Tokenizer
+from pldr.data.tokenizer import Tokenizer
 
 
 def test_atomic_writes_replace_the_file_and_leave_nothing_else(tmp_path):

@@ -3,14 +3,24 @@
 Only the public names of INTERFACE.md are re-exported here.
 """
 
-from .config import PLDRConfig
-from .errors import CheckpointError, ConfigError, DataError, PLDRError
-from .cache import GCache, KVCache
-from .losses import dag_values, loss_with_dag, masked_accuracy, masked_loss
-from .model import Deductive, PLDRModel, PLDROutput, infer_G_LM, to_v510G
 from .checkpoint import load_G_LM, load_model, save_G_LM
-from .generate import generate, stream
-from .tokenizer import Tokenizer
+from .config import PLDRConfig
+from .data import Tokenizer
+from .errors import CheckpointError, ConfigError, DataError, PLDRError
+from .inference import generate, stream
+from .model import (
+                    Deductive,
+                    GCache,
+                    KVCache,
+                    PLDRModel,
+                    PLDROutput,
+                    dag_values,
+                    infer_G_LM,
+                    loss_with_dag,
+                    masked_accuracy,
+                    masked_loss,
+                    to_v510G,
+)
 
 __all__ = [
     "PLDRConfig", "PLDRError", "ConfigError", "CheckpointError", "DataError",

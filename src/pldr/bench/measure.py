@@ -1,0 +1,217 @@
+"""`pldr bench`: speed and peak memory of decoding, prefill and a training step.
+
+Each measurement runs in a fresh Python process, so its peak RSS (`ru_maxrss`) belongs to it
+alone; inside, one warm-up run is followed by `repeats` timed runs and the median is kept.
+The method follows the original's CPU baseline (reference/original_cpu_speed.md): random
+weights (seed 0), random ids, batch 1 decoding of `new_tokens` after a `prompt_len` prompt,
+one `prefill_len` forward, and one AdamW training step on [train_batch, train_len] tokens
+(float32 weights; `dtype="bfloat16"` runs it under bf16 autocast, as `pldr train` does, and
+casts the weights to bf16 for decode and prefill).
+The machine's CPU flags, thread count and load are recorded with the results: compare only
+figures from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import PLDRError
+
+MEASUREMENTS = ("decode", "prefill", "train")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One measurement: what to run and on which model."""
+
+    what: str                     # "decode" | "prefill" | "train"
+    model: str = "pldr-110m"      # a preset name or a model directory
+    variant: str | None = None    # override the preset's variant ("v510G" = identity G_LM)
+    cache: str = "kv_g"           # decode only
+    prompt_len: int = 64
+    new_tokens: int = 128
+    prefill_len: int = 512
+    train_batch: int = 4
+    train_len: int = 256
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    repeats: int = 3
+
+
+@dataclass
+class BenchResult:
+    spec: BenchSpec
+    seconds: list[float]               # the timed runs
+    median_s: float
+    tokens_per_s: float
+    peak_rss_mb: float
+    rss_after_build_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, the SIMD flags that matter for torch, threads, load and versions."""
+    flags, model = set(), platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {
+        "cpu": model, "cpu_flags": [f for f in wanted if f in flags], "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _rss_mb()
+
+
+def _build_model(spec: BenchSpec):
+    """The benchmarked model: random weights from seed 0, or a saved directory."""
+    from ..checkpoint.load import load_model
+    from ..config import PLDRConfig
+    from ..devices import parse_dtype
+    from ..model.model import PLDRModel
+
+    # training keeps float32 weights and runs bf16 under autocast, as `pldr train --dtype`
+    dtype = torch.float32 if spec.what == "train" else parse_dtype(spec.dtype)
+    if os.path.isdir(spec.model):
+        return load_model(spec.model, device=spec.device, dtype=dtype)
+    config = PLDRConfig.resolve(spec.model, "--model")
+    if spec.variant:
+        config = config.replace(variant=spec.variant)
+    torch.manual_seed(0)
+    with torch.device(spec.device):
+        model = PLDRModel(config)
+    return model.to(dtype=dtype).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_one(spec: BenchSpec) -> BenchResult:
+    """Run one measurement in this process (use `measure` to get a fresh process)."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model = _build_model(spec)
+    rss_built = _current_rss_mb()
+    V, gen = model.config.vocab_size, torch.Generator().manual_seed(1)
+    ids = lambda *shape: torch.randint(6, V, shape, generator=gen).to(spec.device)  # noqa: E731
+    from ..devices import parse_dtype
+
+    if spec.what == "decode":
+        from ..inference.generate import generate
+
+        prompt = ids(1, spec.prompt_len)
+
+        def job():
+            generate(model, prompt, spec.new_tokens, cache=spec.cache, temperature=0, eos_id=-1)
+        warm = lambda: generate(model, prompt, 16, cache=spec.cache, temperature=0, eos_id=-1)  # noqa
+        tokens = spec.new_tokens
+    elif spec.what == "prefill":
+        x = ids(1, spec.prefill_len)
+
+        def job():
+            with torch.no_grad():
+                model(x)
+        warm, tokens = job, spec.prefill_len
+    elif spec.what == "train":
+        from ..model.losses import loss_with_dag
+
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5,
+                                weight_decay=0.1)
+        batch = ids(spec.train_batch, spec.train_len + 1)
+
+        low = parse_dtype(spec.dtype) != torch.float32
+        device_type = torch.device(spec.device).type
+
+        def job():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=low):
+                out = model(batch[:, :-1])  # as the original's step: no DAG values
+                res = loss_with_dag(out.logits, batch[:, 1:], None)
+            res.loss.backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+            opt.step()
+            res.loss.item()
+        warm, tokens = job, spec.train_batch * spec.train_len
+    else:
+        raise PLDRError(f"unknown measurement {spec.what!r}; choose from {', '.join(MEASUREMENTS)}")
+    warm()
+    _sync(spec.device)
+    times = []
+    for _ in range(spec.repeats):
+        t0 = time.perf_counter()
+        job()
+        _sync(spec.device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    extra = {}
+    if spec.device.startswith("cuda"):
+        extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return BenchResult(spec=spec, seconds=times, median_s=med, tokens_per_s=tokens / med,
+                       peak_rss_mb=_rss_mb(), rss_after_build_mb=rss_built, extra=extra)
+
+
+def measure(spec: BenchSpec) -> BenchResult:
+    """Run `spec` in a fresh process and return its result."""
+    cmd = [sys.executable, "-m", "pldr.bench.measure", json.dumps(asdict(spec))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PLDRError(f"benchmark {spec.what} ({spec.cache if spec.what == 'decode' else ''}) "
+                        f"failed: {tail}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["spec"] = BenchSpec(**data["spec"])
+    return BenchResult(**data)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """A plain-text table of the results."""
+    rows = [("measurement", "model", "median s", "tokens/s", "peak RSS MB")]
+    for r in results:
+        s = r.spec
+        name = f"{s.what} {s.cache}" if s.what == "decode" else s.what
+        model = s.model + (f" ({s.variant})" if s.variant else "") + f" {s.dtype}"
+        rows.append((name, model, f"{r.median_s:.3f}", f"{r.tokens_per_s:.1f}",
+                     f"{r.peak_rss_mb:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+if __name__ == "__main__":  # one measurement in a fresh process: argv[1] is a BenchSpec as JSON
+    result = run_one(BenchSpec(**json.loads(sys.argv[1])))
+    print(json.dumps(asdict(result)))

@@ -1,0 +1,173 @@
+"""`load_model`: any supported layout -> a `PLDRModel` in eval mode, built on the meta
+device so the loaded tensors are used as they are (no second copy, no random init); and
+`inspect_checkpoint`, what `pldr info` shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import PLDRConfig
+from ..devices import parse_dtype, resolve_device
+from ..errors import CheckpointError
+from ..model.cache import stack_per_layer
+from ..model.model import PLDRModel
+from ..model.pretrained import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    directory_config,
+    read_safetensors,
+)
+from .glm import load_G_LM
+from .original import (
+    _config_for_state,
+    _first_few,
+    _require_config,
+    _state_dict_of,
+    _strip_prefixes,
+    _torch_load,
+)
+
+
+def G_LM_key(layer: int) -> str:
+    """State-dict key of the fixed G_LM buffer of decoder layer `layer` (v510G)."""
+    return f"decoder.dec_layers.{layer}.mha1.G_LM"
+
+
+def load_model(path: str | os.PathLike,
+               config: PLDRConfig | Mapping | str | os.PathLike | None = None,
+               *, G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
+               device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> PLDRModel:
+    """A `PLDRModel` in eval mode from an original checkpoint or a `save_pretrained` directory.
+
+    `config` (a PLDRConfig, an hpdict/config dict or a JSON path) is required for an original
+    checkpoint and overrides the directory's `config.json` otherwise. The checkpoint's keys
+    decide the variant: without metric-learner keys it is v510G, which needs `G_LM` (tensor,
+    list or G_LM file) unless the G_LM buffers are saved with it (our directories)."""
+    state, config = read_state(path, config)
+    state, G = _attach_G_LM(state, config, G_LM)
+    model = _build(config, state, G)
+    return _place(model, device, dtype).eval()
+
+
+def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, Tensor], PLDRConfig]:
+    """The state dict of `path` (prefixes stripped, on CPU) and the config it goes with, its
+    variant set from the keys. Reads only tensors; builds no model."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
+    if path.is_dir():
+        config = PLDRConfig.resolve(config) if config is not None else directory_config(path)
+        state = read_safetensors(path / WEIGHTS_FILE)
+    elif path.suffix == ".safetensors":
+        state = read_safetensors(path)
+        sibling = path.with_name(CONFIG_FILE)
+        if config is None and sibling.is_file():
+            config = sibling
+        config = _require_config(config, path)
+    else:
+        state = _state_dict_of(_torch_load(path, "cpu"), path)
+        config = _require_config(config, path)
+    state = _strip_prefixes(state)
+    return state, _config_for_state(config, state)
+
+
+def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,
+                 G_LM: Any) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Put a given G_LM into the state dict as the v510G buffers; demand one when missing.
+
+    Returns the state and the per-layer G_LM [L, H, dk, dk] that was given (or None)."""
+    if config.variant != "v510G":
+        if G_LM is not None:
+            raise CheckpointError("G_LM is only for v510G checkpoints, and this one is v510 (it "
+                                  "has a metric learner); pass G_LM to pldr.generate instead, or "
+                                  "use pldr.model.to_v510G for the v510Gi ablation")
+        return state, None
+    if G_LM is None:
+        if all(G_LM_key(i) in state for i in range(config.num_layers)):
+            return state, None
+        raise CheckpointError("this is a v510G checkpoint and it does not hold G_LM; pass G_LM= "
+                              "(a tensor, a list of per-layer tensors or a predefined G_LM file; "
+                              "--G-LM on the CLI)")
+    if isinstance(G_LM, (str, os.PathLike)):
+        G_LM = load_G_LM(G_LM)
+    like = state.get("decoder.embedding.weight")  # keep the checkpoint's dtype
+    dtype = like.dtype if like is not None else torch.float32
+    G = stack_per_layer(G_LM, config, "G_LM")[:, 0].detach().to("cpu", dtype)
+    state = dict(state)
+    for i in range(config.num_layers):
+        state[G_LM_key(i)] = G[i].clone()
+    return state, G
+
+
+def _build(config: PLDRConfig, state: dict[str, Tensor], G: Tensor | None) -> PLDRModel:
+    """A model built on the meta device that takes the state's tensors (assign=True)."""
+    with torch.device("meta"):
+        model = PLDRModel(config, G_LM=G)
+    check_state_fits(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"internal error: {left[0]} was not loaded (still on the meta "
+                              "device); please report this")
+    return model
+
+
+def check_state_fits(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Raise CheckpointError naming the first missing/unexpected key or mismatching shape."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    hint = "is the config (num_layers, num_reslayerA, num_denseA, variant) right?"
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} key(s) the config needs: "
+                              f"{_first_few(missing)}; {hint}")
+    if unexpected:
+        raise CheckpointError(f"the checkpoint has {len(unexpected)} key(s) the config does not "
+                              f"know: {_first_few(unexpected)}; {hint}")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"checkpoint key {key} has shape {list(got.shape)} but the "
+                                  f"config needs {list(want.shape)}; is the config right?")
+        if not got.is_floating_point():
+            raise CheckpointError(f"checkpoint key {key} holds {got.dtype}, not floating-point "
+                                  "weights; is this a model checkpoint?")
+
+
+
+def _place(model: PLDRModel, device: Any, dtype: Any) -> PLDRModel:
+    """Move to the device and cast to the dtype (the RoPE tables are float32 regardless)."""
+    dtype = parse_dtype(dtype)
+    if device is not None:
+        device = resolve_device(device, error=CheckpointError)
+    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if kwargs:
+        model.to(**kwargs)
+    return model
+
+
+def inspect_checkpoint(path: str | os.PathLike, config: Any = None) -> dict[str, Any]:
+    """What `pldr inspect` shows: variant, parameter count, dtype(s) and config of a
+    checkpoint, after checking that every key and shape fits (no G_LM needed)."""
+    state, config = read_state(path, config)
+    with torch.device("meta"):
+        model = PLDRModel(config)
+    buffers = {k: t for k, t in model.state_dict().items() if k.endswith(".mha1.G_LM")}
+    check_state_fits(model, {**buffers, **state})  # an original v510G file has no G_LM
+    return {
+        "path": str(path),
+        "format": "directory" if Path(path).is_dir() else "file",
+        "variant": config.variant,
+        "num_parameters": model.num_parameters(),
+        "num_tensors": len(state),
+        "has_G_LM": config.variant == "v510G" and G_LM_key(0) in state,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
+        "config": config.to_dict(),
+    }

@@ -1,0 +1,96 @@
+"""`pldr bench`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..devices import SUPPORTED_DTYPES
+from ..errors import PLDRError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure decode/prefill/training speed and peak memory",
+                       description="Each measurement runs in a fresh process (median of "
+                       "--repeats after a warm-up); CPU flags and load are recorded. Compare "
+                       "figures only within one run.")
+    p.add_argument("--model", default="pldr-110m", help="preset name or model directory")
+    p.add_argument("--what", default="decode,prefill,train",
+                   help="comma-separated: decode, prefill, train")
+    p.add_argument("--cache", default="kv_g,kv_only,g_only,no_cache",
+                   help="comma-separated cache modes for decode")
+    p.add_argument("--compare-G", action="store_true",
+                   help="also measure the v510G (identity G_LM, plain SDPA) twin of a preset")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--json", metavar="FILE", help="also write machine info and results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..bench.measure import (
+        MEASUREMENTS,
+        BenchSpec,
+        format_table,
+        machine_info,
+        measure,
+    )
+    from ..config import PRESETS
+    from ..inference.generate import CACHE_MODES
+
+    whats = [w for w in args.what.split(",") if w]
+    caches = [c for c in args.cache.split(",") if c]
+    dtypes = [d for d in args.dtype.split(",") if d]
+    for w in whats:
+        if w not in MEASUREMENTS:
+            raise PLDRError(f"--what {w!r} is unknown; choose from {', '.join(MEASUREMENTS)}")
+    for c in caches:
+        if c not in CACHE_MODES:
+            raise PLDRError(f"--cache {c!r} is unknown; choose from {', '.join(CACHE_MODES)}")
+    for d in dtypes:
+        if d not in SUPPORTED_DTYPES:
+            raise PLDRError(f"--dtype {d!r} is unknown; choose "
+                            f"{' or '.join(SUPPORTED_DTYPES)}")
+    if args.model not in PRESETS and not Path(args.model).is_dir():
+        raise PLDRError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
+                        "nor a model directory")
+    if args.repeats < 1:
+        raise PLDRError("--repeats must be >= 1")
+    variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
+    common = dict(model=args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  prefill_len=args.prefill_len, train_batch=args.train_batch,
+                  train_len=args.train_len, device=args.device, threads=args.threads,
+                  repeats=args.repeats)
+    specs = []
+    for dtype in dtypes:
+        for variant in variants:
+            for w in whats:
+                for c in (caches if w == "decode" else ["kv_g"]):
+                    if variant == "v510G" and c in ("g_only",):
+                        continue  # no G-cache in v510G: same as no_cache
+                    specs.append(BenchSpec(what=w, cache=c, variant=variant, dtype=dtype, **common))
+    info = machine_info()
+    print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} nproc: {info['nproc']} "
+          f"torch {info['torch']} threads {info['torch_threads']} load {info['loadavg']}",
+          flush=True)
+    results = []
+    for spec in specs:
+        results.append(measure(spec))
+        print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": info, "machine_after": machine_info(),
+             "results": [asdict(r) for r in results]}, indent=2))
+    return 0

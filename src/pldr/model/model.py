@@ -1,0 +1,276 @@
+"""`PLDRModel`: embedding, post-norm decoder layers with power law graph attention, and the
+output head. One forward serves full sequences and cached steps: caches are just arguments.
+
+    ids [B, T] -> x = LayerNorm(Embedding(ids) * sqrt(D))          [B, T, D]
+    each layer:  h = LayerNorm(x + PowerLawAttention(x))
+                 x = LayerNorm(h + GLU(h))                          [B, T, D]
+    logits = Linear(x)                                              [B, T, V]
+
+There is no final LayerNorm (as in the original). Module names equal the original's, so an
+original state dict loads as is (see reference/state_dict_layout.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PLDRConfig
+from ..errors import PLDRError, PLDRTypeError
+from .attention import (
+    GLU,
+    LayerDeductive,
+    PowerLawAttention,
+    attention_mask,
+    rope_tables,
+    scale_embedding,
+)
+from .cache import GCache, KVCache, stack_per_layer
+
+
+@dataclass
+class Deductive:
+    """Deductive outputs of every layer, each [L, B, H, dk, dk] (None where not defined:
+    v510G has only G_LM; a predefined G_LM has no A or A_P)."""
+
+    A: Tensor | None
+    A_LM: Tensor | None
+    A_P: Tensor | None
+    G_LM: Tensor
+
+    @classmethod
+    def stack(cls, layers: Sequence[LayerDeductive]) -> "Deductive":
+        def field(name: str) -> Tensor | None:
+            ts = [getattr(d, name) for d in layers]
+            return None if any(t is None for t in ts) else torch.stack(ts)
+        return cls(A=field("A"), A_LM=field("A_LM"), A_P=field("A_P"), G_LM=field("G_LM"))
+
+
+@dataclass
+class PLDROutput:
+    """What a forward returns: logits [B, T, V], the last decoder layer's output [B, T, D]
+    and, when asked, the deductive outputs."""
+
+    logits: Tensor
+    hidden: Tensor
+    deductive: Deductive | None = None
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm decoder layer: attention and feed-forward, each with residual + LayerNorm."""
+
+    def __init__(self, config: PLDRConfig, layer_idx: int):
+        super().__init__()
+        D, eps = config.d_model, config.layernorm_eps
+        self.mha1 = PowerLawAttention(config, layer_idx)
+        self.ffn = GLU(D, config.dff, D)
+        self.layernorm1 = nn.LayerNorm(D, eps=eps)
+        self.layernorm2 = nn.LayerNorm(D, eps=eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+                metric_mask: Tensor | None, kv_cache: KVCache | None,
+                g_cache: GCache | None) -> tuple[Tensor, LayerDeductive]:
+        attn, ded = self.mha1(x, cos, sin, attn_mask, metric_mask, kv_cache, g_cache)
+        h = self.layernorm1(attn + x)
+        return self.layernorm2(self.ffn(h) + h), ded
+
+
+class Decoder(nn.Module):
+    """Embedding, input LayerNorm and the stack of decoder layers (the original's `decoder`)."""
+
+    def __init__(self, config: PLDRConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.dec_layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
+
+
+class PLDRModel(nn.Module):
+    """A PLDR-LLM of variant v510 (learned G_LM) or v510G (fixed G_LM given here).
+
+    `G_LM` (v510G only): [L, H, dk, dk] or a list of L tensors [H, dk, dk] / [1, H, dk, dk];
+    identity per head when omitted (the model is then an ordinary SDPA transformer)."""
+
+    def __init__(self, config: PLDRConfig, G_LM: Tensor | Sequence[Tensor] | None = None):
+        super().__init__()
+        if not isinstance(config, PLDRConfig):
+            raise PLDRTypeError(f"PLDRModel needs a PLDRConfig, got {type(config).__name__}; "
+                                "use PLDRConfig.from_hpdict(...) for an original hpdict")
+        if G_LM is not None and config.variant != "v510G":
+            raise PLDRError("G_LM is given at construction only for variant v510G; for a "
+                            "v510 model pass it to pldr.generate(..., G_LM=...)")
+        self.config = config
+        self.decoder = Decoder(config)
+        self.final_layer = nn.Linear(config.d_model, config.vocab_size)
+        self._given_G_LM = None if G_LM is None else stack_per_layer(G_LM, config)[:, 0].detach().cpu()
+        # RoPE cos/sin tables per device, float32 whatever the model's dtype (as the original
+        # computes them); not buffers, so `.to(bfloat16)` cannot round them
+        self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.init_weights()
+
+    # ----- initialisation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise from scratch as the original intends (wv included) and set the v510G
+        G_LM. Call after `to_empty()` when built on the meta device."""
+        if self.final_layer.weight.is_meta:
+            return
+        nn.init.normal_(self.decoder.embedding.weight)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, GLU):
+                for lin in (module.gluw1, module.gluw2, module.gluw3):
+                    nn.init.xavier_uniform_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+            elif isinstance(module, PowerLawAttention):
+                module.reset_parameters()
+                if not module.learned:
+                    G = (self._given_G_LM[module.layer_idx] if self._given_G_LM is not None
+                         else torch.eye(module.dk).expand_as(module.G_LM))
+                    module.G_LM.copy_(G)
+        nn.init.xavier_uniform_(self.final_layer.weight)
+        nn.init.zeros_(self.final_layer.bias)
+
+    # ----- forward ---------------------------------------------------------------------------
+
+    def forward(self, ids: Tensor, *, kv_cache: KVCache | None = None,
+                g_cache: GCache | None = None, return_deductive: bool = False,
+                logits_to_keep: int = 0) -> PLDROutput:
+        """Logits for ids [B, T]; with caches, a cached step of any number of new tokens.
+
+        - no cache: full forward; A is summed over the non-pad positions of `ids` (all
+          positions if `config.metric_includes_pad`).
+        - `kv_cache`: keys/values are appended at `kv_cache.length`; the first call on an
+          empty cache fixes A (from its tokens) for every later call.
+        - `g_cache`: an empty one is filled by this call; a filled one (or a predefined G_LM)
+          replaces the metric learner and power-law step, which then do not run.
+        - `logits_to_keep=n > 0` computes the logits of the last n positions only (generation
+          needs one; the vocabulary projection is a large share of a long forward)."""
+        B, T = self._check_ids(ids, kv_cache)
+        real = ids != self.config.pad_id                                  # [B, T]
+        start = 0 if kv_cache is None else kv_cache.length
+        positions, key_real = self._positions(real, kv_cache)             # [B, T], [B, S]
+        cos_table, sin_table = self.rope_tables(ids.device)                # [max_seq_len, dk/2]
+        cos, sin = cos_table[positions], sin_table[positions]              # [B, T, dk/2]
+        mask = attention_mask(key_real, start, T)                          # [B, 1, T, S]
+        metric_mask = None if self.config.metric_includes_pad else real
+
+        x = self.decoder.embedding(ids)
+        x = self.decoder.layernorm1(scale_embedding(x, self.config.d_model))  # [B, T, D]
+        layer_outputs = []
+        for layer in self.decoder.dec_layers:
+            x, ded = layer(x, cos, sin, mask, metric_mask, kv_cache, g_cache)
+            layer_outputs.append(ded)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if g_cache is not None:
+            g_cache.filled = True
+        deductive = Deductive.stack(layer_outputs) if return_deductive else None
+        logits = self.final_layer(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)
+        return PLDROutput(logits=logits, hidden=x, deductive=deductive)
+
+    def _positions(self, real: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """RoPE positions [B, T] counted from each row's first real token, and the
+        realness of all S keys [B, S]; updates the cache's bookkeeping."""
+        B, T = real.shape
+        lead_here = (real.cumsum(dim=1) == 0).sum(dim=1)  # leading pads in this call, [B]
+        steps = torch.arange(T, device=real.device)
+        if kv_cache is None:
+            return (steps[None] - lead_here[:, None]).clamp(min=0), real
+        start = kv_cache.length
+        # a row whose cached positions are all pads is still in its leading padding
+        lead = torch.where(kv_cache.lead == start, kv_cache.lead + lead_here, kv_cache.lead)
+        kv_cache.lead.copy_(lead)
+        kv_cache.key_real[:, start:start + T] = real
+        positions = (start + steps[None] - lead[:, None]).clamp(min=0)
+        return positions, kv_cache.key_real[:, :start + T]
+
+    def _check_ids(self, ids: Tensor, kv_cache: KVCache | None) -> tuple[int, int]:
+        """Reject what would otherwise fail deep inside torch, with a message that says why."""
+        if not isinstance(ids, Tensor):
+            raise PLDRTypeError(f"ids must be a LongTensor [B, T], got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise PLDRTypeError(f"ids must be integer token ids, got dtype {ids.dtype}; "
+                                "convert with ids.long()")
+        if ids.dim() != 2:
+            raise PLDRError(f"ids must have shape [B, T], got {list(ids.shape)}"
+                            + ("; add a batch dimension with ids[None]" if ids.dim() == 1 else ""))
+        B, T = ids.shape
+        if B == 0 or T == 0:
+            raise PLDRError(f"ids is empty (shape {list(ids.shape)}); give at least one token")
+        V = self.config.vocab_size
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise PLDRError(f"token id {bad} is outside the vocabulary [0, {V}); check the "
+                            "tokenizer matches the model")
+        total = T + (kv_cache.length if kv_cache is not None else 0)
+        limit = kv_cache.max_len if kv_cache is not None else self.config.max_seq_len
+        if total > limit:
+            what = "the KV-cache holds" if kv_cache is not None else "max_seq_len is"
+            raise PLDRError(f"{total} positions do not fit: {what} {limit}; shorten the input")
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise PLDRError(f"the KV-cache has {kv_cache.batch_size} rows but ids has {B}")
+        return B, T
+
+    # ----- helpers ---------------------------------------------------------------------------
+
+    def rope_tables(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """float32 cos and sin tables [max_seq_len, dk/2] on `device`, built once per device."""
+        device = torch.device(device)
+        if device not in self._rope:
+            c = self.config
+            self._rope[device] = tuple(t.to(device) for t in
+                                       rope_tables(c.dk, c.max_seq_len, c.rope_base))
+        return self._rope[device]
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layer.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory, tokenizer=None) -> None:
+        """Write `config.json` + `model.safetensors` (+ `tokenizer.model`) to `directory`."""
+        from .pretrained import save_pretrained  # the directory format, beside the model
+
+        save_pretrained(self, directory, tokenizer=tokenizer)
+
+
+@torch.no_grad()
+def infer_G_LM(model: PLDRModel, ids: Tensor) -> list[Tensor]:
+    """The G_LM that a v510 model infers from ids [T] or [B, T]: a list of L tensors
+    [1, H, dk, dk] (averaged over the batch when B > 1), the format of `load_G_LM`."""
+    if model.config.variant != "v510":
+        raise PLDRError("infer_G_LM needs a v510 model (a v510G model's G_LM is fixed: "
+                        "read model's G_LM buffers instead)")
+    if isinstance(ids, Tensor) and ids.dim() == 1:
+        ids = ids[None]
+    out = model(ids.to(model.device), return_deductive=True)
+    G = out.deductive.G_LM.mean(dim=1, keepdim=True)  # [L, 1, H, dk, dk]
+    return list(G.unbind(0))
+
+
+def to_v510G(model: PLDRModel, G_LM: Tensor | Sequence[Tensor]) -> PLDRModel:
+    """The v510Gi ablation: a v510G model that shares every weight of a v510 `model` (no
+    copy) and uses the given G_LM, e.g. `infer_G_LM(model, ids)`."""
+    config = model.config.replace(variant="v510G")
+    with torch.device("meta"):
+        g_model = PLDRModel(config, G_LM=G_LM)
+    shared = {k: v for k, v in model.state_dict().items() if k in g_model.state_dict()}
+    G = stack_per_layer(G_LM, config)[:, 0].to(device=model.device, dtype=model.dtype)
+    for i in range(config.num_layers):
+        shared[f"decoder.dec_layers.{i}.mha1.G_LM"] = G[i]
+    g_model.load_state_dict(shared, strict=True, assign=True)
+    return g_model.train(model.training)

@@ -1,0 +1,128 @@
+"""Our model directory: `config.json` + `model.safetensors` (+ `tokenizer.model`),
+written under a temporary name and renamed, so a crash never leaves half a model.
+
+The format lives with the model (not in `pldr.checkpoint`) so that `model.save_pretrained`
+needs nothing above the model package; `pldr.checkpoint` reads these directories back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from torch import Tensor
+
+from ..config import PLDRConfig
+from ..errors import CheckpointError, PLDRTypeError
+from ..files import replace_dir, temp_sibling
+
+if TYPE_CHECKING:
+    from .model import PLDRModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def directory_config(directory: Path) -> PLDRConfig:
+    """The config.json of a saved model directory (clear error when it is not one)."""
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{str(directory)!r} has no {CONFIG_FILE}; it is not a model "
+                              "directory written by save_pretrained (or pass config=...)")
+    return PLDRConfig.from_json(directory / CONFIG_FILE)
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file, on CPU; a missing or unreadable file is a
+    CheckpointError that names it."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} does not exist; a model directory needs "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001  SafetensorError is not a builtin subclass
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {e}") from None
+
+
+def save_pretrained(model: PLDRModel, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+    """Write `config.json`, `model.safetensors` (and `tokenizer.model`) to `directory`.
+
+    Written into a temporary folder next to it and renamed, so a crash never leaves half a
+    model. An existing model directory is replaced; in an existing directory that also holds
+    other files, only our files are replaced (each atomically) and the others stay."""
+    if not hasattr(model, "config") or not hasattr(model, "state_dict"):
+        raise PLDRTypeError(f"save_pretrained needs a PLDRModel, got {type(model).__name__}")
+    target = Path(directory).absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{str(target)!r} exists and is not a directory; choose "
+                              "another directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(target)
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the renamed directory
+    try:
+        write_model_files(model, tmp, tokenizer)
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, *,
+                      weights: bool = True) -> None:
+    """config.json, model.safetensors and the tokenizer, into an existing directory.
+
+    Shared by `save_pretrained` and training checkpoints, so both hold the same files.
+    `weights=False` leaves out model.safetensors, for a sharded run whose weights are written
+    by Distributed Checkpoint instead."""
+    from safetensors.torch import save_file
+
+    model.config.to_json(directory / CONFIG_FILE)
+    if weights:
+        save_file(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+    if tokenizer is not None:
+        _write_tokenizer(tokenizer, directory / TOKENIZER_FILE)
+
+
+def _plain_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies-where-needed that safetensors accepts: no two share memory."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
+    """A tokenizer object with `.save(path)`, a SentencePieceProcessor, or a .model path."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        src = Path(tokenizer)
+        if not src.is_file():
+            raise CheckpointError(f"tokenizer file {str(src)!r} does not exist")
+        shutil.copyfile(src, dest)
+    elif hasattr(tokenizer, "save"):
+        tokenizer.save(str(dest))
+    elif hasattr(tokenizer, "serialized_model_proto"):
+        dest.write_bytes(tokenizer.serialized_model_proto())
+    else:
+        raise PLDRTypeError(f"tokenizer must be a path to a .model file or have a .save(path) "
+                            f"method, got {type(tokenizer).__name__}")
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished temporary folder to `target`, replacing what is there safely."""
+    ours = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE}
+    if not target.exists() or {p.name for p in target.iterdir()} <= ours:
+        replace_dir(tmp, target)  # no folder, an old model or an empty one: swap it out whole
+        return
+    for name in (WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE):  # config last: it marks "done"
+        if (tmp / name).exists():
+            os.replace(tmp / name, target / name)

@@ -1,0 +1,129 @@
+"""The package layout of ../shared/DESIGN.md holds: imports point down its table, no module
+imports itself back through others, and no module grows past ~500 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "pldr"
+LEAVES = {"errors", "config", "devices", "files"}
+# room -> the rooms it may import (DESIGN.md, "Rooms"); leaves may import errors only
+ALLOWED = {
+    "leaf": {"errors"},
+    "model": LEAVES,
+    "checkpoint": LEAVES | {"model"},
+    "data": LEAVES,
+    "inference": LEAVES | {"model", "checkpoint"},
+    "training": LEAVES | {"model", "checkpoint", "data"},
+    "analysis": LEAVES | {"model", "inference", "data", "checkpoint"},
+    "integrations": LEAVES | {"model", "checkpoint", "inference", "data"},
+    "serve": LEAVES | {"inference", "checkpoint", "data"},
+}
+MAX_LINES = 520
+KNOWN_LONG: set[str] = {"pldr.training.trainer"}  # being split into its pieces (issue 10)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, top_level_only: bool) -> set[str]:
+    """The pldr modules `path` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    pkg = module_name(path).split(".")
+    if path.name != "__init__.py":
+        pkg = pkg[:-1]
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if id(node) in typing_only:
+            continue  # annotations only: not an import at run time
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("pldr"):
+                found.add(mod)
+                found.update(f"{mod}.{a.name}" for a in node.names)  # `from . import x`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pldr"))
+    return found
+
+
+def room(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None  # pldr/__init__ re-exports everything
+    return "leaf" if parts[1] in LEAVES else parts[1]
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def test_imports_point_down_the_design_table():
+    modules = all_modules()
+    wrong = []
+    for name, path in modules.items():
+        here = room(name)
+        if here is None or here in ("cli", "bench") or name == "pldr.__main__":
+            continue
+        for target in imports_of(path, top_level_only=False):
+            if target not in modules:
+                continue  # `from .x import name` also lists x.name
+            there = room(target)
+            if there is None:
+                wrong.append(f"{name} imports the top-level pldr package")
+                continue
+            # a leaf is allowed by its own name (config may import errors, nothing else)
+            there_name = target.split(".")[1] if there == "leaf" else there
+            if there_name != (name.split(".")[1] if here == "leaf" else here) \
+                    and there_name not in ALLOWED[here]:
+                wrong.append(f"{name} -> {target}")
+    assert not wrong, "imports that DESIGN.md's table forbids:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles():
+    modules = all_modules()
+    graph = {name: {t for t in imports_of(path, top_level_only=False) if t in modules and t != name}
+             for name, path in modules.items()}
+    # a package's __init__ importing its own modules is how re-exports work, not a cycle
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_no_module_is_too_long():
+    long = {name: n for name, path in all_modules().items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES and name not in KNOWN_LONG}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_checker_sees_a_forbidden_arrow(tmp_path):
+    # the walker resolves relative imports, including ones inside functions
+    f = SRC / "model" / "model.py"
+    assert "pldr.model.pretrained" in imports_of(f, top_level_only=False)
+    assert room("pldr.model.model") == "model" and room("pldr.errors") == "leaf"
+    assert "data" not in ALLOWED["model"]
