@@ -18,6 +18,9 @@ from typing import Any, Mapping
 from .errors import ConfigError, PLDRTypeError
 
 VARIANTS = ("v510", "v510G")
+# RoPE conventions: "interleaved" pairs dims (2i, 2i+1) (the original, PLDR-LLM-v51);
+# "half" pairs dims (i, i + dk/2) (rotate-half, GPT-NeoX / transformers' Llama; PLDR-LLM-v52)
+ROPE_STYLES = ("interleaved", "half")
 
 # hpdict keys that describe the model (input_vocab_size is our vocab_size).
 _HPDICT_MODEL_KEYS = ("num_layers", "d_model", "num_heads", "dff", "num_reslayerA",
@@ -53,6 +56,7 @@ class PLDRConfig:
     pad_id: int = 0
     eos_id: int = 3
     metric_includes_pad: bool = False
+    rope_style: str = "interleaved"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -61,6 +65,8 @@ class PLDRConfig:
                 raise ConfigError(f"config field {f.name!r} must be an integer, got {value!r}")
             if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"config field {f.name!r} must be a number, got {value!r}")
+            if f.type == "str" and not isinstance(value, str):
+                raise ConfigError(f"config field {f.name!r} must be a string, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"config field {f.name!r} must be true or false, got {value!r}")
         positive = ("num_layers", "d_model", "num_heads", "dff", "vocab_size", "max_seq_len")
@@ -69,6 +75,9 @@ class PLDRConfig:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"config field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
+        if self.rope_style not in ROPE_STYLES:
+            raise ConfigError(f"config field 'rope_style' must be one of {ROPE_STYLES}, got "
+                              f"{self.rope_style!r}")
         if self.variant == "v510":
             for name in ("num_reslayerA", "num_denseA", "A_dff"):
                 if getattr(self, name) <= 0:
@@ -159,11 +168,17 @@ class PLDRConfig:
         return config
 
     def to_hpdict(self) -> dict[str, Any]:
-        """The original's model keys (plus `activation`), e.g. to build the original model."""
+        """The original's model keys (plus `activation`), e.g. to build the original model;
+        `rope_style` too when it is not the original's interleaved one."""
         d = {k: getattr(self, k) for k in _HPDICT_MODEL_KEYS if k != "input_vocab_size"}
         d["input_vocab_size"] = self.vocab_size
         d["activation"] = "silu"
-        return {k: d[k] for k in (*_HPDICT_MODEL_KEYS, "activation")}
+        d = {k: d[k] for k in (*_HPDICT_MODEL_KEYS, "activation")}
+        if self.rope_style != "interleaved":
+            # not a key of the original (interleaved only): written so that the hpdict round
+            # trip keeps it; `pldr convert --to original` permutes such a model instead
+            d["rope_style"] = self.rope_style
+        return d
 
     # ----- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

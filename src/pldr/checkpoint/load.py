@@ -5,6 +5,7 @@ device so the loaded tensors are used as they are (no second copy, no random ini
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,6 +25,13 @@ from ..model.pretrained import (
     read_safetensors,
 )
 from .glm import load_G_LM
+from .hf_port import (
+    PORT_MODEL_TYPE,
+    config_from_port,
+    read_port_config,
+    read_port_weights,
+    state_from_port,
+)
 from .original import (
     _config_for_state,
     _first_few,
@@ -44,7 +52,8 @@ def load_model(path: str | os.PathLike,
                *, G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
                device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> PLDRModel:
-    """A `PLDRModel` in eval mode from an original checkpoint or a `save_pretrained` directory.
+    """A `PLDRModel` in eval mode from an original checkpoint, a `save_pretrained` directory
+    or a directory of the transformers port (config.json with model_type "pldrllm").
 
     `config` (a PLDRConfig, an hpdict/config dict or a JSON path) is required for an original
     checkpoint and overrides the directory's `config.json` otherwise. The checkpoint's keys
@@ -63,8 +72,7 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
     if path.is_dir():
-        config = PLDRConfig.resolve(config) if config is not None else directory_config(path)
-        state = read_safetensors(path / WEIGHTS_FILE)
+        state, config = _read_directory(path, config)
     elif path.suffix == ".safetensors":
         state = read_safetensors(path)
         sibling = path.with_name(CONFIG_FILE)
@@ -76,6 +84,34 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
         config = _require_config(config, path)
     state = _strip_prefixes(state)
     return state, _config_for_state(config, state)
+
+
+def _read_directory(path: Path, config: Any) -> tuple[dict[str, Tensor], PLDRConfig]:
+    """A model directory in our layout (model_type "pldr_llm") or the transformers port's
+    ("pldrllm"); anything else is refused with a line that names both."""
+    port = read_port_config(path)
+    if port is not None:
+        config = PLDRConfig.resolve(config) if config is not None else config_from_port(port)
+        return state_from_port(read_port_weights(path), config), config
+    model_type = _model_type(path / CONFIG_FILE)
+    if model_type not in (None, "pldr_llm") or (config is None and not (path / CONFIG_FILE).is_file()):
+        found = f"its config.json has model_type {model_type!r}" if model_type else "it has no config.json"
+        raise CheckpointError(f"{str(path)!r} is in neither model layout pldr reads ({found}): a "
+                              f"pldr directory (config.json with model_type {'pldr_llm'!r} + "
+                              f"{WEIGHTS_FILE}) or the transformers port's (model_type "
+                              f"{PORT_MODEL_TYPE!r}); point at such a directory, or at an "
+                              "original .pth with config=")
+    config = PLDRConfig.resolve(config) if config is not None else directory_config(path)
+    return read_safetensors(path / WEIGHTS_FILE), config
+
+
+def _model_type(path: Path) -> str | None:
+    """The `model_type` of a JSON config file (None when absent or unreadable)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return d.get("model_type") if isinstance(d, dict) else None
 
 
 def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,

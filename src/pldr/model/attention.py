@@ -3,7 +3,7 @@ attention call.
 
 For one decoder layer and one head (dk = head size):
 
-    q, k, v   = projections of x, q and k rotated by RoPE (interleaved pairs)
+    q, k, v   = projections of x, q and k rotated by RoPE (config.rope_style)
     A         = LayerNorm(sum_t q_t^T q_t)          metric tensor, [dk, dk]
     A         = LayerNorm(A + GLU(...GLU(A)))       x num_reslayerA residual units
     A_LM      = iSwiGLU(W @ A + b) + 1e-9           iSwiGLU(x) = x * silu(x)
@@ -46,11 +46,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Interleaved-pairs convention (original LLaMA / GPT-J, torchtune), not Hugging Face's
     rotate-half; computed in float32 like the original."""
-    xf = x.float().unflatten(-1, (-1, 2))          # [B, T, H, dk/2, 2]
+    xf = x.to(_rope_dtype(x)).unflatten(-1, (-1, 2))  # [B, T, H, dk/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, dk/2]
     out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate feature pairs (i, i + dk/2) of x [B, T, H, dk] by the angles of cos/sin
+    [B, T, dk/2]: the rotate-half convention (GPT-NeoX, Llama in transformers; PLDR-LLM-v52).
+
+    Pair i turns by the same angle as pair (2i, 2i+1) of `apply_rope`, so with
+    perm = [0, h, 1, h+1, ..., h-1, 2h-1] (h = dk/2): apply_rope(x[..., perm]) equals
+    apply_rope_half(x)[..., perm]. Same precision as `apply_rope`."""
+    x0, x1 = x.to(_rope_dtype(x)).chunk(2, dim=-1)    # [B, T, H, dk/2] each
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, dk/2]
+    return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).type_as(x)
+
+
+def _rope_dtype(x: Tensor) -> torch.dtype:
+    """RoPE runs in float32 for float32 and narrower inputs (as the original) and in float64
+    for float64 ones, so a float64 run stays float64 throughout."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+ROPE_FUNCTIONS = {"interleaved": apply_rope, "half": apply_rope_half}  # by config.rope_style
 
 
 # ----- building blocks -------------------------------------------------------------------------
@@ -134,6 +155,7 @@ class PowerLawAttention(nn.Module):
         D, H, dk = config.d_model, config.num_heads, config.dk
         self.layer_idx, self.num_heads, self.dk = layer_idx, H, dk
         self.learned = config.variant == "v510"
+        self.rope = ROPE_FUNCTIONS[config.rope_style]
         self.wq, self.wk, self.wv = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         if self.learned:
             self.plgatt_layer = PowerLawStep(config)
@@ -193,8 +215,8 @@ class PowerLawAttention(nn.Module):
         attn_mask [B, 1, T, S] (True = may attend) covers the S = cached + new keys."""
         B, T, D = x.shape
         heads = lambda t: t.view(B, T, self.num_heads, self.dk)  # noqa: E731
-        q = apply_rope(heads(self.wq(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
-        k = apply_rope(heads(self.wk(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
+        q = self.rope(heads(self.wq(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
+        k = self.rope(heads(self.wk(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
         v = heads(self.wv(x)).transpose(1, 2)                        # [B, H, T, dk]
         if kv_cache is not None:
             start, i = kv_cache.length, self.layer_idx
