@@ -95,3 +95,16 @@ def test_resolve_takes_every_form_of_a_config(tmp_path):
         PLDRConfig.resolve("pldr-9000b", "--model")
     with pytest.raises(TypeError, match="config must be"):
         PLDRConfig.resolve(3)
+
+
+def test_rope_style_round_trips_and_is_checked(tmp_path):
+    half = PLDRConfig.preset("tiny").replace(rope_style="half")
+    assert PLDRConfig.preset("tiny").rope_style == "interleaved"
+    assert "rope_style" not in PLDRConfig.preset("tiny").to_hpdict()  # the original's keys only
+    assert PLDRConfig.from_hpdict(half.to_hpdict()) == half
+    half.to_json(tmp_path / "config.json")
+    assert PLDRConfig.from_json(tmp_path / "config.json") == half
+    with pytest.raises(ConfigError, match="'rope_style' must be one of"):
+        PLDRConfig.preset("tiny").replace(rope_style="neox")
+    with pytest.raises(ConfigError, match="'rope_style' must be a string"):
+        PLDRConfig.preset("tiny").replace(rope_style=1)

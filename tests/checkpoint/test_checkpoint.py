@@ -306,7 +306,7 @@ def test_G_LM_files_that_are_not_G_LM_are_clear_errors(tmp_path):
 
 def test_cli_convert_end_to_end(tmp_path, capsys):
     out = tmp_path / "converted"
-    rc = cli_main(["convert", "--checkpoint", str(fixture_file(CKPT)),
+    rc = cli_main(["convert", str(fixture_file(CKPT)),
                    "--config", str(fixture_file("config.json")), "--out", str(out)])
     assert rc == 0 and "162,068 parameters" in capsys.readouterr().out
     model = load_model(out)
@@ -320,7 +320,7 @@ def test_cli_convert_v510G_with_a_G_LM_file_and_bfloat16(tmp_path, capsys):
     config = PLDRConfig.from_hpdict(fixture_hpdict())
     save_G_LM(_identity_G(config), tmp_path / "eye.safetensors")
     out = tmp_path / "g"
-    rc = cli_main(["convert", "--checkpoint", str(fixture_file(G_CKPT)), "--config",
+    rc = cli_main(["convert", str(fixture_file(G_CKPT)), "--config",
                    str(fixture_file("config.json")), "--G-LM", str(tmp_path / "eye.safetensors"),
                    "--out", str(out), "--dtype", "bfloat16"])
     assert rc == 0, capsys.readouterr().err
@@ -342,10 +342,10 @@ def test_cli_info(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["convert", "--checkpoint", "missing.pth", "--config", "CONFIG", "--out", "OUT"],
-    ["convert", "--checkpoint", "G_CKPT", "--config", "CONFIG", "--out", "OUT"],  # no --G-LM
-    ["convert", "--checkpoint", "CKPT", "--out", "OUT"],  # --config is required
-    ["convert", "--checkpoint", "CKPT", "--config", "CONFIG", "--out", "OUT", "--dtype", "int8"],
+    ["convert", "missing.pth", "--config", "CONFIG", "--out", "OUT"],
+    ["convert", "G_CKPT", "--config", "CONFIG", "--out", "OUT"],  # no --G-LM
+    ["convert", "CKPT", "--out", "OUT"],  # --config is required
+    ["convert", "CKPT", "--config", "CONFIG", "--out", "OUT", "--dtype", "int8"],
     ["info", "CKPT"],  # an original checkpoint needs --config
 ])
 def test_cli_bad_input_exits_2_with_one_error_line(tmp_path, capsys, argv):

@@ -1,4 +1,5 @@
-"""`pldr convert`: between checkpoint layouts, and DCP training checkpoints to a model directory."""
+"""`pldr convert`: a model from any layout pldr reads to any layout it writes, and DCP
+training checkpoints to a model directory."""
 
 from __future__ import annotations
 
@@ -7,22 +8,30 @@ import argparse
 from ..devices import SUPPORTED_DTYPES
 from ..errors import PLDRError
 
+_LAYOUTS = ("pldr", "original", "hf-port")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert an original .pth checkpoint to a model directory",
-                       description="Load an original PLDR-LLM checkpoint with its hpdict and write "
-                       "our directory (config.json + model.safetensors [+ tokenizer.model]).")
-    p.add_argument("--checkpoint", metavar="FILE",
-                   help="original checkpoint (.pth/.pt: a dict with model_state_dict, or a "
-                   "state dict)")
-    p.add_argument("--config", metavar="JSON",
-                   help="the model's hpdict or a config.json (needed with --checkpoint)")
+    p = sub.add_parser("convert", help="convert a model between layouts (ours, the original's, "
+                       "the transformers port's)",
+                       description="Read a model (an original .pth with its hpdict, a pldr "
+                       "directory, or a directory of the transformers port) and write it in "
+                       "the layout --to names: pldr (config.json + model.safetensors), original "
+                       "(checkpoint.pth + hpdict.json [+ G_LM.pkl]) or hf-port (the port's "
+                       "config.json + model.safetensors). The weights are kept bit for bit.")
+    p.add_argument("src", nargs="?", metavar="SRC",
+                   help="the model: an original checkpoint (.pth/.pt, with --config), a pldr "
+                   "directory or a transformers-port directory")
+    p.add_argument("--config", metavar="HP",
+                   help="the model's hpdict or a config.json (needed for an original .pth)")
     p.add_argument("--dcp", metavar="DIR",
-                   help="instead of --checkpoint: a Distributed Checkpoint of a multi-process "
-                   "`pldr train` run (OUT/checkpoints/step-N)")
+                   help="instead of SRC: a Distributed Checkpoint of a multi-process "
+                   "`pldr train` run (OUT/checkpoints/step-N), written as a pldr directory")
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="G_LM file for a v510G checkpoint (predefined pickle, .pt or .safetensors)")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--out", required=True, metavar="DEST", help="directory to write")
+    p.add_argument("--to", choices=_LAYOUTS, default="pldr",
+                   help="layout to write (default: pldr)")
     p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model to copy along")
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES,
                    help="cast the weights (default: as stored)")
@@ -30,18 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint.convert import convert_model
     from ..checkpoint.load import load_model
-    from ..model.pretrained import save_pretrained
 
     if args.dcp is not None:
         return _convert_dcp(args)
-    if args.checkpoint is None or args.config is None:
-        raise PLDRError("give --checkpoint FILE with --config JSON (an original checkpoint), "
-                        "or --dcp DIR (a checkpoint of a multi-process `pldr train` run)")
-    model = load_model(args.checkpoint, args.config, G_LM=args.G_LM, dtype=args.dtype)
-    save_pretrained(model, args.out, tokenizer=args.tokenizer)
-    print(f"wrote {args.out} ({model.config.variant}, {model.num_parameters():,} parameters, "
-          f"{str(model.dtype).removeprefix('torch.')})")
+    if args.src is None:
+        raise PLDRError("give SRC (an original .pth with --config, or a model directory), or "
+                        "--dcp DIR (a checkpoint of a multi-process `pldr train` run)")
+    model = load_model(args.src, args.config, G_LM=args.G_LM, dtype=args.dtype)
+    out = convert_model(model, args.out, args.to, tokenizer=args.tokenizer)
+    note = (" (rotate-half RoPE written as its exact interleaved twin: dk axis permuted)"
+            if args.to == "original" and model.config.rope_style == "half" else "")
+    print(f"wrote {out} ({args.to} layout, {model.config.variant}, "
+          f"{model.num_parameters():,} parameters, "
+          f"{str(model.dtype).removeprefix('torch.')}){note}")
     return 0
 
 
@@ -50,9 +62,11 @@ def _convert_dcp(args: argparse.Namespace) -> int:
     from ..config import PLDRConfig
     from ..training.distributed import dcp_to_pretrained
 
-    if args.checkpoint is not None or args.config is not None or args.G_LM is not None:
+    if args.src is not None or args.config is not None or args.G_LM is not None:
         raise PLDRError("--dcp takes the config and weights from the checkpoint folder; drop "
-                        "--checkpoint, --config and --G-LM")
+                        "SRC, --config and --G-LM")
+    if args.to != "pldr":
+        raise PLDRError("--dcp writes a pldr directory; convert that with --to afterwards")
     out = dcp_to_pretrained(args.dcp, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
     config = PLDRConfig.from_json(out)  # the summary comes from the config: no read-back
     print(f"wrote {out} ({config.variant}, {config.num_parameters():,} parameters, "
