@@ -37,6 +37,15 @@ _HPDICT_TRAINING_KEYS = frozenset({
 })
 
 
+# keys of a config.json that are not PLDRConfig fields: ours, and what transformers adds when
+# it saves a model (`pldr.hf`)
+_NOT_FIELDS = frozenset({
+    "model_type", "architectures", "dk", "transformers_version", "dtype", "torch_dtype",
+    "use_cache", "pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings",
+    "_name_or_path",
+})
+
+
 @dataclass(frozen=True)
 class PLDRConfig:
     """Hyperparameters of a PLDR-LLM (see SPEC.md for what each one does)."""
@@ -192,7 +201,7 @@ class PLDRConfig:
             raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
         if "input_vocab_size" in d:
             return cls.from_hpdict(d)
-        d = {k: v for k, v in d.items() if k not in ("model_type", "architectures", "dk")}
+        d = {k: v for k, v in d.items() if k not in _NOT_FIELDS}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
