@@ -45,7 +45,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate feature pairs (2i, 2i+1) of x [B, T, H, dk] by the angles of cos/sin [B, T, dk/2].
 
     Interleaved-pairs convention (original LLaMA / GPT-J, torchtune), not Hugging Face's
-    rotate-half; computed in float32 like the original."""
+    rotate-half; computed in float32 like the original (float64 inputs in float64)."""
     xf = x.to(_rope_dtype(x)).unflatten(-1, (-1, 2))  # [B, T, H, dk/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, dk/2]
