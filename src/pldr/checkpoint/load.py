@@ -21,6 +21,7 @@ from ..model.pretrained import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     directory_config,
+    verify_manifest,
     read_safetensors,
 )
 from .glm import load_G_LM
@@ -64,6 +65,7 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
     if path.is_dir():
         config = PLDRConfig.resolve(config) if config is not None else directory_config(path)
+        verify_manifest(path)
         state = read_safetensors(path / WEIGHTS_FILE)
     elif path.suffix == ".safetensors":
         state = read_safetensors(path)
