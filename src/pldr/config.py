@@ -21,6 +21,10 @@ VARIANTS = ("v510", "v510G")
 # RoPE conventions: "interleaved" pairs dims (2i, 2i+1) (the original, PLDR-LLM-v51);
 # "half" pairs dims (i, i + dk/2) (rotate-half, GPT-NeoX / transformers' Llama; PLDR-LLM-v52)
 ROPE_STYLES = ("interleaved", "half")
+# upper bounds far above any PLDR-LLM, so a typo (1e12) is an error, not an allocation failure
+SIZE_LIMITS = {"num_layers": 1024, "d_model": 65536, "num_heads": 1024, "dff": 1 << 20,
+               "num_reslayerA": 1024, "num_denseA": 1024, "A_dff": 1 << 20,
+               "vocab_size": 1 << 24, "max_seq_len": 1 << 20}
 
 # hpdict keys that describe the model (input_vocab_size is our vocab_size).
 _HPDICT_MODEL_KEYS = ("num_layers", "d_model", "num_heads", "dff", "num_reslayerA",
@@ -82,6 +86,16 @@ class PLDRConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        for name, limit in SIZE_LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"config field {name!r} is {getattr(self, name)}, beyond any "
+                                  f"sane model (at most {limit}); check the config")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ConfigError(f"config field 'rope_base' must be a finite number > 1 (the "
+                              f"original uses 10000), got {self.rope_base!r}")
+        if not (math.isfinite(self.layernorm_eps) and 0 < self.layernorm_eps < 1):
+            raise ConfigError(f"config field 'layernorm_eps' must lie in (0, 1) (the original "
+                              f"uses 1e-6), got {self.layernorm_eps!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"config field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
         if self.rope_style not in ROPE_STYLES:

@@ -42,12 +42,17 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int | N
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise PLDRTypeError(f"unknown device {str(device)!r}: {e}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise error(f"device {str(device)!r} is not supported by pldr; use cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise error(f"device {str(device)!r} is not available on this machine; use "
                         "device cpu (--device cpu)")
         if device.index is None and local_rank is not None:
             device = torch.device("cuda", local_rank)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise error(f"device {str(device)!r} does not exist: this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -47,9 +47,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_sibling(path)
     try:
         yield tmp
+        if tmp.is_file():
+            give_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """The mode a file created by `open()` would have (0666 less the umask). Some writers
+    (safetensors, mkstemp) create files readable by their owner only, unlike their
+    neighbours."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,6 +81,8 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     old `dst` is put back. So a complete folder is at `dst` at every moment but between two
     renames, and a failure leaves what was there."""
     src, dst = Path(src), Path(dst)
+    if dst.is_symlink():  # replace what the link points at; the user's link stays a link
+        dst = dst.resolve()
     if not dst.exists():
         os.replace(src, dst)
         return
@@ -83,5 +96,5 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir", "give_default_mode",
            "temp_sibling", "is_temp_name"]

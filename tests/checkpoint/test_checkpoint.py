@@ -162,7 +162,7 @@ def test_save_pretrained_round_trip(tmp_path):
     model = load_model(fixture_file(CKPT), fixture_hpdict())
     out = tmp_path / "model"
     model.save_pretrained(out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "pldr_llm"
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt"}

@@ -134,7 +134,7 @@ def test_loss_falls_and_run_folder_is_complete(shared, tmp_path):
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.json",
             "tokenizer.model", "rng-rank0.pt"} <= {p.name for p in ckpt.iterdir()}
     assert {p.name for p in result.final_dir.iterdir()} == {"config.json", "model.safetensors",
-                                                             "tokenizer.model"}
+                                                             "tokenizer.model", "manifest.json"}
     model = load_model(result.final_dir)
     assert model.config.vocab_size == 512
     ids = torch.randint(1, 512, (1, 8))

@@ -43,6 +43,9 @@ def load_G_LM_pairs(path: str | os.PathLike,
     """(A_LM, G_LM) of a G_LM file, each a list of L tensors [1, H, dk, dk]; A_LM is None when
     the file holds G_LM only. Pairs files are the original's initial G-cache format."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"G_LM file {str(path)!r} is a directory; give the G_LM file "
+                              "itself (.pkl, .pt or .safetensors)")
     if not path.is_file():
         raise CheckpointError(f"G_LM file {str(path)!r} does not exist; check the path")
     if path.suffix == ".safetensors":
@@ -54,6 +57,11 @@ def load_G_LM_pairs(path: str | os.PathLike,
         if isinstance(obj, int):  # legacy (non-zip) torch.save: a magic number comes first
             obj = _torch_load(path, device)
     A_LM, G_LM = _pairs_of(obj, path)
+    for name, tensors in (("A_LM", A_LM), ("G_LM", G_LM)):
+        for i, t in enumerate(tensors or ()):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"{str(path)!r}: {name} of layer {i} holds NaN or "
+                                      "infinite values; a G_LM must be finite")
     move = lambda ts: None if ts is None else [t.to(device) for t in ts]  # noqa: E731
     return move(A_LM), move(G_LM)
 

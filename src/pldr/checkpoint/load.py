@@ -22,6 +22,7 @@ from ..model.pretrained import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     directory_config,
+    verify_manifest,
     read_safetensors,
 )
 from .glm import load_G_LM
@@ -102,6 +103,7 @@ def _read_directory(path: Path, config: Any) -> tuple[dict[str, Tensor], PLDRCon
                               f"{PORT_MODEL_TYPE!r}); point at such a directory, or at an "
                               "original .pth with config=")
     config = PLDRConfig.resolve(config) if config is not None else directory_config(path)
+    verify_manifest(path)
     return read_safetensors(path / WEIGHTS_FILE), config
 
 

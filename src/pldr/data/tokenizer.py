@@ -167,6 +167,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise PLDRError(f"encode takes a string, got {type(text).__name__}; use "
                             "encode_batch for a list of texts")
+        _check_utf8(text)
         return self._sp.encode(text, add_eos=eos)
 
     def encode_batch(self, texts: Sequence[str], eos: bool = True,
@@ -179,6 +180,8 @@ class Tokenizer:
         if bad is not None:
             raise PLDRError(f"encode_batch takes strings, got a {type(bad).__name__}")
         threads = num_threads if num_threads is not None else (os.cpu_count() or 1)
+        for t in texts:
+            _check_utf8(t)
         return self._sp.encode(texts, add_eos=eos, num_threads=threads)
 
     def decode(self, ids: Any) -> str:
@@ -262,6 +265,16 @@ def _training_texts(texts_or_files: Any) -> Iterator[str]:
         else:
             raise DataError(f"Tokenizer.train takes texts or file paths, got a "
                             f"{type(item).__name__}")
+
+
+def _check_utf8(text: str) -> None:
+    """SentencePiece needs text that is valid UTF-8; a command-line argument with invalid
+    bytes arrives as lone surrogates (Python's surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PLDRError(f"the text is not valid UTF-8 (at character {e.start}: "
+                        f"{text[e.start:e.start + 1]!r}); give UTF-8 text") from None
 
 
 def split_paragraphs(text: str) -> list[str]:

@@ -7,6 +7,8 @@ needs nothing above the model package; `pldr.checkpoint` reads these directories
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from ..config import PLDRConfig
 from ..errors import CheckpointError, PLDRTypeError
-from ..files import replace_dir, temp_sibling
+from ..files import atomic_write_text, give_default_mode, replace_dir, temp_sibling
 
 if TYPE_CHECKING:
     from .model import PLDRModel
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
+MANIFEST_FILE = "manifest.json"  # sizes and sha256 of the other files, checked on load
+MANIFEST_FORMAT = "pldr-manifest"
 
 
 def directory_config(directory: Path) -> PLDRConfig:
@@ -83,8 +87,54 @@ def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, 
     if weights:
         save_file(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
                   metadata={"format": "pt"})
+        give_default_mode(directory / WEIGHTS_FILE)
     if tokenizer is not None:
         _write_tokenizer(tokenizer, directory / TOKENIZER_FILE)
+    write_manifest(directory)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: the size and sha256 of each model file in `directory`."""
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (directory / name).is_file()}
+    atomic_write_text(directory / MANIFEST_FILE, json.dumps(
+        {"format": MANIFEST_FORMAT, "version": 1, "files": files}, indent=1) + "\n")
+
+
+def verify_manifest(directory: Path) -> None:
+    """Check every file the manifest lists against its size and sha256, before any tensor is
+    used, so a truncated or altered file is named. A directory without a manifest (written
+    by an older pldr, or by hand) is accepted as it is."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        assert manifest["format"] == MANIFEST_FORMAT and isinstance(files, dict)
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        raise CheckpointError(f"{str(path)!r} is not a pldr manifest; restore it or delete it "
+                              "to load the directory unchecked") from None
+    for name, want in files.items():
+        f = directory / name
+        if not f.is_file():
+            raise CheckpointError(f"{str(f)!r} is missing (the manifest lists it); restore "
+                                  "the model directory")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise CheckpointError(f"{str(f)!r} has {size} bytes but was saved with "
+                                  f"{want.get('bytes')}: it is truncated or altered; restore it")
+        if _sha256(f) != want.get("sha256"):
+            raise CheckpointError(f"{str(f)!r} does not match its saved checksum: it is "
+                                  "corrupt or altered; restore it")
 
 
 def _plain_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -119,10 +169,10 @@ def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
 
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished temporary folder to `target`, replacing what is there safely."""
-    ours = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE}
+    ours = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE}
     if not target.exists() or {p.name for p in target.iterdir()} <= ours:
         replace_dir(tmp, target)  # no folder, an old model or an empty one: swap it out whole
         return
-    for name in (WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE):  # config last: it marks "done"
+    for name in (WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE, CONFIG_FILE):  # config last: it marks "done"
         if (tmp / name).exists():
             os.replace(tmp / name, target / name)
