@@ -19,6 +19,7 @@ ALLOWED = {
     "analysis": LEAVES | {"model", "inference", "data", "checkpoint"},
     "integrations": LEAVES | {"model", "checkpoint", "inference", "data"},
     "serve": LEAVES | {"inference", "checkpoint", "data"},
+    "lm_eval": {"integrations"},  # pldr/lm_eval.py: `import pldr.lm_eval` registers the model
 }
 MAX_LINES = 520
 KNOWN_LONG: set[str] = {"pldr.training.trainer"}  # being split into its pieces (issue 10)
