@@ -20,6 +20,7 @@ ALLOWED = {
     "integrations": LEAVES | {"model", "checkpoint", "inference", "data"},
     "serve": LEAVES | {"inference", "checkpoint", "data"},
     "hf": {"integrations"},  # pldr/hf.py: `import pldr.hf` names pldr.integrations.hf
+    "lm_eval": {"integrations"},  # pldr/lm_eval.py: `import pldr.lm_eval` registers the model
 }
 MAX_LINES = 520
 KNOWN_LONG: set[str] = {"pldr.training.trainer"}  # being split into its pieces (issue 10)

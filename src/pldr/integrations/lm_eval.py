@@ -1,0 +1,157 @@
+"""The lm-eval model `pldr`: zero-shot and few-shot scores of a PLDR-LLM with lm-eval 0.4.
+
+    import pldr.lm_eval   # registers the model name "pldr"
+    lm_eval.simple_evaluate(model="pldr", model_args="pretrained=DIR,G_LM=FILE", tasks=[...])
+
+Requests are scored in batches sorted by length, right-padded with the pad id and given the
+matching `attention_mask`, so a row scores the same alone or in a batch. A full forward sums
+the metric tensor A over the row's real tokens, context and continuation together, as the
+architecture does (SPEC.md). `G_LM=` (a predefined G_LM file or list) is used for every
+request: the paper's v510Gi ablation and negative tests. Texts are encoded as the paper's
+tokenizer does for prompts: no BOS and no EOS; the EOS id stands in for the empty context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint.glm import load_G_LM
+from ..checkpoint.load import load_model
+from ..data.tokenizer import Tokenizer
+from ..devices import resolve_device
+from ..errors import PLDRError
+from ..inference.generate import generate
+from ..model.cache import GCache
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # pragma: no cover - the message is the point
+    raise ImportError(f"pldr.lm_eval needs lm-eval ({e.name} is missing): pip install -c "
+                      "constraints.txt -e '.[eval]'") from None
+
+
+@register_model("pldr")
+class PLDRLM(TemplateLM):
+    """A PLDR-LLM as an lm-eval model. `pretrained`: a model directory (or an original .pth
+    with `config=`); `tokenizer`: a SentencePiece file (default: the directory's)."""
+
+    def __init__(self, pretrained: str, tokenizer: str | None = None, config: str | None = None,
+                 G_LM: Any = None, batch_size: int | str = 1, device: str | None = None,
+                 dtype: str | None = None, max_batch_size: int | None = None, **unused: Any):
+        super().__init__()
+        if str(batch_size).startswith("auto"):
+            batch_size = max_batch_size or 8
+        try:
+            self.batch_size = int(batch_size)
+        except ValueError:
+            raise PLDRError(f"batch_size must be an integer, got {batch_size!r}") from None
+        if self.batch_size < 1:
+            raise PLDRError(f"batch_size must be >= 1, got {self.batch_size}")
+        tok_file = Tokenizer.find(tokenizer or pretrained)
+        if tok_file is None:
+            raise PLDRError(f"no tokenizer for {pretrained!r}: pass tokenizer=FILE.model")
+        self.tok = Tokenizer.load(tok_file)
+        self.model = load_model(pretrained, config, device=resolve_device(device), dtype=dtype)
+        if self.tok.vocab_size > self.model.config.vocab_size:
+            raise PLDRError(f"the tokenizer has {self.tok.vocab_size} pieces but the model only "
+                            f"{self.model.config.vocab_size}: they do not belong together")
+        self.G_LM = load_G_LM(G_LM) if isinstance(G_LM, str) else G_LM
+        if self.G_LM is not None:
+            GCache.from_G_LM(self.model.config, self.G_LM)  # shape check before any work
+
+    # ----- what TemplateLM asks for ------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.model.config.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
+        return self.tok.encode(string, eos=False)
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                              **kw) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), is the continuation greedy) per request."""
+        rows = []
+        for _, context, continuation in requests:
+            whole = (context + continuation)[-(self.max_length + 1):]
+            rows.append((whole[:-1], whole[-len(continuation):], len(continuation)))
+        return self._score_batches(rows)
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts, in windows of max_seq_len tokens."""
+        out = []
+        for (text,) in (r.args for r in requests):
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                self.tok_encode(text), self.eot_token_id, self.max_length, 1)]
+            scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows])
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, with do_sample) continuations cut at the first stop string."""
+        out = []
+        for context, kwargs in (r.args for r in requests):
+            kwargs = dict(kwargs or {})
+            until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            max_new = max(1, min(max_new, self.max_length - 1))
+            sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+            prompt = self.tok_encode(context)[-(self.max_length - max_new + 1):] or \
+                [self.eot_token_id]
+            ids = generate(self.model, [prompt], max_new, temperature=temperature if sample
+                           else 0.0, G_LM=self.G_LM)[0]
+            text = self.tok_decode(ids)
+            cuts = [i for i in (text.find(s) for s in until if s) if i >= 0]
+            out.append(text[:min(cuts)] if cuts else text)
+        return out
+
+    # ----- scoring ------------------------------------------------------------------------------
+
+    def _score_batches(self, rows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
+        """Longest first, `batch_size` rows at a time, right-padded."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, r in zip(chunk, self._score_rows([rows[i] for i in chunk])):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def _score_rows(self, rows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
+        model, pad = self.model, self.model.config.pad_id
+        width = max(len(inp) for inp, _, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, (inp, _, _) in enumerate(rows):
+            ids[b, :len(inp)] = torch.tensor(inp)
+            mask[b, :len(inp)] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = self._forward(ids, mask)                                 # [B, T, V]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        out = []
+        for b, (inp, target, n) in enumerate(rows):
+            span = logp[b, len(inp) - n:len(inp)]                          # [n, V]
+            want = torch.tensor(target, device=span.device)
+            score = span.gather(-1, want[:, None]).sum().item()
+            out.append((score, bool((span.argmax(-1) == want).all())))
+        return out
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        g_cache = (GCache.from_G_LM(self.model.config, self.G_LM, device=ids.device,
+                                    dtype=self.model.dtype) if self.G_LM is not None else None)
+        return self.model(ids, g_cache=g_cache).logits
