@@ -1,6 +1,8 @@
 """Data sources: the built-in corpus (`builtin`, Python's documentation topics), local
 files and folders (.txt, .jsonl/.json, .parquet, .csv) and `hf:NAME[:CONFIG]` datasets, read
-into documents and sliced by a split such as `train[:90%]`.
+into documents and sliced by a split such as `train[:90%]`; or streamed one document at a
+time (`stream_source`), for corpora larger than memory. A folder holding a prepared token
+store (`manifest.json`, see `store.py`) is a source of kind `store`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -30,6 +33,10 @@ TEXT_COLUMNS = ("content", "text")  # tried in order when no text column is give
 _PLAIN_SUFFIXES = {".txt"}
 _STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
                         ".csv": "csv"}  # file suffix -> `datasets` loader
+STORE_MANIFEST = "manifest.json"  # a complete prepared token store has this file ...
+STORE_PENDING = "prepare.json"    # ... an unfinished one only this
+_TEXT_BLOCK = 1 << 22  # characters of a .txt file read at a time when streaming
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")  # what separates .txt documents
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,8 @@ class DataSource:
 
     kind `builtin`: Python's documentation topics (`pydoc_data.topics`), one document each.
     kind `files`: a local file or a folder of them (.txt, .jsonl, .json, .parquet, .csv).
-    kind `hf`: a Hugging Face dataset, `hf:NAME` or `hf:NAME:CONFIG` (NAME may be a folder)."""
+    kind `hf`: a Hugging Face dataset, `hf:NAME` or `hf:NAME:CONFIG` (NAME may be a folder).
+    kind `store`: a folder written by `pldr data prepare` (token ids, not documents)."""
 
     kind: str
     name: str
@@ -71,6 +79,11 @@ def parse_source(data: str | os.PathLike | DataSource) -> DataSource:
                         "`builtin`, or hf:NAME for a Hugging Face dataset")
     if path.is_file():
         _check_suffix(path)
+    elif (path / STORE_MANIFEST).is_file():
+        return DataSource("store", str(path))
+    elif (path / STORE_PENDING).is_file():
+        raise DataError(f"{spec!r} is a token store whose preparation did not finish; run the "
+                        "same `pldr data prepare` command again to complete it")
     return DataSource("files", str(path))
 
 
@@ -119,6 +132,8 @@ def resolve_source(data: str | os.PathLike | DataSource, split: str | Split | No
     """What the documents of `data` and `split` depend on (for the token cache's key), and
     how to read them, without reading them yet."""
     source, split = parse_source(data), parse_split(split)
+    if source.kind == "store":
+        raise _store_has_no_documents(source)
     if source.kind == "builtin":
         return _resolve_builtin(split)
     if source.kind == "files":
@@ -128,12 +143,16 @@ def resolve_source(data: str | os.PathLike | DataSource, split: str | Split | No
 
 def _resolve_builtin(split: Split) -> ResolvedSource:
     """Python's documentation topics, one document per topic, sorted by topic name."""
-    from pydoc_data.topics import topics
-
-    texts = [topics[k] for k in sorted(topics)]
+    texts = _builtin_texts()
     _check_train_only(split, BUILTIN)
     docs = _take(texts, split, BUILTIN)
     return ResolvedSource({"kind": "builtin", "sha256": _hash_texts(docs)}, lambda: docs)
+
+
+def _builtin_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
 
 
 def _hash_texts(texts: list[str]) -> str:
@@ -211,7 +230,8 @@ def _resolve_hf(source: DataSource, split: Split, text_column: str | None,
     return ResolvedSource(identity, lambda: _texts(ds, column, start, stop, str(source)))
 
 
-def _open_hf(source: DataSource, split_name: str, progress: bool) -> "datasets.Dataset":
+def _open_hf(source: DataSource, split_name: str, progress: bool,
+             streaming: bool = False) -> "datasets.Dataset":
     """`datasets.load_dataset(NAME, CONFIG, split=...)` with errors that say what to do."""
     datasets = _import_datasets()
     local = Path(source.name).expanduser().is_dir()
@@ -219,7 +239,8 @@ def _open_hf(source: DataSource, split_name: str, progress: bool) -> "datasets.D
         _check_hub_reachable(source)
     try:
         with _datasets_progress(progress):
-            return datasets.load_dataset(source.name, source.config, split=split_name)
+            return datasets.load_dataset(source.name, source.config, split=split_name,
+                                         streaming=streaming)
     except ValueError as e:
         if "Unknown split" in str(e) or "BuilderConfig" in str(e) or "Config name" in str(e):
             raise DataError(f"{source}: {_short(e)}") from None
@@ -337,3 +358,130 @@ def _empty_split(split: Split, what: str, n: int) -> DataError:
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) < 300 else text[:297] + "..."
+
+
+def _store_has_no_documents(source: DataSource) -> DataError:
+    return DataError(f"{source.name!r} is a prepared token store: it holds token ids, not "
+                     "documents; train on it directly (`pldr train --data DIR`), or read the "
+                     "source it was prepared from")
+
+
+# ----- streaming ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamedSource:
+    """A source read one document at a time: what its documents depend on (`identity`,
+    JSON-able, as in `resolve_source`) and a function that starts a fresh pass over them."""
+
+    identity: dict[str, Any]
+    documents: Callable[[], Iterator[str]]
+
+
+def stream_source(data: str | os.PathLike | DataSource, split: str | Split | None = None,
+                  text_column: str | None = None) -> StreamedSource:
+    """The documents of `data` and `split` as a stream: the same documents, in the same order,
+    as `load_documents`, but never all in memory (.txt files are read in blocks, structured
+    files and `hf:` datasets through `datasets` in streaming mode).
+
+    A stream has no length, so `split` may slice by document counts (`train[:100000]`,
+    `train[500:]`) but not by percentages or from the end."""
+    source, split = parse_source(data), parse_split(split)
+    if source.kind == "store":
+        raise _store_has_no_documents(source)
+    start, stop = _stream_bounds(split)
+    if source.kind == "builtin":
+        _check_train_only(split, BUILTIN)
+        identity: dict[str, Any] = {"kind": "builtin", "sha256": _hash_texts(_builtin_texts())}
+        def read() -> Iterator[str]:
+            return iter(_builtin_texts())
+    elif source.kind == "files":
+        _check_train_only(split, source.name)
+        files = _source_files(source)
+        identity = {"kind": "files", "files": [(str(p.resolve()), p.stat().st_size,
+                                                p.stat().st_mtime_ns) for p in files],
+                    "text_column": text_column}
+        def read() -> Iterator[str]:
+            return chain.from_iterable(_stream_file(p, text_column) for p in files)
+    else:
+        ds = _open_hf(source, split.name, progress=False, streaming=True)
+        identity = {"kind": "hf", "name": source.name, "config": source.config,
+                    "split": split.name, "text_column": text_column}
+        def read() -> Iterator[str]:
+            return _stream_texts(ds, text_column, str(source))
+    identity["split"] = str(split)
+    return StreamedSource(identity, lambda: islice(read(), start, stop))
+
+
+def _stream_bounds(split: Split) -> tuple[int, int | None]:
+    """A split's slice as [start, stop) document counts, for a stream of unknown length."""
+    bounds = []
+    for b in (split.start, split.stop):
+        if b.endswith("%") or b.startswith("-"):
+            raise DataError(f"split {str(split)!r} needs the number of documents, which a "
+                            "stream does not know; slice by counts from the start (e.g. "
+                            f"{split.name}[:100000]), or prepare all of {split.name!r} and take "
+                            "percentages when training (--split train[:90%])")
+        bounds.append(int(b) if b else None)
+    return bounds[0] or 0, bounds[1]
+
+
+def _stream_file(path: Path, text_column: str | None) -> Iterator[str]:
+    """The documents of one file, as `_read_group` gives them, read a block or a batch at a
+    time."""
+    reader = _reader_of(path)
+    if reader == "text":
+        yield from _stream_paragraphs(path)
+        return
+    if path.stat().st_size == 0:
+        return
+    datasets = _import_datasets()
+    try:
+        ds = datasets.load_dataset(reader, data_files=[str(path)], split="train",
+                                   streaming=True)
+    except Exception as e:
+        raise DataError(f"could not read {path} as {reader}: {_short(e)}") from None
+    yield from _stream_texts(ds, text_column, str(path))
+
+
+def _stream_paragraphs(path: Path, block: int = _TEXT_BLOCK) -> Iterator[str]:
+    """`split_paragraphs` of a .txt file, reading `block` characters at a time.
+
+    A block is cut at its last blank-line separator that the next block cannot extend (some
+    character other than a space or tab follows it), so each piece splits exactly as the
+    whole text would."""
+    carry = ""
+    with open(path, encoding="utf-8") as f:  # text mode: \r\n and \r become \n, as read_text
+        while chunk := f.read(block):
+            text = carry + chunk
+            cut = None
+            for m in _BLANK_LINES.finditer(text):
+                if text[m.end():].lstrip(" \t"):
+                    cut = m
+            if cut is None:
+                carry = text
+                continue
+            yield from split_paragraphs(text[:cut.start()])
+            carry = text[cut.end():]
+    yield from split_paragraphs(carry)
+
+
+def _stream_texts(ds: Any, text_column: str | None, what: str,
+                  batch: int = 1000) -> Iterator[str]:
+    """The text column of a streaming `datasets.IterableDataset`, nulls skipped."""
+    try:
+        columns = ds.column_names
+        if columns is None:  # json and csv streams know their columns only once read
+            columns = list(next(iter(ds.take(1)), {}).keys())
+        column = _pick_column(columns, text_column, what)
+        for rows in ds.select_columns([column]).iter(batch_size=batch):
+            values = rows[column]
+            bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
+            if bad is not None:
+                raise DataError(f"column {column!r} of {what} holds {type(bad).__name__} "
+                                "values, not text; name a text column (--text-column)")
+            yield from (v for v in values if v is not None)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many kinds; all mean "cannot read this data"
+        raise DataError(f"could not read {what}: {_short(e)}") from None
