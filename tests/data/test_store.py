@@ -25,8 +25,9 @@ from pldr import PLDRConfig
 from pldr.cli.main import main as cli
 from pldr.data import build_loaders, load_documents, load_tokens
 from pldr.data import prepare as P
-from pldr.data.sources import parse_source, stream_source
-from pldr.data.store import ShardedTokens, TokenStore, is_store, token_dtype
+from pldr.data.sources import parse_source
+from pldr.data.stream import stream_source
+from pldr.data.store import ShardedTokens, is_store, token_dtype
 from pldr.data.tokenizer import Tokenizer
 from pldr.errors import DataError
 from pldr.files import is_temp_name
@@ -132,7 +133,7 @@ def test_stream_gives_the_documents_of_load_documents(tmp_path, corpus):
 
 
 def test_txt_streams_in_blocks_as_it_splits_whole(tmp_path):
-    from pldr.data.sources import _stream_paragraphs
+    from pldr.data.stream import _stream_paragraphs
     from pldr.data.tokenizer import split_paragraphs
 
     rng = np.random.default_rng(1)
@@ -246,6 +247,9 @@ def test_prepare_refuses_what_it_cannot_continue(tmp_path, corpus, tok):
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not a token store"):
         P.prepare_store(folder, tmp_path / "junk", tok, progress=False)
+    (tmp_path / "early").mkdir()  # killed after saving the tokenizer, before prepare.json
+    tok.save(tmp_path / "early" / "tokenizer.model")
+    assert P.prepare_store(folder, tmp_path / "early", tok, progress=False).store.num_documents
     with pytest.raises(DataError, match="workers must be a positive"):
         P.prepare_store(folder, tmp_path / "w0", tok, workers=0)
     with pytest.raises(DataError, match="holds token ids, not documents"):

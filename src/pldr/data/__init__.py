@@ -33,7 +33,6 @@ from .sources import (
            DataSource,
            load_documents,
            parse_source,
-           stream_source,
 )
 from .splits import (
            DEFAULT_TRAIN_SPLIT,
@@ -42,6 +41,7 @@ from .splits import (
            default_splits,
            parse_split,
 )
+from .stream import stream_source
 from .store import ShardedTokens, TokenStore, is_store
 from .tokenizer import Tokenizer
 from .tokens import TokenizedDocs, load_tokens, token_cache_dir, tokenize_documents

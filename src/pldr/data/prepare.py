@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..files import atomic_write_text, is_temp_name, temp_sibling
-from .sources import STORE_MANIFEST, STORE_PENDING, DataSource, parse_source, stream_source
+from .sources import STORE_MANIFEST, STORE_PENDING, DataSource, parse_source
+from .stream import stream_source
 from .store import (
     OFFSETS_FILE,
     SHARD_FILE,
@@ -157,7 +158,9 @@ def _begin(out: Path, tokenizer: Tokenizer | None, streamed: Any, source: dict[s
                             "tokenizer; run again with the same --tokenizer (or without it), or "
                             "delete the folder to start over")
         return saved, pending
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # a first run killed before prepare.json was written may have left the tokenizer only
+    if out.exists() and (not out.is_dir() or any(
+            p.name != TOKENIZER_FILE and not is_temp_name(p.name) for p in out.iterdir())):
         raise DataError(f"--out {str(out)!r} exists and is not a token store; choose a new or "
                         "empty folder")
     if tokenizer is None:

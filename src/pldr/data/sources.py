@@ -1,7 +1,7 @@
 """Data sources: the built-in corpus (`builtin`, Python's documentation topics), local
 files and folders (.txt, .jsonl/.json, .parquet, .csv) and `hf:NAME[:CONFIG]` datasets, read
-into documents and sliced by a split such as `train[:90%]`; or streamed one document at a
-time (`stream_source`), for corpora larger than memory. A folder holding a prepared token
+into documents and sliced by a split such as `train[:90%]` (stream.py reads the same sources one document at
+a time). A folder holding a prepared token
 store (`manifest.json`, see `store.py`) is a source of kind `store`.
 """
 
@@ -11,11 +11,10 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -35,8 +34,6 @@ _STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"
                         ".csv": "csv"}  # file suffix -> `datasets` loader
 STORE_MANIFEST = "manifest.json"  # a complete prepared token store has this file ...
 STORE_PENDING = "prepare.json"    # ... an unfinished one only this
-_TEXT_BLOCK = 1 << 22  # characters of a .txt file read at a time when streaming
-_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")  # what separates .txt documents
 
 
 @dataclass(frozen=True)
@@ -364,124 +361,3 @@ def _store_has_no_documents(source: DataSource) -> DataError:
     return DataError(f"{source.name!r} is a prepared token store: it holds token ids, not "
                      "documents; train on it directly (`pldr train --data DIR`), or read the "
                      "source it was prepared from")
-
-
-# ----- streaming ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamedSource:
-    """A source read one document at a time: what its documents depend on (`identity`,
-    JSON-able, as in `resolve_source`) and a function that starts a fresh pass over them."""
-
-    identity: dict[str, Any]
-    documents: Callable[[], Iterator[str]]
-
-
-def stream_source(data: str | os.PathLike | DataSource, split: str | Split | None = None,
-                  text_column: str | None = None) -> StreamedSource:
-    """The documents of `data` and `split` as a stream: the same documents, in the same order,
-    as `load_documents`, but never all in memory (.txt files are read in blocks, structured
-    files and `hf:` datasets through `datasets` in streaming mode).
-
-    A stream has no length, so `split` may slice by document counts (`train[:100000]`,
-    `train[500:]`) but not by percentages or from the end."""
-    source, split = parse_source(data), parse_split(split)
-    if source.kind == "store":
-        raise _store_has_no_documents(source)
-    start, stop = _stream_bounds(split)
-    if source.kind == "builtin":
-        _check_train_only(split, BUILTIN)
-        identity: dict[str, Any] = {"kind": "builtin", "sha256": _hash_texts(_builtin_texts())}
-        def read() -> Iterator[str]:
-            return iter(_builtin_texts())
-    elif source.kind == "files":
-        _check_train_only(split, source.name)
-        files = _source_files(source)
-        identity = {"kind": "files", "files": [(str(p.resolve()), p.stat().st_size,
-                                                p.stat().st_mtime_ns) for p in files],
-                    "text_column": text_column}
-        def read() -> Iterator[str]:
-            return chain.from_iterable(_stream_file(p, text_column) for p in files)
-    else:
-        ds = _open_hf(source, split.name, progress=False, streaming=True)
-        identity = {"kind": "hf", "name": source.name, "config": source.config,
-                    "split": split.name, "text_column": text_column}
-        def read() -> Iterator[str]:
-            return _stream_texts(ds, text_column, str(source))
-    identity["split"] = str(split)
-    return StreamedSource(identity, lambda: islice(read(), start, stop))
-
-
-def _stream_bounds(split: Split) -> tuple[int, int | None]:
-    """A split's slice as [start, stop) document counts, for a stream of unknown length."""
-    bounds = []
-    for b in (split.start, split.stop):
-        if b.endswith("%") or b.startswith("-"):
-            raise DataError(f"split {str(split)!r} needs the number of documents, which a "
-                            "stream does not know; slice by counts from the start (e.g. "
-                            f"{split.name}[:100000]), or prepare all of {split.name!r} and take "
-                            "percentages when training (--split train[:90%])")
-        bounds.append(int(b) if b else None)
-    return bounds[0] or 0, bounds[1]
-
-
-def _stream_file(path: Path, text_column: str | None) -> Iterator[str]:
-    """The documents of one file, as `_read_group` gives them, read a block or a batch at a
-    time."""
-    reader = _reader_of(path)
-    if reader == "text":
-        yield from _stream_paragraphs(path)
-        return
-    if path.stat().st_size == 0:
-        return
-    datasets = _import_datasets()
-    try:
-        ds = datasets.load_dataset(reader, data_files=[str(path)], split="train",
-                                   streaming=True)
-    except Exception as e:
-        raise DataError(f"could not read {path} as {reader}: {_short(e)}") from None
-    yield from _stream_texts(ds, text_column, str(path))
-
-
-def _stream_paragraphs(path: Path, block: int = _TEXT_BLOCK) -> Iterator[str]:
-    """`split_paragraphs` of a .txt file, reading `block` characters at a time.
-
-    A block is cut at its last blank-line separator that the next block cannot extend (some
-    character other than a space or tab follows it), so each piece splits exactly as the
-    whole text would."""
-    carry = ""
-    with open(path, encoding="utf-8") as f:  # text mode: \r\n and \r become \n, as read_text
-        while chunk := f.read(block):
-            text = carry + chunk
-            cut = None
-            for m in _BLANK_LINES.finditer(text):
-                if text[m.end():].lstrip(" \t"):
-                    cut = m
-            if cut is None:
-                carry = text
-                continue
-            yield from split_paragraphs(text[:cut.start()])
-            carry = text[cut.end():]
-    yield from split_paragraphs(carry)
-
-
-def _stream_texts(ds: Any, text_column: str | None, what: str,
-                  batch: int = 1000) -> Iterator[str]:
-    """The text column of a streaming `datasets.IterableDataset`, nulls skipped."""
-    try:
-        columns = ds.column_names
-        if columns is None:  # json and csv streams know their columns only once read
-            columns = list(next(iter(ds.take(1)), {}).keys())
-        column = _pick_column(columns, text_column, what)
-        for rows in ds.select_columns([column]).iter(batch_size=batch):
-            values = rows[column]
-            bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
-            if bad is not None:
-                raise DataError(f"column {column!r} of {what} holds {type(bad).__name__} "
-                                "values, not text; name a text column (--text-column)")
-            yield from (v for v in values if v is not None)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many kinds; all mean "cannot read this data"
-        raise DataError(f"could not read {what}: {_short(e)}") from None
