@@ -406,3 +406,15 @@ def test_training_from_the_store_equals_training_from_the_source(tmp_path, tok_f
     assert len(src.train_losses) == 4 and src.train_losses == st.train_losses
     val = [[r["loss"] for r in x.records if r["split"] == "val"] for x in (src, st)]
     assert len(val[0]) == 2 and val[0] == val[1]
+
+
+def test_prepare_an_hf_dataset_folder_in_streaming_mode(tmp_path, tok):
+    folder = tmp_path / "hfdata"
+    folder.mkdir()
+    docs = variations(60, seed=5)
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    store = P.prepare_store(f"hf:{folder}", tmp_path / "s", tok, split="train[:50]",
+                            workers=2, progress=False, **SMALL_SHARDS).store
+    assert store.num_documents == 50
+    direct = load_tokens(f"hf:{folder}", tok, "train[:50]", use_cache=False, progress=False)
+    assert np.array_equal(np.asarray(store.slice()[0]), direct.ids)
