@@ -14,11 +14,11 @@ import traceback
 from typing import Sequence
 
 from ..errors import PLDRError
-from . import bench, convert, demo, evaluate, generate, info, tokenizer, train, version
+from . import bench, convert, data, demo, evaluate, generate, info, tokenizer, train, version
 from .common import Parser
 
 # Registration order is the order in `pldr --help`.
-COMMANDS = (version, demo, train, generate, bench, convert, info, evaluate, tokenizer)
+COMMANDS = (version, demo, train, generate, bench, convert, info, evaluate, tokenizer, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

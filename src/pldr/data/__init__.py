@@ -13,12 +13,19 @@ The pipeline follows the original release (SPEC.md, "Training conventions of the
 4. `TokenBatches` yields LongTensor batches [B, context_length + 1] of chunks, shuffled per
    epoch from a seed, split over ranks without overlap, and resumable at any batch.
 
-`build_loaders` does all four for a training and a validation split. This package imports
+`build_loaders` does all four for a training and a validation split.
+
+For corpora larger than memory, `prepare_store(data, out, tokenizer, workers=N)` (prepare.py,
+`pldr data prepare`) streams the documents (`stream_source`), tokenises them in N processes
+and writes a token store (store.py): shards of uint16/uint32 ids with document offsets and a
+manifest. `load_tokens` and `build_loaders` given a store folder memory-map it instead of
+tokenising, with the same documents, chunks and batches as the source. This package imports
 only the leaves of `pldr` (errors, files), never the model.
 """
 
 from .chunks import MODES, PAD_ID, Chunks, chunk_spans, chunk_tokens
 from .loader import TokenBatches, build_loaders
+from .prepare import PrepareReport, prepare_store
 from .sources import (
            BUILTIN,
            DEFAULT_HF_DATA,
@@ -34,6 +41,8 @@ from .splits import (
            default_splits,
            parse_split,
 )
+from .stream import stream_source
+from .store import ShardedTokens, TokenStore, is_store
 from .tokenizer import Tokenizer
 from .tokens import TokenizedDocs, load_tokens, token_cache_dir, tokenize_documents
 
@@ -41,4 +50,5 @@ __all__ = ["Tokenizer", "DataSource", "parse_source", "load_documents", "BUILTIN
            "DEFAULT_HF_DATA", "TEXT_COLUMNS", "Split", "parse_split", "default_splits",
            "DEFAULT_TRAIN_SPLIT", "DEFAULT_VAL_SPLIT", "TokenizedDocs", "tokenize_documents",
            "load_tokens", "token_cache_dir", "Chunks", "chunk_spans", "chunk_tokens", "MODES",
-           "PAD_ID", "TokenBatches", "build_loaders"]
+           "PAD_ID", "TokenBatches", "build_loaders", "stream_source", "prepare_store",
+           "PrepareReport", "TokenStore", "ShardedTokens", "is_store"]

@@ -134,7 +134,8 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
     "none": no validation loader). Documents are grouped `batch_size * batch_agg_count` at a
     time for the `pad`/`nopad` modes, as in the original. The training loader is shuffled
     with `seed`; the validation loader is in order. `train_docs`: the training split's
-    documents if the caller has read them already."""
+    documents if the caller has read them already. `data` may be a prepared token store
+    (`pldr data prepare`): it is memory-mapped, and gives the batches its source gives."""
     if isinstance(context_length, bool) or not isinstance(context_length, int) \
             or context_length < 1:
         raise DataError(f"context_length must be a positive integer, got {context_length!r}")

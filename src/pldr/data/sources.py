@@ -1,6 +1,8 @@
 """Data sources: the built-in corpus (`builtin`, Python's documentation topics), local
 files and folders (.txt, .jsonl/.json, .parquet, .csv) and `hf:NAME[:CONFIG]` datasets, read
-into documents and sliced by a split such as `train[:90%]`.
+into documents and sliced by a split such as `train[:90%]` (stream.py reads the same sources one document at
+a time). A folder holding a prepared token
+store (`store.json`, see `store.py`) is a source of kind `store`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ TEXT_COLUMNS = ("content", "text")  # tried in order when no text column is give
 _PLAIN_SUFFIXES = {".txt"}
 _STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
                         ".csv": "csv"}  # file suffix -> `datasets` loader
+STORE_MANIFEST = "store.json"  # a complete prepared token store has this file ...
+STORE_PENDING = "prepare.json"    # ... an unfinished one only this
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class DataSource:
 
     kind `builtin`: Python's documentation topics (`pydoc_data.topics`), one document each.
     kind `files`: a local file or a folder of them (.txt, .jsonl, .json, .parquet, .csv).
-    kind `hf`: a Hugging Face dataset, `hf:NAME` or `hf:NAME:CONFIG` (NAME may be a folder)."""
+    kind `hf`: a Hugging Face dataset, `hf:NAME` or `hf:NAME:CONFIG` (NAME may be a folder).
+    kind `store`: a folder written by `pldr data prepare` (token ids, not documents)."""
 
     kind: str
     name: str
@@ -71,6 +76,11 @@ def parse_source(data: str | os.PathLike | DataSource) -> DataSource:
                         "`builtin`, or hf:NAME for a Hugging Face dataset")
     if path.is_file():
         _check_suffix(path)
+    elif (path / STORE_MANIFEST).is_file():
+        return DataSource("store", str(path))
+    elif (path / STORE_PENDING).is_file():
+        raise DataError(f"{spec!r} is a token store whose preparation did not finish; run the "
+                        "same `pldr data prepare` command again to complete it")
     return DataSource("files", str(path))
 
 
@@ -119,6 +129,8 @@ def resolve_source(data: str | os.PathLike | DataSource, split: str | Split | No
     """What the documents of `data` and `split` depend on (for the token cache's key), and
     how to read them, without reading them yet."""
     source, split = parse_source(data), parse_split(split)
+    if source.kind == "store":
+        raise _store_has_no_documents(source)
     if source.kind == "builtin":
         return _resolve_builtin(split)
     if source.kind == "files":
@@ -128,12 +140,16 @@ def resolve_source(data: str | os.PathLike | DataSource, split: str | Split | No
 
 def _resolve_builtin(split: Split) -> ResolvedSource:
     """Python's documentation topics, one document per topic, sorted by topic name."""
-    from pydoc_data.topics import topics
-
-    texts = [topics[k] for k in sorted(topics)]
+    texts = _builtin_texts()
     _check_train_only(split, BUILTIN)
     docs = _take(texts, split, BUILTIN)
     return ResolvedSource({"kind": "builtin", "sha256": _hash_texts(docs)}, lambda: docs)
+
+
+def _builtin_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
 
 
 def _hash_texts(texts: list[str]) -> str:
@@ -211,7 +227,8 @@ def _resolve_hf(source: DataSource, split: Split, text_column: str | None,
     return ResolvedSource(identity, lambda: _texts(ds, column, start, stop, str(source)))
 
 
-def _open_hf(source: DataSource, split_name: str, progress: bool) -> "datasets.Dataset":
+def _open_hf(source: DataSource, split_name: str, progress: bool,
+             streaming: bool = False) -> "datasets.Dataset":
     """`datasets.load_dataset(NAME, CONFIG, split=...)` with errors that say what to do."""
     datasets = _import_datasets()
     local = Path(source.name).expanduser().is_dir()
@@ -219,7 +236,8 @@ def _open_hf(source: DataSource, split_name: str, progress: bool) -> "datasets.D
         _check_hub_reachable(source)
     try:
         with _datasets_progress(progress):
-            return datasets.load_dataset(source.name, source.config, split=split_name)
+            return datasets.load_dataset(source.name, source.config, split=split_name,
+                                         streaming=streaming)
     except ValueError as e:
         if "Unknown split" in str(e) or "BuilderConfig" in str(e) or "Config name" in str(e):
             raise DataError(f"{source}: {_short(e)}") from None
@@ -337,3 +355,9 @@ def _empty_split(split: Split, what: str, n: int) -> DataError:
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) < 300 else text[:297] + "..."
+
+
+def _store_has_no_documents(source: DataSource) -> DataError:
+    return DataError(f"{source.name!r} is a prepared token store: it holds token ids, not "
+                     "documents; train on it directly (`pldr train --data DIR`), or read the "
+                     "source it was prepared from")

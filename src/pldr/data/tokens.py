@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..files import atomic_path
 from . import sources
 from .sources import DataSource
 from .splits import Split
+from .store import TokenStore
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # `datasets` takes a second to import; only structured data needs it.
@@ -32,9 +34,10 @@ _CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 class TokenizedDocs:
     """Token ids of many documents: one flat array and the offsets where each document starts.
 
-    Document i is `ids[offsets[i]:offsets[i + 1]]` and ends with EOS."""
+    Document i is `ids[offsets[i]:offsets[i + 1]]` and ends with EOS. From a prepared token
+    store, `ids` is a memory-mapped `store.ShardedTokens` (uint16/uint32) that slices alike."""
 
-    ids: np.ndarray      # int32 [num_tokens]
+    ids: np.ndarray      # int32 [num_tokens] (or ShardedTokens)
     offsets: np.ndarray  # int64 [num_docs + 1], offsets[0] == 0, offsets[-1] == num_tokens
 
     def __len__(self) -> int:
@@ -119,7 +122,12 @@ def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
     tokenizer's model bytes, so a change to any of them tokenises again. The files are
     `<cache>/tokens/<key>.ids.npy` (int32) and `<key>.offsets.npy` (int64). `docs`, when the
     caller has already read this source and split (e.g. to train the tokenizer), saves
-    reading them again."""
+    reading them again.
+
+    A prepared token store (`pldr data prepare`) is read memory-mapped instead, nothing
+    tokenised or cached; its tokenizer must be `tokenizer`."""
+    if sources.parse_source(data).kind == "store":
+        return _store_tokens(data, tokenizer, split, text_column)
     resolved = sources.resolve_source(data, split, text_column, progress)
     key = _cache_key(resolved.identity, tokenizer)
     path = token_cache_dir(cache_dir) / key
@@ -135,6 +143,19 @@ def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
     if use_cache:
         tokens.save(path)
     return tokens
+
+
+def _store_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
+                  split: str | Split | None, text_column: str | None) -> TokenizedDocs:
+    """A split of a prepared token store, memory-mapped, after checking its tokenizer."""
+    store = TokenStore.open(sources.parse_source(data).name)
+    store.check_tokenizer(tokenizer)
+    prepared = store.manifest["source"]["identity"].get("text_column")
+    if text_column is not None and prepared is not None and text_column != prepared:
+        raise DataError(f"the token store {str(store.path)!r} was prepared from column "
+                        f"{prepared!r}, not {text_column!r}; drop --text-column or prepare "
+                        "the data again")
+    return TokenizedDocs(*store.slice(split))
 
 
 def _cache_key(identity: dict[str, Any], tokenizer: Tokenizer) -> str:

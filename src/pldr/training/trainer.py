@@ -261,11 +261,12 @@ class Trainer:
     def _tokenizer(self, base_config: PLDRConfig):
         """--tokenizer, else the resumed run's, else one trained on the data (on rank 0, sent
         to the other ranks so all use the same bytes)."""
+        from ..data.store import is_store
         from ..data.tokenizer import Tokenizer
 
         cfg = self.cfg
-        if cfg.tokenizer is not None:
-            return Tokenizer.load(cfg.tokenizer)
+        if cfg.tokenizer is not None or is_store(cfg.data):  # a prepared store carries its own
+            return Tokenizer.load(cfg.tokenizer or cfg.data)
         if self.resume_dir is not None:
             for candidate in (self.resume_dir / TOKENIZER_FILE, self.out / TOKENIZER_FILE):
                 if candidate.is_file():
