@@ -15,10 +15,11 @@ from typing import Sequence
 
 from ..errors import PLDRError
 from . import bench, convert, demo, generate, info, tokenizer, train, version
+from . import extract_g, inspect  # noqa: E402  (analysis commands, issue 14)
 from .common import Parser
 
 # Registration order is the order in `pldr --help`.
-COMMANDS = (version, demo, train, generate, bench, convert, info, tokenizer)
+COMMANDS = (version, demo, train, generate, bench, convert, info, tokenizer, inspect, extract_g)
 
 
 def build_parser() -> argparse.ArgumentParser:
