@@ -28,11 +28,11 @@ def require_matplotlib() -> None:
         raise PLDRError("pictures need matplotlib: pip install 'pldr-llm[analysis]'") from None
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -61,31 +61,38 @@ def colour_limits(tensors: Sequence[Tensor]) -> tuple[float, float, str]:
 def heatmaps(path: str | os.PathLike, tensors: dict[str, Tensor],
              limits: dict[str, tuple[float, float, str]], title: str) -> None:
     """One row of heads per kind of tensor ({kind: [H, dk, dk]}), each row on its own colour
-    scale (`limits[kind]`) with a colour bar; axes are the matrix's row and column index."""
+    scale (`limits[kind]`) with a colour bar; axes are the matrix's row and column index.
+
+    The grid is laid out by hand (no layout engine) and ticks are fixed: with dozens of
+    panels, automatic layout would take most of the drawing time."""
     kinds = list(tensors)
-    H = next(iter(tensors.values())).shape[0]
+    H, dk = next(iter(tensors.values())).shape[:2]
     cols = min(H, 16)
     rows_per_kind = math.ceil(H / cols)
-    fig = _figure(1.3 * cols + 1.2, (1.45 * rows_per_kind) * len(kinds) + 0.6)
+    nrows = rows_per_kind * len(kinds)
+    fig = _figure(1.25 * cols + 1.0, 1.55 * nrows + 0.5, layout=None)
     fig.suptitle(title, fontsize=10)
-    grid = fig.subfigures(len(kinds), 1, squeeze=False)[:, 0]
-    for sub, kind in zip(grid, kinds):
+    grid = fig.add_gridspec(nrows, cols + 1, width_ratios=[1] * cols + [0.08], left=0.04,
+                            right=0.96, bottom=0.05, top=1 - 0.45 / (1.55 * nrows + 0.5),
+                            wspace=0.3, hspace=0.55)
+    ticks = sorted({0, dk // 2, dk - 1})
+    for k, kind in enumerate(kinds):
         vmin, vmax, cmap = limits[kind]
-        axes = sub.subplots(rows_per_kind, cols, squeeze=False)
         image = None
-        for h, ax in enumerate(axes.flat):
-            if h >= H:
-                ax.set_axis_off()
-                continue
+        for h in range(H):
+            r, c = k * rows_per_kind + h // cols, h % cols
+            ax = fig.add_subplot(grid[r, c])
             image = ax.imshow(tensors[kind][h].numpy(), vmin=vmin, vmax=vmax, cmap=cmap,
                               interpolation="nearest")
-            ax.set_title(f"{kind} head {h}", fontsize=7)
-            ax.tick_params(labelsize=5, length=2)
-            if h % cols == 0:
-                ax.set_ylabel("row i", fontsize=6)
-            if h // cols == rows_per_kind - 1:
-                ax.set_xlabel("column j", fontsize=6)
-        bar = sub.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, extend="both")
+            ax.set_title(f"{kind} head {h}", fontsize=7, pad=2)
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks if c == 0 else [])
+            ax.tick_params(labelsize=5, length=2, pad=1)
+            if c == 0:
+                ax.set_ylabel("row i", fontsize=6, labelpad=1)
+            ax.set_xlabel("column j", fontsize=6, labelpad=1)
+        bar = fig.colorbar(image, cax=fig.add_subplot(grid[k * rows_per_kind:(k + 1) * rows_per_kind,
+                                                            cols]), extend="both")
         bar.ax.tick_params(labelsize=6)
         bar.set_label(kind, fontsize=7)
     _save(fig, path)
@@ -118,6 +125,7 @@ def spread(path: str | os.PathLike, pairwise: Tensor, to_mean: Tensor, labels: S
         ax = axes[1, c]
         per_head = to_mean[:, l].mean(dim=0).numpy()            # [H]
         ax.bar(np.arange(len(per_head)), per_head, color="tab:blue")
+        ax.set_xticks(np.arange(len(per_head)))
         ax.set_title(f"layer {l}: RMSE to the mean", fontsize=7)
         ax.set_xlabel("head", fontsize=6)
         ax.set_ylabel("RMSE", fontsize=6)
