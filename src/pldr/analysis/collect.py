@@ -94,6 +94,8 @@ def collect(model: PLDRModel, inputs: Sequence[Sequence[int]],
     """Each input's deductive outputs (float64 on the CPU) and its cache difference."""
     rows = check_inputs(model, inputs)
     labels = list(labels) if labels is not None else [f"input {i}" for i in range(len(rows))]
+    if len(labels) != len(rows):
+        raise PLDRError(f"{len(labels)} labels for {len(rows)} inputs; give one label per input")
     out = []
     for label, ids in zip(labels, rows):
         full = uncached_deductive(model, ids)

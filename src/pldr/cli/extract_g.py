@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "safetensors" and out.suffix != ".safetensors":
         raise PLDRError(f"--format safetensors writes *.safetensors; name --out so, not {out.name!r} "
                         "(or pass --format original)")
-    model, tokenizer = load_for_analysis(args, need_tokenizer=True)
+    model, tokenizer = load_for_analysis(args, "--data chunks")
     T = args.context_length or model.config.max_seq_len
     if not 2 <= T <= model.config.max_seq_len:
         raise PLDRError(f"--context-length must be in 2..{model.config.max_seq_len} (max_seq_len), "

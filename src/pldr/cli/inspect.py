@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_pictures:
         require_matplotlib()
     layers = parse_layers(args.layers) if args.layers else None
-    model, tokenizer = load_for_analysis(args, need_tokenizer=bool(args.text))
+    model, tokenizer = load_for_analysis(args, "text inputs" if args.text else None)
     texts = [_strip_eos(tokenizer.encode(t), model.config.eos_id) for t in args.text]
     labels = [f"text {i}: {t}" for i, t in enumerate(args.text)]
     labels += [f"ids {i}" for i in range(len(id_inputs))]
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_analysis(args: argparse.Namespace, need_tokenizer: bool):
-    """The model (in --dtype, float64 included) and, when asked, its tokenizer."""
+def load_for_analysis(args: argparse.Namespace, tokenizer_for: str | None):
+    """The model (in --dtype, float64 included) and, when `tokenizer_for` names what needs
+    one, its tokenizer (--tokenizer, else the model directory's own)."""
     from pathlib import Path
 
     import torch
@@ -73,12 +74,12 @@ def load_for_analysis(args: argparse.Namespace, need_tokenizer: bool):
     from ..devices import resolve_device
 
     tokenizer = None
-    if need_tokenizer:
+    if tokenizer_for:
         source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
         tok_file = Tokenizer.find(source) if source is not None else None
         if tok_file is None:
-            raise PLDRError("text inputs need a tokenizer: pass --tokenizer FILE.model (model "
-                            "directories written by pldr carry their own)")
+            raise PLDRError(f"{tokenizer_for} need a tokenizer: pass --tokenizer FILE.model "
+                            "(model directories written by pldr carry their own)")
         tokenizer = Tokenizer.load(tok_file)
     dtype = getattr(args, "dtype", "float32")
     model = load_model(args.model, args.config, G_LM=getattr(args, "G_LM", None),
