@@ -70,11 +70,13 @@ def heatmaps(path: str | os.PathLike, tensors: dict[str, Tensor],
     cols = min(H, 16)
     rows_per_kind = math.ceil(H / cols)
     nrows = rows_per_kind * len(kinds)
-    fig = _figure(1.25 * cols + 1.0, 1.55 * nrows + 0.5, layout=None)
+    width, height = 1.25 * cols + 1.2, 1.55 * nrows + 0.5  # inches
+    fig = _figure(width, height, layout=None)
     fig.suptitle(title, fontsize=10)
-    grid = fig.add_gridspec(nrows, cols + 1, width_ratios=[1] * cols + [0.08], left=0.04,
-                            right=0.96, bottom=0.05, top=1 - 0.45 / (1.55 * nrows + 0.5),
-                            wspace=0.3, hspace=0.55)
+    # margins in inches, so the colour bars' labels fit whatever the number of heads
+    grid = fig.add_gridspec(nrows, cols + 1, width_ratios=[1] * cols + [0.08],
+                            left=0.4 / width, right=1 - 0.65 / width, bottom=0.3 / height,
+                            top=1 - 0.45 / height, wspace=0.3, hspace=0.55)
     ticks = sorted({0, dk // 2, dk - 1})
     for k, kind in enumerate(kinds):
         vmin, vmax, cmap = limits[kind]
