@@ -160,3 +160,12 @@ def test_bad_input_is_one_error_line(corpus, tmp_path, capsys, argv, message):
     argv[1:1] = ["--model", str(corpus["root"] / "m")]
     assert main(argv) == 2
     assert message in one_error_line(capsys)
+
+
+def test_inspect_without_pictures_writes_the_report_only(corpus, tmp_path, capsys):
+    out = tmp_path / "np"
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--out",
+                 str(out), "--no-pictures"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers"][0]["G_LM_rmse"] == 0  # one input: nothing to differ from
