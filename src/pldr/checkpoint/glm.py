@@ -10,6 +10,8 @@ and the header metadata {"format": "pt", "content": "pldr.G_LM"}. A leading sing
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, PLDRError
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write_bytes
 from ..model.cache import stack_per_layer
 from ..model.pretrained import read_safetensors
 from .original import (
@@ -84,6 +86,18 @@ def save_G_LM(G_LM: Tensor | Sequence[Tensor], path: str | os.PathLike,
                                   f"{list(tensors['G_LM'].shape)}; they must match")
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "content": "pldr.G_LM"})
+
+
+def save_G_LM_original(G_LM: Tensor | Sequence[Tensor], path: str | os.PathLike) -> None:
+    """Write per-layer G_LM in the release's `predefined_G_LM_cache_list_*` format: a plain
+    pickle (protocol 5) of a list of L float32 CPU tensors [1, H, dk, dk], each with its own
+    storage. The original code reads it with `pickle.load`, `load_G_LM` with the restricted
+    unpickler (only tensor-rebuilding globals are in such a pickle)."""
+    layers = [t[None].to(torch.float32).clone() for t in _stack_layers(G_LM, "G_LM")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+        data = pickle.dumps(layers, protocol=5)
+    atomic_write_bytes(path, data)
 
 
 def _stack_layers(tensors: Tensor | Sequence[Tensor], name: str) -> Tensor:

@@ -14,11 +14,13 @@ import traceback
 from typing import Sequence
 
 from ..errors import PLDRError
-from . import bench, convert, data, demo, evaluate, generate, info, tokenizer, train, version
+from . import (bench, convert, data, demo, evaluate, extract_g, generate, info, inspect,
+               tokenizer, train, version)
 from .common import Parser
 
 # Registration order is the order in `pldr --help`.
-COMMANDS = (version, demo, train, generate, bench, convert, info, evaluate, tokenizer, data)
+COMMANDS = (version, demo, train, generate, bench, convert, info, inspect, extract_g, evaluate,
+            tokenizer, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,114 @@
+"""`pldr inspect`: heatmaps of the deductive outputs, G_LM invariance and spectra, and the
+cache check, for a few inputs (pldr.analysis.inspect_model)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import PLDRError
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="pictures and numbers of the deductive outputs (A, A_LM, A_P, G_LM)",
+                       description="Run the model on each input, draw its deductive outputs per "
+                       "layer, measure how much G_LM varies between the inputs (RMSE), its det "
+                       "and singular values, and how much the caches change the deductive "
+                       "outputs. Writes report.json, PNGs and index.html to --out.")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="a model directory or an original .pth checkpoint (with --config)")
+    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
+    p.add_argument("--G-LM", dest="G_LM", metavar="FILE", help="G_LM file for a v510G checkpoint")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece .model (default: the model directory's tokenizer.model)")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT",
+                   help="an input text (its EOS is dropped, as for a prompt); repeatable")
+    p.add_argument("--ids", action="append", default=[], metavar="5,6,7",
+                   help="an input as comma-separated token ids; repeatable")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, PNGs, index.html")
+    p.add_argument("--layers", metavar="0,2-4", help="layers to report (default: all)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="float64 shows the cache check at its exact size (about 1e-15)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-pictures", action="store_true", help="report.json only (no matplotlib needed)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.inspection import inspect_model
+    from ..analysis.plots import require_matplotlib
+    from ..analysis.report import headline_rows
+    from .generate import _parse_ids, _strip_eos
+
+    if not args.text and not args.ids:
+        raise PLDRError("give at least one --text TEXT or --ids 5,6,7")
+    id_inputs = [_parse_ids(s) for s in args.ids]
+    if not args.no_pictures:
+        require_matplotlib()
+    layers = parse_layers(args.layers) if args.layers else None
+    model, tokenizer = load_for_analysis(args, "text inputs" if args.text else None)
+    texts = [_strip_eos(tokenizer.encode(t), model.config.eos_id) for t in args.text]
+    labels = [f"text {i}: {t}" for i, t in enumerate(args.text)]
+    labels += [f"ids {i}" for i in range(len(id_inputs))]
+    meta = {"model": {"path": args.model, "variant": model.config.variant,
+                      "num_layers": model.config.num_layers, "num_heads": model.config.num_heads,
+                      "dk": model.config.dk},
+            "texts": list(args.text)}
+    report = inspect_model(model, texts + id_inputs, args.out, labels=labels, layers=layers,
+                           meta=meta, pictures=not args.no_pictures)
+    print_table(headline_rows(report))
+    print(f"wrote {args.out}/report.json" + ("" if args.no_pictures else f" and {args.out}/index.html"))
+    return 0
+
+
+def load_for_analysis(args: argparse.Namespace, tokenizer_for: str | None):
+    """The model (in --dtype, float64 included) and, when `tokenizer_for` names what needs
+    one, its tokenizer (--tokenizer, else the model directory's own)."""
+    from pathlib import Path
+
+    import torch
+
+    from ..checkpoint.load import load_model
+    from ..data.tokenizer import Tokenizer
+    from ..devices import resolve_device
+
+    tokenizer = None
+    if tokenizer_for:
+        source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+        tok_file = Tokenizer.find(source) if source is not None else None
+        if tok_file is None:
+            raise PLDRError(f"{tokenizer_for} need a tokenizer: pass --tokenizer FILE.model "
+                            "(model directories written by pldr carry their own)")
+        tokenizer = Tokenizer.load(tok_file)
+    dtype = getattr(args, "dtype", "float32")
+    model = load_model(args.model, args.config, G_LM=getattr(args, "G_LM", None),
+                       device=resolve_device(args.device),
+                       dtype=None if dtype == "float64" else dtype)
+    if dtype == "float64":
+        model = model.to(torch.float64)
+    return model, tokenizer
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0,2-4' -> [0, 2, 3, 4], with an error that shows the bad part."""
+    layers = []
+    for part in text.replace(" ", "").split(","):
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                layers += list(range(int(a), int(b) + 1))
+            elif part:
+                layers.append(int(part))
+        except ValueError:
+            raise PLDRError(f"--layers expects indices like 0,2-4, got {text!r}") from None
+    if not layers:
+        raise PLDRError(f"--layers expects indices like 0,2-4, got {text!r}")
+    return layers
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Rows of strings as aligned columns."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))

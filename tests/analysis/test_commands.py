@@ -1,0 +1,171 @@
+"""`pldr inspect` and `pldr extract-G` end to end on a small model: the files they write, the
+G_LM file's round trip into generation, and one-line errors."""
+
+import json
+import pickle
+import re
+
+import pytest
+import torch
+
+from pldr import PLDRConfig, PLDRModel, Tokenizer, generate, infer_G_LM, load_G_LM, load_model
+from pldr.analysis import chunk_batches, data_chunks, extract_G_LM
+from pldr.checkpoint.glm import load_G_LM_pairs
+from pldr.cli import main
+from pldr.data import load_documents
+from fixture_utils import assert_same
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CONFIG = PLDRConfig(num_layers=2, d_model=32, num_heads=2, dff=48, num_reslayerA=1,
+                    num_denseA=2, A_dff=24, vocab_size=400, max_seq_len=48)
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLDR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text corpus, its tokenizer, a v510 model directory and a v510G one."""
+    root = tmp_path_factory.mktemp("analysis")
+    docs = load_documents("builtin")[:60]
+    (root / "corpus.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs))
+    tok = Tokenizer.train(docs, 400, str(root / "tok"))
+    torch.manual_seed(0)
+    PLDRModel(CONFIG).save_pretrained(root / "m", tokenizer=tok)
+    torch.manual_seed(1)
+    G = torch.rand(CONFIG.num_layers, CONFIG.num_heads, CONFIG.dk, CONFIG.dk)
+    PLDRModel(CONFIG.replace(variant="v510G"), G_LM=G).save_pretrained(root / "g", tokenizer=tok)
+    return {"root": root, "data": str(root / "corpus.txt"), "tok": tok, "G": G}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_inspect_writes_valid_pictures_an_index_of_all_of_them_and_the_report(corpus, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    out = tmp_path / "out"
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--text", "The class",
+                 "--text", "A list is a sequence", "--ids", "5,6,7,8", "--out", str(out),
+                 "--dtype", "float64"]) == 0
+    table = capsys.readouterr().out
+    assert "G_LM rmse" in table and "cache diff" in table
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    # 3 inputs x 2 layers of heatmaps, the spread and the spectrum
+    assert len(pngs) == 3 * 2 + 2
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+        image = imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    page = (out / "index.html").read_text()
+    assert sorted(set(re.findall(r'src="([^"]+)"', page))) == pngs
+    report = json.loads((out / "report.json").read_text())
+    assert [L["layer"] for L in report["layers"]] == [0, 1]
+    for L in report["layers"]:
+        assert L["G_LM_rmse"] > 0 and L["cache_max_diff"] <= 1e-12
+        assert len(L["heads"]) == 2 and len(L["heads"][0]["singular_values"]) == 3
+    assert report["inputs"][2]["ids"] == [5, 6, 7, 8]
+    assert report["kinds"] == ["A", "A_LM", "A_P", "G_LM"]
+
+
+def test_inspect_layers_and_a_v510G_model(corpus, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["inspect", "--model", str(corpus["root"] / "g"), "--ids", "5,6,7",
+                 "--ids", "9,10,11,12,13", "--out", str(out), "--layers", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [L["layer"] for L in report["layers"]] == [1] and report["kinds"] == ["G_LM"]
+    assert report["layers"][0]["G_LM_rmse"] == 0
+    assert sorted(p.name for p in out.glob("input*.png")) == ["input0_layer1.png", "input1_layer1.png"]
+
+
+def test_extract_G_on_a_v510G_model_returns_its_G_LM(corpus, tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    assert main(["extract-G", "--model", str(corpus["root"] / "g"), "--data", corpus["data"],
+                 "--samples", "5", "--batch-size", "2", "--context-length", "16",
+                 "--out", str(out)]) == 0
+    assert_same(torch.stack(load_G_LM(out))[:, 0], corpus["G"])
+    A_LM, _ = load_G_LM_pairs(out)
+    assert A_LM is None  # a v510G model has no A_LM
+    report = json.loads((tmp_path / "g.report.json").read_text())
+    assert report["samples"] == 5 and all(L["G_LM_rmse_to_mean"] < 1e-7 for L in report["layers"])
+
+
+@pytest.mark.parametrize("fmt, name", [("safetensors", "mean.safetensors"), ("original", "mean.pkl")])
+def test_extract_G_file_generates_as_the_mean_of_infer_G_LM_over_the_same_chunks(
+        corpus, tmp_path, capsys, fmt, name):
+    model_dir = corpus["root"] / "m"
+    out = tmp_path / name
+    assert main(["extract-G", "--model", str(model_dir), "--data", corpus["data"], "--samples", "7",
+                 "--batch-size", "3", "--context-length", "24", "--out", str(out),
+                 "--format", fmt]) == 0
+    capsys.readouterr()
+    model = load_model(model_dir)
+    chunks = data_chunks(corpus["data"], corpus["tok"], 24, 7)
+    per_chunk = [torch.stack(infer_G_LM(model, row[None])) for row in torch.from_numpy(chunks.rows(range(7)))]
+    mean = torch.stack(per_chunk).mean(dim=0)                    # [L, 1, H, dk, dk]
+    got = torch.stack(load_G_LM(out))
+    assert (got - mean).abs().max() < 1e-6
+    prompts = [[17, 5, 99], [42, 7, 280, 9]]
+    want = generate(model, prompts, 10, temperature=0, eos_id=-1, G_LM=list(mean))
+    assert main(["generate", "--model", str(model_dir), "--ids", "17,5,99", "--ids", "42,7,280,9",
+                 "--max-new-tokens", "10", "--temperature", "0", "--eos-id", "-1",
+                 "--G-LM", str(out), "--json"]) == 0
+    assert [r["ids"] for r in json.loads(capsys.readouterr().out)] == want
+    # the file also makes a v510G model (the v510Gi ablation)
+    g_model = PLDRModel(CONFIG.replace(variant="v510G"), G_LM=load_G_LM(out))
+    assert_same(g_model.decoder.dec_layers[1].mha1.G_LM, got[1, 0])
+    if fmt == "original":  # the release's format: a plain pickle of L tensors [1, H, dk, dk]
+        with open(out, "rb") as f:
+            layers = pickle.load(f)
+        assert isinstance(layers, list) and len(layers) == 2
+        assert all(t.shape == (1, 2, 16, 16) and t.dtype == torch.float32 for t in layers)
+    else:
+        A_LM, _ = load_G_LM_pairs(out)
+        assert A_LM is not None and A_LM[0].shape == (1, 2, 16, 16)
+
+
+def test_extract_G_streams_any_batch_size_to_the_same_mean(corpus):
+    model = load_model(corpus["root"] / "m")
+    chunks = data_chunks(corpus["data"], corpus["tok"], 20, 6)
+    one = extract_G_LM(model, chunk_batches(chunks, 1))
+    four = extract_G_LM(model, chunk_batches(chunks, 4))
+    assert one.samples == four.samples == 6
+    assert (one.G_LM - four.G_LM).abs().max() < 1e-5
+    assert (one.G_LM_std - four.G_LM_std).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "--out", "{tmp}/o"], "at least one --text"),
+    (["inspect", "--ids", "5,x", "--out", "{tmp}/o"], "comma-separated"),
+    (["inspect", "--ids", "5,6", "--out", "{tmp}/o", "--layers", "7"], "not a layer"),
+    (["inspect", "--ids", "5,6", "--out", "{tmp}/o", "--layers", "a"], "--layers expects"),
+    (["inspect", "--ids", "5,999", "--out", "{tmp}/o"], "outside the vocabulary"),
+    (["extract-G", "--data", "{data}", "--samples", "100000", "--out", "{tmp}/g.safetensors"],
+     "lower --samples"),
+    (["extract-G", "--data", "{data}", "--samples", "2", "--out", "{tmp}/g.pt"], "*.safetensors"),
+    (["extract-G", "--data", "{data}", "--samples", "0", "--out", "{tmp}/g.safetensors"],
+     "at least 1"),
+    (["extract-G", "--data", "{tmp}/none.txt", "--samples", "2", "--out", "{tmp}/g.safetensors"],
+     "none.txt"),
+    (["extract-G", "--data", "{data}", "--samples", "2", "--context-length", "4000",
+      "--out", "{tmp}/g.safetensors"], "--context-length"),
+])
+def test_bad_input_is_one_error_line(corpus, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, data=corpus["data"]) for a in argv]
+    argv[1:1] = ["--model", str(corpus["root"] / "m")]
+    assert main(argv) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_inspect_without_pictures_writes_the_report_only(corpus, tmp_path, capsys):
+    out = tmp_path / "np"
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--out",
+                 str(out), "--no-pictures"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers"][0]["G_LM_rmse"] == 0  # one input: nothing to differ from
