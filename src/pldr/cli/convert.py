@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="JSON",
                    help="the model's hpdict or a config.json (needed with --checkpoint)")
     p.add_argument("--dcp", metavar="DIR",
-                   help="instead of --checkpoint: a Distributed Checkpoint of a multi-process "
-                   "`pldr train` run (OUT/checkpoints/step-N)")
+                   help="instead of --checkpoint: a training checkpoint (Distributed Checkpoint) of a "
+                   "`pldr train` run, OUT/checkpoints/step-N")
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="G_LM file for a v510G checkpoint (predefined pickle, .pt or .safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         return _convert_dcp(args)
     if args.checkpoint is None or args.config is None:
         raise PLDRError("give --checkpoint FILE with --config JSON (an original checkpoint), "
-                        "or --dcp DIR (a checkpoint of a multi-process `pldr train` run)")
+                        "or --dcp DIR (a checkpoint of a `pldr train` run)")
     model = load_model(args.checkpoint, args.config, G_LM=args.G_LM, dtype=args.dtype)
     save_pretrained(model, args.out, tokenizer=args.tokenizer)
     print(f"wrote {args.out} ({model.config.variant}, {model.num_parameters():,} parameters, "
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def _convert_dcp(args: argparse.Namespace) -> int:
     """`pldr convert --dcp DIR --out DIR2`: a sharded training checkpoint to a model folder."""
     from ..config import PLDRConfig
-    from ..training.distributed import dcp_to_pretrained
+    from ..training.checkpointing import dcp_to_pretrained
 
     if args.checkpoint is not None or args.config is not None or args.G_LM is not None:
         raise PLDRError("--dcp takes the config and weights from the checkpoint folder; drop "
