@@ -288,6 +288,17 @@ def test_kill_9_then_resume_from_last_complete_checkpoint(shared, tmp_path):
         assert torch.equal(got[k], want[k]), k
 
 
+def test_a_damaged_checkpoint_is_a_one_line_error(shared, tmp_path, capsys):
+    out = tmp_path / "run"
+    quiet_train(small_cfg(shared, out, max_steps=1))
+    shard = list_checkpoints(out)[-1] / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    rc = cli_main(_cli_train_args(shared, out, "--resume", "auto", "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot read the Distributed Checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 # ----- DAG terms -----------------------------------------------------------------------------
 
 
@@ -453,8 +464,11 @@ def test_config_file_errors_are_one_line(shared, tmp_path, capsys):
     bad_key.write_text(json.dumps({"max_step": 3}))
     broken = tmp_path / "broken.yaml"
     broken.write_text("max_steps: [1, 2\n")
+    wrong_type = tmp_path / "wrong.json"
+    wrong_type.write_text(json.dumps({"data": 5}))
     for file, message in ((bad_key, "unknown training setting(s) max_step"),
                           (broken, "is not valid YAML"),
+                          (wrong_type, "data in --config"),
                           (tmp_path / "none.json", "does not exist")):
         rc = cli_main(["train", "--config", str(file), "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err

@@ -150,7 +150,7 @@ class CheckpointManager:
         """Read model and optimizer from `ckpt` (written by any number of processes) and
         return its trainer state."""
         state = read_trainer_state(ckpt)
-        ptd.load_sharded(model, optimizer, ckpt)
+        _read_dcp(model, optimizer, ckpt)
         self.last, self.last_step = ckpt, int(state["step"])
         return state
 
@@ -170,6 +170,25 @@ class CheckpointManager:
             save_pretrained(plain, final, tokenizer=self.tokenizer)
         ptd.barrier(self.dist)
         return final
+
+
+def _read_dcp(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: Path) -> None:
+    """`ptd.load_sharded`, with a damaged or mismatched checkpoint reported as one
+    CheckpointError naming the folder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        ptd.load_sharded(model, optimizer, ckpt)
+    except CheckpointError:
+        raise
+    # DCP's CheckpointException is a BaseException, not an Exception
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        failures = getattr(e, "failures", None)  # rank -> the exception it raised
+        cause = next(iter(failures.values())) if failures else e
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, stack)
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        raise CheckpointError(f"cannot read the Distributed Checkpoint {str(ckpt)!r} ({reason}); "
+                              "it is damaged or does not fit the model; use another checkpoint") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -196,13 +215,7 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
         model = PLDRModel(config)
     model.to_empty(device="cpu")
     model.init_weights()  # the v510G G_LM buffers; everything in the checkpoint is overwritten
-    try:
-        ptd.load_sharded(model, None, dcp_dir)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001  DCP raises CheckpointException and others
-        raise CheckpointError(f"cannot read the Distributed Checkpoint {str(dcp_dir)!r}: "
-                              f"{' '.join(str(e).split())[:300]}") from None
+    _read_dcp(model, None, dcp_dir)
     if dtype is not None:
         model.to(dtype=dtype)
     if tokenizer is None and (dcp_dir / TOKENIZER_FILE).is_file():

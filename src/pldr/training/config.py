@@ -188,7 +188,19 @@ def check_settings(d: dict[str, Any], where: str) -> dict[str, Any]:
                 d[name] = float(d[name])
             except ValueError:
                 pass  # check() names the bad value
+    for name, value in d.items():  # text and switches; check() takes the numbers
+        kind = _TEXT_OR_SWITCH.get(name)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{name} in {where} must be "
+                              f"{'true or false' if kind is bool else 'a string'}, got "
+                              f"{value!r}")
     return d
+
+
+# fields whose values are text or on/off switches (besides `model`, which may be a config)
+_TEXT_OR_SWITCH = {f.name: (bool if f.type in ("bool | None", "bool") else str)
+                   for f in dataclasses.fields(TrainConfig)
+                   if f.type in ("str", "str | None", "bool", "bool | None")}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
