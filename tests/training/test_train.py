@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr import PLDRConfig
+from pldr import CheckpointError, PLDRConfig
 from pldr.checkpoint import load_model
 from pldr.cli import main as cli_main
 from pldr.training import TrainConfig, TrainingError, train
@@ -453,6 +453,8 @@ def test_config_file_and_a_flag_that_overrides_it(shared, tmp_path, capsys, suff
                      "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pldr convert --dcp {ckpt}" in err[0]
+    with pytest.raises(CheckpointError, match="resumable training checkpoint"):
+        load_model(ckpt)
     assert cli_main(["convert", "--dcp", str(ckpt), "--out", str(tmp_path / "model")]) == 0
     assert cli_main(["generate", "--model", str(tmp_path / "model"), "--ids", "5,6",
                      "--max-new-tokens", "2", "--json"]) == 0
@@ -479,10 +481,10 @@ def test_config_file_errors_are_one_line(shared, tmp_path, capsys):
 
 def test_missing_extras_are_one_line_errors_and_defaults_do_without_them(shared, tmp_path,
                                                                         capsys, monkeypatch):
-    """TensorBoard and YAML are extras: without them a run trains (no OUT/tb), and asking for
-    them says which extra to install."""
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
-    monkeypatch.setitem(sys.modules, "yaml", None)
+    """datasets, TensorBoard and YAML are extras: without them a run on a text source trains
+    (no OUT/tb), and asking for them says which extra to install."""
+    for extra in ("tensorboard", "yaml", "datasets"):
+        monkeypatch.setitem(sys.modules, extra, None)  # as if not installed
     result = quiet_train(small_cfg(shared, tmp_path / "run", max_steps=1, tensorboard=None))
     assert result.step == 1 and not (tmp_path / "run" / "tb").exists()
     rc = cli_main(_cli_train_args(shared, tmp_path / "tb", "--max-steps", "1", "--tensorboard"))
@@ -492,7 +494,12 @@ def test_missing_extras_are_one_line_errors_and_defaults_do_without_them(shared,
     rc = cli_main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'pldr-llm[yaml]'" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "tb").exists() and not (tmp_path / "y").exists()
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    rc = cli_main(_cli_train_args(shared, tmp_path / "j", "--max-steps", "1", "--data",
+                                  str(tmp_path / "docs.jsonl")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'pldr-llm[data]'" in err and len(err.splitlines()) == 1
+    assert not any((tmp_path / d).exists() for d in ("tb", "y", "j"))
 
 
 # ----- demo ----------------------------------------------------------------------------------
