@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="JSON",
                    help="the model's hpdict or a config.json (needed with --checkpoint)")
     p.add_argument("--dcp", metavar="DIR",
-                   help="instead of --checkpoint: a training checkpoint (Distributed Checkpoint) of a "
+                   help="instead of --checkpoint: a training checkpoint (Distributed "
+                   "Checkpoint) of a "
                    "`pldr train` run, OUT/checkpoints/step-N")
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="G_LM file for a v510G checkpoint (predefined pickle, .pt or .safetensors)")

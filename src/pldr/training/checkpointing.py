@@ -188,7 +188,8 @@ def _read_dcp(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: P
         cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, stack)
         reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
         raise CheckpointError(f"cannot read the Distributed Checkpoint {str(ckpt)!r} ({reason}); "
-                              "it is damaged or does not fit the model; use another checkpoint") from None
+                              "it is damaged or does not fit the model; use another "
+                              "checkpoint") from None
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -152,4 +152,5 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
     return [r for r in records if split is None or r.get("split") == split]
 
 
-__all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "DAG_KEYS", "MeanTracker", "TrainMetrics", "MetricsLog", "read_metrics"]
+__all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "DAG_KEYS", "MeanTracker", "TrainMetrics",
+           "MetricsLog", "read_metrics"]

@@ -1,7 +1,7 @@
 """Preparing a training run: every input is checked and loaded before anything is written,
 then the run folder is made and the model and optimizer are built.
 
-`prepare_run(cfg)` returns a `Run`: the model config (its vocabulary from the tokenizer),
+`prepare_run(cfg)` returns a `PreparedRun`: the model config (vocabulary from the tokenizer),
 the tokenizer (given, the resumed run's, or trained on rank 0 and sent to the others), the
 loaders and the step counts. `make_run_folder` writes OUT/tokenizer.model and
 OUT/train_config.json; `build_model` / `build_optimizer` make what the loop trains.
@@ -46,7 +46,7 @@ ADAMW_EPS = 1e-5
 
 
 @dataclass
-class Run:
+class PreparedRun:
     """A checked, loaded training run, before anything is written."""
 
     cfg: TrainConfig
@@ -66,7 +66,7 @@ class Run:
     resume_dir: Path | None
 
 
-def prepare_run(cfg: TrainConfig) -> Run:
+def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Check `cfg` against the model, the data and the number of processes, start the
     process group, get the tokenizer and build the loaders; raises a PLDRError naming the
     flag to change before any work or write."""
@@ -131,7 +131,7 @@ def prepare_run(cfg: TrainConfig) -> Run:
         total = by_epochs
     else:
         total = cfg.max_steps if cfg.epochs is None else min(cfg.max_steps, by_epochs)
-    return Run(cfg=cfg, dist=dist, out=out, config=config, tokenizer=tokenizer,
+    return PreparedRun(cfg=cfg, dist=dist, out=out, config=config, tokenizer=tokenizer,
                context_length=context_length, train_loader=train_loader,
                val_loader=val_loader, total_steps=total,
                lr_total_steps=cfg.lr_total_steps or total, micro_batch_size=micro,
@@ -214,7 +214,7 @@ def _loaders(cfg: TrainConfig, tokenizer: Any, context_length: int, train_split:
     return train, TokenBatches(chunks, batch, shuffle=False, rank=dist.rank, world_size=W)
 
 
-def make_run_folder(run: Run) -> None:
+def make_run_folder(run: PreparedRun) -> None:
     """Create the output folder (only now that every input passed), write the tokenizer and
     the settings, and remove temporary folders of saves that were cut short."""
     if run.dist.is_main:
@@ -242,7 +242,7 @@ def build_model(config: PLDRConfig, device: torch.device, seed: int) -> PLDRMode
     return model
 
 
-def build_training(run: Run) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_training(run: PreparedRun) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model (sharded with FSDP2 on several processes) in train mode, and its AdamW."""
     model = build_model(run.config, run.dist.device, run.cfg.seed)
     if run.dist.enabled:
@@ -252,5 +252,5 @@ def build_training(run: Run) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model.train(), optimizer
 
 
-__all__ = ["Run", "prepare_run", "make_run_folder", "build_model", "build_training",
+__all__ = ["PreparedRun", "prepare_run", "make_run_folder", "build_model", "build_training",
            "is_run_dir", "RUN_ENTRIES", "TRAIN_CONFIG_FILE"]

@@ -46,7 +46,7 @@ from . import distributed as ptd
 from .checkpointing import CheckpointManager
 from .config import TrainConfig
 from .metrics import DAG_KEYS, MetricsLog, TrainMetrics
-from .prepare import Run, build_training, make_run_folder, prepare_run
+from .prepare import PreparedRun, build_training, make_run_folder, prepare_run
 from .schedule import lr_at
 from .stats import StepStats
 
@@ -106,8 +106,8 @@ class Trainer:
     does. It owns the step, the metric trackers and the stop flag; the checkpoint manager
     owns what is on disk."""
 
-    def __init__(self, run: Run, on_step: Callable[[int, dict], None] | None = None):
-        self.run_ = run
+    def __init__(self, run: PreparedRun, on_step: Callable[[int, dict], None] | None = None):
+        self.prepared = run
         self.cfg, self.dist, self.device = run.cfg, run.dist, run.dist.device
         self.on_step = on_step
         self.train_loader, self.val_loader = run.train_loader, run.val_loader
@@ -129,7 +129,7 @@ class Trainer:
     # ----- the loop ------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        run = self.run_
+        run = self.prepared
         make_run_folder(run)
         self.model, self.optimizer = build_training(run)
         if run.resume_dir is not None:
@@ -223,7 +223,7 @@ class Trainer:
     def _forwards(self, micro: list[Tensor]) -> list[Tensor]:
         """The step's rows as the forwards take them: each loader batch [b, T+1] split into
         pieces of --micro-batch-size rows."""
-        size = self.run_.micro_batch_size
+        size = self.prepared.micro_batch_size
         return [piece for ids in micro for piece in ids.split(size)]
 
     def _train_step(self, micro: list[Tensor]) -> tuple[dict[str, Any], bool]:
@@ -237,7 +237,7 @@ class Trainer:
         cfg, W = self.cfg, self.dist.world_size
         pieces = self._forwards(micro)
         M = len(pieces)
-        pad = self.run_.config.pad_id
+        pad = self.prepared.config.pad_id
         counts = [int((ids[:, 1:] != pad).sum()) for ids in pieces]
         n_global = ptd.all_reduce_sum(
             torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device),
@@ -267,10 +267,10 @@ class Trainer:
             raise TrainingError(f"the loss became {values['loss']} at step {self.step + 1}"
                                 f"{where}. Lower --lr, raise --warmup-steps, or use float32")
         torch.nn.utils.clip_grad_value_(self.model.parameters(), CLIP_VALUE)
-        lr = lr_at(self.step + 1, cfg.lr, cfg.warmup_steps, self.run_.lr_total_steps,
+        lr = lr_at(self.step + 1, cfg.lr, cfg.warmup_steps, self.prepared.lr_total_steps,
                    cfg.lr_alpha)
         values["lr"] = lr
-        tokens = cfg.batch_size * self.run_.context_length * len(micro)
+        tokens = cfg.batch_size * self.prepared.context_length * len(micro)
         self.updating = True
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -283,15 +283,15 @@ class Trainer:
         return values, total.stop > 0  # `updating` stays True until the loop drops its position
 
     def _autocast(self):
-        if self.run_.amp_dtype is None:
+        if self.prepared.amp_dtype is None:
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.run_.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.prepared.amp_dtype)
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, Any]:
         """Validation loss/accuracy (token-weighted over the whole split) and DAG values."""
         self.model.eval()
-        pad = self.run_.config.pad_id
+        pad = self.prepared.config.pad_id
         stats = StepStats()
         for i, ids in enumerate(self.val_loader.iter_epoch(0)):
             if self.cfg.eval_batches and i >= self.cfg.eval_batches:
@@ -317,7 +317,7 @@ class Trainer:
         self.records.append(record)
         if self.log is not None:
             self.log.write(record)
-        if not self.run_.progress:
+        if not self.prepared.progress:
             self._say(format_record(record, self.total_steps))
 
     # ----- checkpoints ---------------------------------------------------------------------
@@ -338,7 +338,7 @@ class Trainer:
             return None
         return self.checkpoints.save(self.model, self.optimizer, position["step"], {
             "loader": position["loader"], "metrics": position["metrics"],
-            "total_steps": self.total_steps, "lr_total_steps": self.run_.lr_total_steps,
+            "total_steps": self.total_steps, "lr_total_steps": self.prepared.lr_total_steps,
             "train_config": self.cfg.to_dict()})
 
     def _load(self, ckpt: Path) -> None:
@@ -349,7 +349,7 @@ class Trainer:
         self.metrics.load_state_dict(state["metrics"])
 
     def _result(self, final_dir: Path | None = None, interrupted: bool = False) -> TrainResult:
-        return TrainResult(out_dir=self.run_.out, step=self.step, total_steps=self.total_steps,
+        return TrainResult(out_dir=self.prepared.out, step=self.step, total_steps=self.total_steps,
                            final_dir=final_dir, checkpoint=self.checkpoints.last,
                            interrupted=interrupted, records=self.records)
 
