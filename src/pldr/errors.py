@@ -23,3 +23,17 @@ class CheckpointError(PLDRError):
 
 class DataError(PLDRError):
     """Training or evaluation data that is missing, empty or unreadable."""
+
+
+def import_extra(module: str, extra: str, feature: str, package: str | None = None):
+    """Import `module`, or say in one line which extra of pldr-llm installs it.
+
+    For the parts only some users need (datasets, tensorboard, YAML config files), which
+    pyproject.toml lists as extras rather than as dependencies."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PLDRError(f"{feature} needs the {package or module} package, which is not "
+                        f"installed: pip install 'pldr-llm[{extra}]'") from None

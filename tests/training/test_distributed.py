@@ -1,11 +1,10 @@
 """Multi-process training on CPU: 2 ranks under torchrun (gloo, FSDP2) against 1 process with
-the same global batch, Distributed Checkpoint resume (on 2 ranks and on 1), and conversion of
-a DCP checkpoint to a model directory."""
+the same global batch, resume through the one checkpoint format (DCP) across world sizes
+(2 -> 2, 2 -> 1, 1 -> 2, and 1 -> 2 -> 1 exactly), and conversion of a checkpoint to a model
+directory."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import socket
@@ -19,10 +18,9 @@ import torch
 from pldr import PLDRConfig
 from pldr.checkpoint import load_model
 from pldr.cli import main as cli_main
-from pldr.training.distributed import dcp_to_pretrained
 from pldr.errors import CheckpointError
 from pldr.training import TrainConfig, train
-from pldr.training.checkpointing import list_checkpoints
+from pldr.training.checkpointing import dcp_to_pretrained, list_checkpoints
 from pldr.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,8 +95,7 @@ def one_process(shared: dict, out: Path, **changes):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return train(cfg)
+        return train(cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -132,9 +129,10 @@ def test_two_ranks_equal_one_process_on_the_same_rows(runs):
         assert two.keys() == one.keys() and two
         assert two == pytest.approx(one, rel=1e-6, abs=1e-9), (split, key)
     state = json.loads((ckpt(runs["two"], 6) / "trainer_state.json").read_text())
-    assert state["kind"] == "dcp" and state["world_size"] == 2
+    assert state["version"] == 2 and state["world_size"] == 2
     names = {p.name for p in ckpt(runs["two"], 6).iterdir()}
-    assert {".metadata", "rng-rank0.pt", "rng-rank1.pt", "config.json", "tokenizer.model"} <= names
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "config.json", "tokenizer.model",
+            "trainer_state.json"} == names  # no per-rank RNG files: nothing draws after init
     # the final model gathered from the shards
     a, b = load_model(runs["two"] / "final"), load_model(runs["accum"] / "final")
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
@@ -165,23 +163,25 @@ def test_dcp_checkpoint_resumes_on_two_ranks(runs, tmp_path):
 
 
 def test_dcp_checkpoint_loads_in_one_process(runs, tmp_path):
-    """Model and optimizer state read from the 2-rank DCP checkpoint equal the 1-process
-    state at the same step; a 1-process run resumes from it."""
-    from safetensors.torch import load_file
+    """Model and optimizer state read from the 2-rank checkpoint equal the 1-process state
+    at the same step (both DCP); a 1-process run resumes from it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from pldr.training.distributed import load_sharded
-    from pldr.training.trainer import build_model
+    from pldr.training.prepare import build_model
 
-    config = PLDRConfig.from_json(ckpt(runs["two"], 3) / "config.json")
-    model = build_model(config, torch.device("cpu"), seed=123)
-    optimizer = torch.optim.AdamW(model.parameters())
-    load_sharded(model, optimizer, ckpt(runs["two"], 3))
-    weights = load_file(ckpt(runs["accum"], 3) / "model.safetensors")
+    def read(checkpoint: Path):
+        config = PLDRConfig.from_json(checkpoint / "config.json")
+        model = build_model(config, torch.device("cpu"), seed=123)
+        optimizer = torch.optim.AdamW(model.parameters())
+        load_sharded(model, optimizer, checkpoint)
+        return model, get_optimizer_state_dict(model, optimizer)
+
+    model, got = read(ckpt(runs["two"], 3))
+    one, want = read(ckpt(runs["accum"], 3))
+    weights = one.state_dict()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=1e-6, atol=1e-8, msg=k)
-    got = get_optimizer_state_dict(model, optimizer)
-    want = torch.load(ckpt(runs["accum"], 3) / "optimizer.pt", weights_only=True)
     assert got["state"].keys() == want["state"].keys()
     for name, st in want["state"].items():
         for key, value in st.items():
@@ -224,3 +224,29 @@ def test_dcp_checkpoint_converts_to_a_model_directory(runs, tmp_path, capsys):
         dcp_to_pretrained(tmp_path / "model", tmp_path / "nope")
     assert cli_main(["convert", "--dcp", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_resume_across_world_sizes_1_2_1_is_exact(runs, tmp_path):
+    """One process (steps 1-3), two ranks (4-6), one process (7-9), each resuming the other's
+    DCP checkpoint, log the losses and end with the weights of one uninterrupted process. With
+    --micro-batch-size 2 each forward takes the same 2 rows on 1 process or 2, so the sums are
+    the same in the same order: equal bit for bit, not just close."""
+    same = dict(micro_batch_size=2, max_steps=9, lr_total_steps=9)
+    reference = one_process(runs, tmp_path / "ref", **same)
+    chain = tmp_path / "chain"
+    run_torchrun(runs, chain, "--resume", str(ckpt(tmp_path / "ref", 3)), "--max-steps", "6",
+                 "--micro-batch-size", "2", "--lr-total-steps", "9")
+    state = json.loads((ckpt(chain, 6) / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    one_process(runs, chain, resume="auto", **same)
+    want = by_step(tmp_path / "ref")
+    got = by_step(chain)
+    assert sorted(got) == list(range(4, 10))
+    assert got == {s: want[s] for s in got}  # exact
+    for key in ("global_loss", "accuracy", "dag_G"):
+        assert by_step(chain, key=key) == {s: by_step(tmp_path / "ref", key=key)[s]
+                                           for s in got}, key
+    a, b = load_model(chain / "final").state_dict(), load_model(reference.final_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -4,8 +4,6 @@ cores."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr import PLDRConfig
+from pldr import CheckpointError, PLDRConfig
 from pldr.checkpoint import load_model
 from pldr.cli import main as cli_main
 from pldr.training import TrainConfig, TrainingError, train
@@ -56,8 +54,8 @@ def small_cfg(shared: dict, out: Path, **changes) -> TrainConfig:
 
 
 def quiet_train(cfg: TrainConfig, **kwargs):
-    with contextlib.redirect_stdout(io.StringIO()):
-        return train(cfg, **kwargs)
+    """`train` as a library call: it prints nothing (it logs to the "pldr" logger)."""
+    return train(cfg, **kwargs)
 
 
 def losses(run: Path, key: str = "loss", split: str = "train") -> dict[int, float]:
@@ -131,8 +129,11 @@ def test_loss_falls_and_run_folder_is_complete(shared, tmp_path):
     assert names == ["step-00000030", "step-00000040"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     ckpt = out / "checkpoints" / "step-00000040"
-    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.json",
-            "tokenizer.model", "rng-rank0.pt"} <= {p.name for p in ckpt.iterdir()}
+    names = {p.name for p in ckpt.iterdir()}
+    # one resumable format, DCP, also on one process; safetensors only in model directories
+    assert {".metadata", "__0_0.distcp", "trainer_state.json", "config.json",
+            "tokenizer.model"} == names
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 1
     assert {p.name for p in result.final_dir.iterdir()} == {"config.json", "model.safetensors",
                                                              "tokenizer.model", "manifest.json"}
     model = load_model(result.final_dir)
@@ -280,7 +281,22 @@ def test_kill_9_then_resume_from_last_complete_checkpoint(shared, tmp_path):
     reference = quiet_train(small_cfg(shared, tmp_path / "ref", max_steps=until,
                                       lr_total_steps=100000))
     assert_same_losses(reference.train_losses, resumed, rel=1e-6)
-    assert load_model(out / "final").config.num_layers == 1
+    # the same arithmetic from the DCP checkpoint on: the final weights agree bit for bit
+    got, want = load_model(out / "final").state_dict(), load_model(reference.final_dir).state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(shared, tmp_path, capsys):
+    out = tmp_path / "run"
+    quiet_train(small_cfg(shared, out, max_steps=1))
+    shard = list_checkpoints(out)[-1] / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    rc = cli_main(_cli_train_args(shared, out, "--resume", "auto", "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot read the Distributed Checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 # ----- DAG terms -----------------------------------------------------------------------------
@@ -400,13 +416,90 @@ def test_cli_resume_reuses_the_runs_settings(shared, tmp_path):
     """`pldr train --resume auto --out RUN --max-steps N` continues a run without restating
     its flags (they come from the checkpoint)."""
     out = tmp_path / "run"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert cli_main(_cli_train_args(shared, out, "--max-steps", "3")) == 0
-        assert cli_main(["train", "--resume", "auto", "--out", str(out), "--max-steps", "5",
-                         "--no-progress"]) == 0
+    assert cli_main(_cli_train_args(shared, out, "--max-steps", "3")) == 0
+    assert cli_main(["train", "--resume", "auto", "--out", str(out), "--max-steps", "5",
+                     "--no-progress"]) == 0
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["batch_size"] == 4 and cfg["context_length"] == 32
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_and_a_flag_that_overrides_it(shared, tmp_path, capsys, suffix):
+    """`pldr train --config FILE` takes TrainConfig's field names; a flag given as well wins.
+    The run's checkpoint is a DCP folder: `pldr generate` on it says how to convert it, and
+    the converted folder generates."""
+    out = tmp_path / "run"
+    settings = {"model": shared["model_json"], "tokenizer": shared["tokenizer"],
+                "out": str(out), "split": "train[:30%]", "val_split": "none", "batch_size": 4,
+                "context_length": 32, "max_steps": 5, "warmup_steps": 2, "log_every": 1,
+                "lr": "2e-3", "dag_coeffs": [0.0, 0.0, 0.01], "progress": False,
+                "tensorboard": False}
+    file = tmp_path / f"train{suffix}"
+    if suffix == ".yaml":  # YAML reads 1e-3 as a string; the float field takes it anyway
+        file.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
+    else:
+        file.write_text(json.dumps(settings))
+    assert cli_main(["train", "--config", str(file), "--max-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "train step 2/2" in printed  # the library's log lines, printed by the CLI
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["max_steps"] == 2                                   # the flag
+    assert saved["lr"] == 2e-3 and saved["dag_coeffs"] == [0.0, 0.0, 0.01]  # the file
+    assert sorted(losses(out)) == [1, 2]
+
+    ckpt = list_checkpoints(out)[-1]
+    assert cli_main(["generate", "--model", str(ckpt), "--ids", "5,6", "--max-new-tokens",
+                     "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pldr convert --dcp {ckpt}" in err[0]
+    with pytest.raises(CheckpointError, match="resumable training checkpoint"):
+        load_model(ckpt)
+    assert cli_main(["convert", "--dcp", str(ckpt), "--out", str(tmp_path / "model")]) == 0
+    assert cli_main(["generate", "--model", str(tmp_path / "model"), "--ids", "5,6",
+                     "--max-new-tokens", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.split("\n", 1)[1])[0]["ids"]) == 2
+
+
+def test_config_file_errors_are_one_line(shared, tmp_path, capsys):
+    bad_key = tmp_path / "bad.json"
+    bad_key.write_text(json.dumps({"max_step": 3}))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("max_steps: [1, 2\n")
+    wrong_type = tmp_path / "wrong.json"
+    wrong_type.write_text(json.dumps({"data": 5}))
+    for file, message in ((bad_key, "unknown training setting(s) max_step"),
+                          (broken, "is not valid YAML"),
+                          (wrong_type, "data in --config"),
+                          (tmp_path / "none.json", "does not exist")):
+        rc = cli_main(["train", "--config", str(file), "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_extras_are_one_line_errors_and_defaults_do_without_them(shared, tmp_path,
+                                                                        capsys, monkeypatch):
+    """datasets, TensorBoard and YAML are extras: without them a run on a text source trains
+    (no OUT/tb), and asking for them says which extra to install."""
+    for extra in ("tensorboard", "yaml", "datasets"):
+        monkeypatch.setitem(sys.modules, extra, None)  # as if not installed
+    result = quiet_train(small_cfg(shared, tmp_path / "run", max_steps=1, tensorboard=None))
+    assert result.step == 1 and not (tmp_path / "run" / "tb").exists()
+    rc = cli_main(_cli_train_args(shared, tmp_path / "tb", "--max-steps", "1", "--tensorboard"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'pldr-llm[tensorboard]'" in err and len(err.splitlines()) == 1
+    (tmp_path / "c.yaml").write_text("max_steps: 1\n")
+    rc = cli_main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'pldr-llm[yaml]'" in err and len(err.splitlines()) == 1
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    rc = cli_main(_cli_train_args(shared, tmp_path / "j", "--max-steps", "1", "--data",
+                                  str(tmp_path / "docs.jsonl")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'pldr-llm[data]'" in err and len(err.splitlines()) == 1
+    assert not any((tmp_path / d).exists() for d in ("tb", "y", "j"))
 
 
 # ----- demo ----------------------------------------------------------------------------------

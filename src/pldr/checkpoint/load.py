@@ -43,6 +43,10 @@ from .original import (
 )
 
 
+# the file that marks a Distributed Checkpoint folder (a `pldr train` checkpoint)
+DCP_METADATA = ".metadata"
+
+
 def G_LM_key(layer: int) -> str:
     """State-dict key of the fixed G_LM buffer of decoder layer `layer` (v510G)."""
     return f"decoder.dec_layers.{layer}.mha1.G_LM"
@@ -73,6 +77,10 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
     if path.is_dir():
+        if (path / DCP_METADATA).is_file() and not (path / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{str(path)!r} is a resumable training checkpoint "
+                                  "(Distributed Checkpoint), not a model directory; convert it "
+                                  f"with: pldr convert --dcp {path} --out MODEL_DIR")
         state, config = _read_directory(path, config)
     elif path.suffix == ".safetensors":
         state = read_safetensors(path)

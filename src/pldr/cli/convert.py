@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="HP",
                    help="the model's hpdict or a config.json (needed for an original .pth)")
     p.add_argument("--dcp", metavar="DIR",
-                   help="instead of SRC: a Distributed Checkpoint of a multi-process "
-                   "`pldr train` run (OUT/checkpoints/step-N), written as a pldr directory")
+                   help="instead of SRC: the Distributed Checkpoint of a "
+                   "`pldr train` run (OUT/checkpoints/step-N, on any number of processes), written as a pldr directory")
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="G_LM file for a v510G checkpoint (predefined pickle, .pt or .safetensors)")
     p.add_argument("--out", required=True, metavar="DEST", help="directory to write")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return _convert_dcp(args)
     if args.src is None:
         raise PLDRError("give SRC (an original .pth with --config, or a model directory), or "
-                        "--dcp DIR (a checkpoint of a multi-process `pldr train` run)")
+                        "--dcp DIR (a training checkpoint of a `pldr train` run)")
     model = load_model(args.src, args.config, G_LM=args.G_LM, dtype=args.dtype)
     out = convert_model(model, args.out, args.to, tokenizer=args.tokenizer)
     note = (" (rotate-half RoPE written as its exact interleaved twin: dk axis permuted)"
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def _convert_dcp(args: argparse.Namespace) -> int:
     """`pldr convert --dcp DIR --out DIR2`: a sharded training checkpoint to a model folder."""
     from ..config import PLDRConfig
-    from ..training.distributed import dcp_to_pretrained
+    from ..training.checkpointing import dcp_to_pretrained
 
     if args.src is not None or args.config is not None or args.G_LM is not None:
         raise PLDRError("--dcp takes the config and weights from the checkpoint folder; drop "

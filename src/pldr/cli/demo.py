@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the KV + G cache, and show the loss curve and how much G_LM varies "
                        "between prompts.")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
-                   help="run folder (default runs/demo; a previous demo there is replaced)")
+                   help="run folder: new, empty, or a previous demo's, which is replaced; a "
+                   "folder the demo did not make is refused (default runs/demo)")
     p.add_argument("--steps", type=int, default=600,
                    help="training steps (default 600, about 2-3 minutes on 2 CPU cores)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from ..devices import resolve_device
+from ..errors import PLDRError
 from ..training.config import TrainConfig
 from ..training.metrics import read_metrics
+from ..training.prepare import RUN_ENTRIES
 from ..training.trainer import train
 
 PROMPTS = (
@@ -29,6 +31,7 @@ PROMPTS = (
     "The for statement is used to",
 )
 DEMO_STEPS = 600
+DEMO_MARK = ".pldr-demo"  # marks a folder the demo made, which a rerun may clear
 
 
 @dataclass
@@ -56,6 +59,27 @@ def demo_config(out: str | Path = "runs/demo", steps: int = DEMO_STEPS,
                        progress=progress)
 
 
+def clear_previous_demo(out: Path) -> None:
+    """Make room for a demo run in `out`: a folder the demo made before (it holds DEMO_MARK)
+    loses the entries a run writes, and nothing else; a missing or empty folder is used as
+    it is; any other folder is refused with one line, and nothing in it is deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PLDRError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
+    if not (out / DEMO_MARK).is_file():
+        if any(out.iterdir()):
+            raise PLDRError(f"--out {str(out)!r} is a folder `pldr demo` did not make; it "
+                            "deletes nothing there: choose a new or empty folder for --out")
+        return
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 @torch.no_grad()
 def g_lm_spread(model: Any, prompts: list[list[int]]) -> list[float]:
     """Per layer, how much the inferred G_LM differs between prompts: the Frobenius norm of its
@@ -72,14 +96,18 @@ def g_lm_spread(model: Any, prompts: list[list[int]]) -> list[float]:
 def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str | None = None,
              dtype: str = "float32", progress: bool | None = None, seed: int = 0,
              max_new_tokens: int = 40) -> DemoResult:
-    """Train, generate and report (see the module docstring); prints as it goes."""
+    """Train, generate and report (see the module docstring); prints as it goes.
+
+    `out` must be new, empty, or a previous demo's folder (see `clear_previous_demo`)."""
     from ..checkpoint.load import load_model
     from ..data.tokenizer import Tokenizer
     from ..inference.generate import generate
 
     out = Path(out)
-    if (out / "train_config.json").is_file():  # a previous demo run: start afresh
-        shutil.rmtree(out)
+    clear_previous_demo(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by `pldr demo`: a rerun replaces this run\n",
+                                 encoding="utf-8")
     cfg = demo_config(out, steps, device, dtype, progress, seed)
     print(f"pldr demo: training the tiny preset on the built-in corpus for {steps} steps "
           f"(batch {cfg.batch_size} x {cfg.context_length} tokens, {dtype}) into {out}",
@@ -114,4 +142,5 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str
     return demo
 
 
-__all__ = ["run_demo", "demo_config", "g_lm_spread", "DemoResult", "PROMPTS"]
+__all__ = ["run_demo", "demo_config", "g_lm_spread", "clear_previous_demo", "DemoResult",
+           "PROMPTS", "DEMO_MARK"]

@@ -1,88 +1,115 @@
-"""`pldr train`."""
+"""`pldr train`: flags derived from `TrainConfig`'s fields (names, defaults and help in one
+place, the field metadata), an optional --config file, and the resumed run's settings."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
+import typing
+from pathlib import Path
+from typing import Any
 
-from ..devices import SUPPORTED_DTYPES
+from ..errors import ConfigError
+from ..model.pretrained import CONFIG_FILE
+from ..training.config import TrainConfig, flag_name, read_config_file
+
+log = logging.getLogger("pldr")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    # Flags left out keep TrainConfig's defaults, or with --resume the resumed run's settings.
+    # Flags left out keep the config file's value, else the resumed run's (with --resume),
+    # else TrainConfig's default: argparse stores only the flags given.
     p = sub.add_parser("train", help="train a PLDR-LLM (torchrun for several processes)",
                        argument_default=argparse.SUPPRESS,
                        description="Train a model on a data source; writes checkpoints, "
                        "metrics.jsonl, TensorBoard events and OUT/final (a model directory). "
                        "Run under `torchrun --nproc_per_node=N -m pldr train ...` to shard the "
                        "model with FSDP2 over N processes.")
-    p.add_argument("--model", metavar="PRESET|JSON",
-                   help="preset (tiny, pldr-110m, pldr-110m-G) or a config.json / original "
-                   "hpdict; vocab_size comes from the tokenizer (default tiny)")
-    p.add_argument("--data", metavar="SOURCE",
-                   help="builtin, a .txt/.jsonl/.parquet/.csv file, a folder, or hf:NAME[:CONFIG] "
-                   "(default builtin)")
-    p.add_argument("--split", help="training slice, e.g. train[:90%%] (default train[:90%%])")
-    p.add_argument("--val-split", help="validation slice (default train[90%%:] with the default "
-                   "--split); none turns validation off")
-    p.add_argument("--text-column", help="text column of structured data (default content, text)")
-    p.add_argument("--chunk-mode", choices=("pack", "pad", "nopad"),
-                   help="how documents become chunks (default pack)")
-    p.add_argument("--batch-agg-count", type=int, help="pad/nopad modes: documents are "
-                   "concatenated batch_size * this many at a time (default 1)")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="SentencePiece .model (default: train one on the data and save it)")
-    p.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: "
-                   "the model's vocab_size)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/train)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=int, help="passes over the data (default 1; with "
-                   "--max-steps, whichever ends first)")
-    p.add_argument("--batch-size", type=int, help="global batch: rows per micro-batch over all "
-                   "processes (default 16)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--context-length", type=int,
-                   help="tokens per row (default: the model's max_seq_len)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
-    p.add_argument("--lr-alpha", type=float,
-                   help="final learning rate as a fraction of --lr (default 0.1)")
-    p.add_argument("--lr-total-steps", type=int,
-                   help="step where the cosine decay ends (default: the run's total steps)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
-    p.add_argument("--seed", type=int, help="seed of initial weights and data order (default 0)")
-    p.add_argument("--save-every", type=int,
-                   help="checkpoint every N steps (default 0: at the end only)")
-    p.add_argument("--keep-checkpoints", type=int,
-                   help="keep the last K checkpoints (default 3; 0 keeps all)")
-    p.add_argument("--eval-every", type=int,
-                   help="validate every N steps (default 0: at the end only)")
-    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation "
-                   "(default: all)")
-    p.add_argument("--log-every", type=int, help="report every N steps (default 10)")
-    p.add_argument("--resume", metavar="CKPT|auto",
-                   help="continue from a checkpoint folder, or auto: the latest in --out")
-    p.add_argument("--dtype", choices=SUPPORTED_DTYPES,
-                   help="bfloat16: autocast (and FSDP mixed precision) with fp32 weights")
-    p.add_argument("--dag-coeffs", metavar="cA,cAp,cG",
-                   help="DAG regularisation coefficients (default 0,0,0; DAG values are logged "
-                   "anyway)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   help="tqdm progress bar (default: when stderr is a terminal)")
-    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
-                   help="write TensorBoard events to OUT/tb (default on)")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="tokenised-data cache (default $PLDR_CACHE_DIR or ~/.cache/pldr)")
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON or YAML file of settings (TrainConfig field names, e.g. "
+                   "max_steps: 1000); flags given as well override it")
+    for f in dataclasses.fields(TrainConfig):
+        _add_flag(p, f)
     p.set_defaults(func=run)
 
 
+def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """One flag of a TrainConfig field: its type from the annotation, its help from the
+    metadata with the default appended."""
+    kind = _flag_type(f)
+    meta = dict(f.metadata)
+    help_text = meta.pop("help")
+    if "default" not in help_text:
+        help_text += f" (default {_show(f.default)})"
+    kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), **meta}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif kind in (int, float):
+        kwargs["type"] = kind
+        kwargs.setdefault("metavar", "N" if kind is int else "X")
+    p.add_argument(f"--{flag_name(f.name)}", **kwargs)
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    """int, float or bool for fields of those types (optional or not); str for the rest
+    (text, and values parsed from text: the model, the DAG coefficients)."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0] if len(args) == 1 and args[0] in (int, float, bool) else str
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def parse_dag_coeffs(text: str) -> tuple[float, float, float]:
+    """'0.005,0.005,0.005' -> (0.005, 0.005, 0.005): cA, cAp, cG."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ConfigError(f"--dag-coeffs expects three comma-separated numbers cA,cAp,cG, got "
+                          f"{text!r}")
+    return values  # type: ignore[return-value]
+
+
+def config_from_flags(flags: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """The TrainConfig of a command line: TrainConfig's defaults, then (with --resume) the
+    resumed run's saved settings, then the --config file, then the flags given. So
+    `pldr train --resume auto --out RUN` continues a run without restating it."""
+    from ..training.checkpointing import find_resume_checkpoint, read_trainer_state
+    from ..training.config import check_settings
+
+    flags = dict(flags)
+    if isinstance(flags.get("dag_coeffs"), str):
+        flags["dag_coeffs"] = parse_dag_coeffs(flags["dag_coeffs"])
+    from_file = read_config_file(config_file) if config_file is not None else {}
+    given = {**from_file, **flags}
+    base = TrainConfig()
+    if given.get("resume"):
+        ckpt = find_resume_checkpoint(given["resume"], Path(given.get("out", base.out)))
+        saved = dict(read_trainer_state(ckpt).get("train_config", {}))
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        base = TrainConfig(**check_settings({k: v for k, v in saved.items() if k in names},
+                                            f"{ckpt}'s saved settings"))
+        # the checkpoint's own model config, which exists even if the original file does not
+        base = base.replace(model=str(ckpt / CONFIG_FILE))
+    return base.replace(**given)
+
+
 def run(args: argparse.Namespace) -> int:
-    import os
+    from ..training.trainer import train
 
-    from ..training.trainer import config_from_flags, train
-
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
-    result = train(config_from_flags(flags))
+    given = vars(args)  # only the flags given (argument_default=SUPPRESS)
+    flags = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    result = train(config_from_flags(flags, getattr(args, "config", None)))
     if result.interrupted:
         return 130
     if os.environ.get("RANK", "0") == "0":

@@ -18,7 +18,7 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, import_extra
 from .splits import Split, parse_split
 from .tokenizer import split_paragraphs
 
@@ -292,12 +292,7 @@ def _check_hub_reachable(source: DataSource, timeout: float = 3.0) -> None:
 
 
 def _import_datasets() -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("reading .jsonl/.json/.parquet/.csv or hf: data needs the `datasets` "
-                        "package: pip install datasets") from None
-    return datasets
+    return import_extra("datasets", "data", "reading .jsonl/.json/.parquet/.csv or hf: data")
 
 
 @contextlib.contextmanager

@@ -1,68 +1,47 @@
-"""Resumable training state on disk: checkpoint folder names, finding the one to resume,
-the trainer state file and RNG states.
+"""Resumable training state: one format, Distributed Checkpoint (DCP), on one process or
+many; and the final export, a model directory (safetensors).
+
+    OUT/checkpoints/step-00000100/   .metadata + __R_0.distcp (model and optimizer, DCP)
+                                     config.json, tokenizer.model (the model's, so the folder
+                                     converts to a model directory on its own)
+                                     trainer_state.json (step, data position, metrics; last)
+    OUT/final/                       config.json + model.safetensors + tokenizer.model
+
+A checkpoint is written under `.tmp-step-N` and renamed when complete, so a kill at any
+moment leaves complete checkpoints only. DCP reshards on load: a checkpoint of N processes
+resumes on M. No RNG state is saved: nothing in training draws random numbers after the
+weights are initialised (no dropout; the data order comes from (seed, epoch); the init runs
+under fork_rng), so the weights, the optimizer, the data position and the metric sums decide
+the rest of a run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
+from ..config import PLDRConfig
+from ..devices import parse_dtype
 from ..errors import CheckpointError
+from ..files import atomic_write_text, is_temp_name, replace_dir
+from ..model.model import PLDRModel
+from ..model.pretrained import CONFIG_FILE, TOKENIZER_FILE, save_pretrained
+from . import distributed as ptd
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 STATE_FORMAT = "pldr-train-checkpoint"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: pldr 0.1 (safetensors + optimizer.pt on one process, DCP on several)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def rng_state() -> dict[str, Any]:
-    """The torch (CPU and CUDA), numpy and Python RNG states as tensors and plain numbers, so
-    they save with torch.save and load with weights_only=True."""
-    return _saveable_rng(_capture_rng())
-
-
-def _capture_rng() -> tuple[Any, ...]:
-    """The RNG states as the libraries return them (copies), without converting them: cheap
-    enough to take before every training step; `_saveable_rng` converts them for saving."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
-
-
-def _saveable_rng(captured: tuple[Any, ...]) -> dict[str, Any]:
-    """What `_capture_rng` took, in the form `rng_state` returns."""
-    torch_state, cuda, np_state, py = captured
-    version, py_state, gauss = py
-    _, keys, pos, has_gauss, cached = np_state
-    return {
-        "torch": torch_state,
-        "cuda": cuda,
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss": gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+_TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -106,10 +85,146 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint this version can resume."""
     try:
         state = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {str(ckpt / TRAINER_STATE)!r}: {e}") from None
-    if state.get("format") != STATE_FORMAT or state.get("kind") not in ("single", "dcp"):
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{str(ckpt)!r} is not a checkpoint written by `pldr train`")
+    if state.get("version") != STATE_VERSION or not (ckpt / ptd.DCP_METADATA).is_file():
+        raise CheckpointError(f"{str(ckpt)!r} is a checkpoint of an older pldr (version "
+                              f"{state.get('version')}); this version resumes Distributed "
+                              "Checkpoints only: start the run again")
     return state
+
+
+def remove_partial_saves(out: Path) -> None:
+    """Delete what saves cut short left in OUT/checkpoints (temporary folders only)."""
+    root = out / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((_TMP_PREFIX, ".old-")) or is_temp_name(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+class CheckpointManager:
+    """Writes, reads and prunes a run's checkpoints and exports the final model; the one
+    owner of OUT/checkpoints and OUT/final. All processes call every method (each writes its
+    DCP shards); rank 0 writes the small files and renames."""
+
+    def __init__(self, out: Path, dist: ptd.DistInfo, keep: int, config: PLDRConfig,
+                 tokenizer: Any) -> None:
+        self.out, self.dist, self.keep = out, dist, keep
+        self.config, self.tokenizer = config, tokenizer
+        self.last: Path | None = None   # the last checkpoint written or resumed from
+        self.last_step = -1             # its step
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+             state: dict[str, Any]) -> Path:
+        """Write OUT/checkpoints/step-N: the DCP shards, config.json, tokenizer.model, and
+        `state` (the trainer's position) as trainer_state.json, last; then rename the folder
+        into place and keep the last K."""
+        root = self.out / CHECKPOINTS
+        final = root / checkpoint_name(step)
+        tmp = root / f"{_TMP_PREFIX}{checkpoint_name(step)}"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        ptd.barrier(self.dist)
+        ptd.save_sharded(model, optimizer, tmp)
+        ptd.barrier(self.dist)
+        if self.dist.is_main:
+            self.config.to_json(tmp / CONFIG_FILE)
+            self.tokenizer.save(tmp / TOKENIZER_FILE)
+            write_json(tmp / TRAINER_STATE, {"format": STATE_FORMAT, "version": STATE_VERSION,
+                                             "step": step, "world_size": self.dist.world_size,
+                                             **state})
+            replace_dir(tmp, final)
+            self._prune()
+        ptd.barrier(self.dist)
+        self.last, self.last_step = final, step
+        return final
+
+    def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Read model and optimizer from `ckpt` (written by any number of processes) and
+        return its trainer state."""
+        state = read_trainer_state(ckpt)
+        _read_dcp(model, optimizer, ckpt)
+        self.last, self.last_step = ckpt, int(state["step"])
+        return state
+
+    def _prune(self) -> None:
+        if self.keep:
+            for old in list_checkpoints(self.out)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def export_final(self, model: nn.Module) -> Path:
+        """The trained model as a model directory OUT/final (with the tokenizer)."""
+        final = self.out / FINAL
+        state = ptd.full_model_state(model, self.dist)
+        if self.dist.is_main:
+            with torch.device("meta"):
+                plain = PLDRModel(self.config)
+            plain.load_state_dict(state, assign=True)
+            save_pretrained(plain, final, tokenizer=self.tokenizer)
+        ptd.barrier(self.dist)
+        return final
+
+
+def _read_dcp(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: Path) -> None:
+    """`ptd.load_sharded`, with a damaged or mismatched checkpoint reported as one
+    CheckpointError naming the folder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        ptd.load_sharded(model, optimizer, ckpt)
+    except CheckpointError:
+        raise
+    # DCP's CheckpointException is a BaseException, not an Exception
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        failures = getattr(e, "failures", None)  # rank -> the exception it raised
+        cause = next(iter(failures.values())) if failures else e
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, stack)
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        raise CheckpointError(f"cannot read the Distributed Checkpoint {str(ckpt)!r} ({reason}); "
+                              "it is damaged or does not fit the model; use another "
+                              "checkpoint") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      tokenizer: Any = None, dtype: str | torch.dtype | None = None) -> Path:
+    """Convert a training checkpoint (DCP) into a model directory (config.json +
+    model.safetensors [+ tokenizer.model]) that `load_model` and `pldr generate` read.
+
+    The model config comes from the checkpoint's config.json and the tokenizer, unless
+    given, from its tokenizer.model. `dtype` (e.g. "bfloat16") casts the weights before they
+    are written; the default keeps them as stored (float32). Runs on one process; no process
+    group is needed."""
+    dcp_dir = ptd.check_dcp_dir(dcp_dir)
+    dtype = parse_dtype(dtype)  # a bad name fails before any work
+    if not (dcp_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{str(dcp_dir)!r} has no {CONFIG_FILE}; it is not a checkpoint "
+                              "written by `pldr train`")
+    config = PLDRConfig.from_json(dcp_dir / CONFIG_FILE)
+    with torch.device("meta"):
+        model = PLDRModel(config)
+    model.to_empty(device="cpu")
+    model.init_weights()  # the v510G G_LM buffers; everything in the checkpoint is overwritten
+    _read_dcp(model, None, dcp_dir)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if tokenizer is None and (dcp_dir / TOKENIZER_FILE).is_file():
+        tokenizer = dcp_dir / TOKENIZER_FILE
+    save_pretrained(model, out_dir, tokenizer=tokenizer)
+    return Path(out_dir)
+
+
+__all__ = ["CHECKPOINTS", "FINAL", "TRAINER_STATE", "CheckpointManager", "checkpoint_name",
+           "list_checkpoints", "find_resume_checkpoint", "read_trainer_state",
+           "remove_partial_saves", "dcp_to_pretrained", "write_json"]

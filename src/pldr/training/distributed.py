@@ -11,8 +11,8 @@ Run under `torchrun`, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / 
   `MixedPrecisionPolicy` for `--dtype bfloat16`.
 - `save_sharded` / `load_sharded` write and read the model and optimizer state with
   Distributed Checkpoint (each rank writes its own shards; loading reshards to any number of
-  ranks). `dcp_to_pretrained` turns such a checkpoint into one `save_pretrained` directory,
-  on a single process without a process group.
+  ranks, also to one process without a process group). checkpointing.py decides what goes
+  into a checkpoint; this module only moves the tensors.
 
 The model itself stays a single-device module; everything parallel lives here.
 """
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..devices import parse_dtype, resolve_device
+from ..devices import resolve_device
 from ..errors import CheckpointError, PLDRError
 
 DCP_METADATA = ".metadata"  # the file that marks a Distributed Checkpoint folder
@@ -169,23 +169,6 @@ def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, Tensor]:
                                                                 cpu_offload=True))
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    model_state: dict[str, Tensor], optim_state: dict[str, Any] | None) -> None:
-    """Load unsharded (single-process) model and optimizer states into a sharded model: each
-    rank takes its shards. The optimizer state is keyed by parameter name
-    (`get_optimizer_state_dict` form). This lets a sharded run resume a 1-process checkpoint."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
-
-
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Write the model and optimizer state as a Distributed Checkpoint into `directory`
     (every rank writes its shards; all ranks must call it with the same directory)."""
@@ -193,7 +176,8 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    with _quiet_single_process():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -225,8 +209,8 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 
 @contextmanager
 def _quiet_single_process():
-    """Hide DCP's warning that it runs without a process group: reading a checkpoint on one
-    process (conversion, a 1-process resume) is intended."""
+    """Hide DCP's warning that it runs without a process group: writing or reading a
+    checkpoint on one process (a 1-process run, a conversion) is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         yield
@@ -237,51 +221,12 @@ def check_dcp_dir(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if not (directory / DCP_METADATA).is_file():
         raise CheckpointError(f"{str(directory)!r} is not a Distributed Checkpoint (it has no "
-                              f"{DCP_METADATA} file); pass a checkpoint folder of a multi-process "
+                              f"{DCP_METADATA} file); pass a checkpoint folder of a `pldr train` "
                               "run, e.g. RUN/checkpoints/step-00001000")
     return directory
 
 
-def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      tokenizer: Any = None, dtype: str | torch.dtype | None = None) -> Path:
-    """Convert a Distributed Checkpoint of a training run into a `save_pretrained` directory
-    (config.json + model.safetensors [+ tokenizer.model]) that `load_model` reads.
-
-    The model config is read from the checkpoint's `config.json` (training writes one into
-    every checkpoint) and the tokenizer, unless given, from its `tokenizer.model`. `dtype`
-    (e.g. "bfloat16") casts the weights before they are written, so the folder is written
-    once; the default keeps them as stored (float32). Runs on one process; no process group
-    is needed."""
-    from ..config import PLDRConfig
-    from ..model.model import PLDRModel
-    from ..model.pretrained import save_pretrained
-
-    dcp_dir = check_dcp_dir(dcp_dir)
-    dtype = parse_dtype(dtype)  # a bad name fails before any work
-    if not (dcp_dir / "config.json").is_file():
-        raise CheckpointError(f"{str(dcp_dir)!r} has no config.json; it is not a checkpoint "
-                              "written by `pldr train`")
-    config = PLDRConfig.from_json(dcp_dir / "config.json")
-    with torch.device("meta"):
-        model = PLDRModel(config)
-    model.to_empty(device="cpu")
-    model.init_weights()  # the v510G G_LM buffers; everything in the checkpoint is overwritten
-    try:
-        load_sharded(model, None, dcp_dir)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001  DCP raises CheckpointException and others
-        raise CheckpointError(f"cannot read the Distributed Checkpoint {str(dcp_dir)!r}: "
-                              f"{' '.join(str(e).split())[:300]}") from None
-    if dtype is not None:
-        model.to(dtype=dtype)
-    if tokenizer is None and (dcp_dir / "tokenizer.model").is_file():
-        tokenizer = dcp_dir / "tokenizer.model"
-    save_pretrained(model, out_dir, tokenizer=tokenizer)
-    return Path(out_dir)
-
-
 __all__ = ["DistInfo", "init_distributed", "destroy_distributed", "resolve_device",
            "env_world_size", "shard_model", "set_gradient_sync", "full_model_state",
-           "load_full_state", "save_sharded", "load_sharded", "dcp_to_pretrained",
+           "save_sharded", "load_sharded",
            "check_dcp_dir", "all_reduce_sum", "broadcast_object", "barrier"]

@@ -16,8 +16,8 @@ from typing import Any
 from ..files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
 DAG_KEYS = (("A", "dag_A"), ("A_P", "dag_Ap"), ("G", "dag_G"))  # dag_values key -> record field
-
 
 
 class MeanTracker:
@@ -107,7 +107,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = resume_step + 1 if resume_step is not None else None
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=purge)
+            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -152,4 +152,5 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
     return [r for r in records if split is None or r.get("split") == split]
 
 
-__all__ = ["METRICS_FILE", "DAG_KEYS", "MeanTracker", "TrainMetrics", "MetricsLog", "read_metrics"]
+__all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "DAG_KEYS", "MeanTracker", "TrainMetrics",
+           "MetricsLog", "read_metrics"]
