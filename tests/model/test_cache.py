@@ -47,3 +47,22 @@ def test_a_given_G_LM_for_one_slot_only():
     assert torch.equal(G[:, 1], torch.stack(eye)[:, 0])
     assert not torch.allclose(G[:, 0], G[:, 1])
     assert out.deductive.A is None  # a given row has no A to report
+
+
+def test_a_long_prefill_attends_in_chunks_exactly(monkeypatch):
+    from pldr.model import attention
+
+    model = fixture_model().double()
+    ids = torch.randint(1, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        cache = InferenceCache.for_mode(model.config, "kv_g", 1, 41, dtype=torch.float64)
+        with torch.no_grad():
+            first = model(ids, cache=cache).logits
+            return first, model(torch.tensor([[7]]), cache=cache).logits
+
+    whole = run()
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 40 queries: chunks of 16, 16, 8
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        assert_same(b, a, what="chunked prefill")
