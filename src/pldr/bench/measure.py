@@ -146,7 +146,8 @@ def run_one(spec: BenchSpec) -> BenchResult:
 
         def job():
             generate(model, prompt, spec.new_tokens, **kw)
-        warm = lambda: generate(model, prompt, 16, **kw)  # noqa: E731
+        # a compiled step is compiled for its cache length: warm up at the timed length
+        warm = lambda: generate(model, prompt, spec.new_tokens if spec.compile else 16, **kw)  # noqa
         tokens = spec.new_tokens
     elif spec.what == "engine":
         from ..inference.engine import Engine

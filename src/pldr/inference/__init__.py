@@ -1,5 +1,5 @@
-"""Inference: sampling (sampling.py), the generation API `generate` /
-`stream` (generate.py)."""
+"""Inference: sampling (sampling.py), input checks (checks.py), the generation API `generate` /
+`stream` (generate.py) and continuous batching (engine.py)."""
 
 from .engine import Engine, Request
 from .generate import CACHE_MODES, generate, stream

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..errors import PLDRError, PLDRTypeError
 from ..model.cache import InferenceCache, stack_per_layer
 from ..model.model import PLDRModel
+from .checks import check_max_new_tokens, positions_needed, prepare_prompts
 from .sampling import SamplingConfig, sample_row
 
 log = logging.getLogger("pldr")
@@ -87,7 +88,7 @@ class Engine:
         self._slots: list[Request | None] = [None] * max_batch
         self._queue: deque[Request] = deque()
         self._ids = itertools.count()
-        self._decode = _decode_call
+        self._decode = decode_cached
         if compile:
             self._decode = self._compiled()
 
@@ -97,8 +98,6 @@ class Engine:
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, eos_id: int | None = None, G_LM=None) -> Request:
         """Queue a request; every input is checked here, before any work."""
-        from .generate import check_max_new_tokens, positions_needed, prepare_prompts
-
         check_max_new_tokens(max_new_tokens)
         sampling = SamplingConfig(temperature, top_k, top_p)
         if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1:
@@ -214,12 +213,11 @@ class Engine:
                       c.A_LM, c.A_G, c.A_P, c.given, self._last):
                 torch._dynamo.mark_static_address(t)
         log.info("compiling the decode step (mode=%s)", "reduce-overhead" if cuda else "default")
-        return torch.compile(_decode_call, mode="reduce-overhead" if cuda else None,
+        return torch.compile(decode_cached, mode="reduce-overhead" if cuda else None,
                              dynamic=False)
 
 
-def _decode_call(model: PLDRModel, cache: InferenceCache, last: Tensor) -> Tensor:
-    """One decode call over every slot: last [B] ids -> the next logits [B, V]."""
-    from .generate import decode_cached
-
-    return decode_cached(model, cache, last)
+def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:
+    """One token per slot through a KV cache: next_ids [B] -> the next logits [B, V].
+    Static shapes, no host-device sync (what the engine compiles)."""
+    return model(next_ids[:, None], cache=cache, logits_to_keep=1).logits[:, -1]

@@ -33,44 +33,17 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import PLDRError, PLDRTypeError
+from ..errors import PLDRError
 from ..model.cache import CACHE_MODES, InferenceCache
 from ..model.model import PLDRModel
+from .checks import check_max_new_tokens, positions_needed, prepare_prompts
+from .engine import Engine, decode_cached
 from .sampling import SamplingConfig, sample, seeds_for
 
+COMPILE_LEN_STEP = 64  # compile=True: cache lengths are rounded up to a multiple of this
 
-def prepare_prompts(prompts: Sequence[Sequence[int]] | Tensor, model: PLDRModel) -> list[list[int]]:
-    """Check prompts (a list of id lists, or a LongTensor [T] / [B, T] without padding) and
-    return them as lists of ints."""
-    if isinstance(prompts, Tensor):
-        if prompts.is_floating_point() or prompts.dtype == torch.bool:
-            raise PLDRTypeError(f"prompt ids must be integers, got dtype {prompts.dtype}")
-        if prompts.dim() not in (1, 2):
-            raise PLDRError(f"a prompt tensor must be [T] or [B, T], got {list(prompts.shape)}")
-        prompts = (prompts[None] if prompts.dim() == 1 else prompts).tolist()
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise PLDRError("prompts must be a non-empty list of token-id lists")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        raise PLDRError("prompts must be a list of id lists; wrap a single prompt as [ids]")
-    V, pad = model.config.vocab_size, model.config.pad_id
-    rows = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, Tensor):
-            p = p.tolist()
-        if not isinstance(p, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise PLDRTypeError(f"prompt {i} must be a list of integer token ids")
-        if not p:
-            raise PLDRError(f"prompt {i} is empty; give at least one token")
-        bad = [t for t in p if not 0 <= t < V]
-        if bad:
-            raise PLDRError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {V}); "
-                            "check that the tokenizer matches the model")
-        if pad in p:
-            raise PLDRError(f"prompt {i} contains the pad id {pad}, which the model ignores; "
-                            "remove it")
-        rows.append(list(p))
-    return rows
+__all__ = ["CACHE_MODES", "generate", "stream", "start", "prefill", "decode_step",
+           "prepare_prompts", "positions_needed", "GenerationState"]
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
@@ -87,12 +60,6 @@ class GenerationState:
     seq: Tensor               # [B, T (+ steps so far without a KV part)] ids, left padded
     cache: InferenceCache
     mode: str
-
-
-def positions_needed(prompt_len: int, max_new_tokens: int) -> int:
-    """Positions the model runs: the prompt and every new token but the last, which is
-    sampled and never fed back."""
-    return prompt_len + max(max_new_tokens - 1, 0)
 
 
 def start(model: PLDRModel, rows: list[list[int]], cache: str, max_new_tokens: int,
@@ -114,12 +81,6 @@ def prefill(model: PLDRModel, state: GenerationState) -> Tensor:
     return out.logits[:, -1]
 
 
-def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:
-    """One token per slot through a KV cache: next_ids [B] -> the next logits [B, V].
-    Static shapes, no host-device sync (what the engine compiles)."""
-    return model(next_ids[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-
-
 def decode_step(model: PLDRModel, state: GenerationState, next_ids: Tensor) -> Tensor:
     """Append next_ids [B] and return the logits [B, V] for the token after them.
 
@@ -129,11 +90,6 @@ def decode_step(model: PLDRModel, state: GenerationState, next_ids: Tensor) -> T
         return decode_cached(model, state.cache, next_ids)
     state.seq = torch.cat([state.seq, next_ids[:, None]], dim=1)
     return model(state.seq, cache=state.cache, logits_to_keep=1).logits[:, -1]
-
-
-def check_max_new_tokens(max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise PLDRError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
 def _check_G_LM(model: PLDRModel, G_LM) -> None:
@@ -174,13 +130,13 @@ def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_
 
 def _stream_engine(model, rows, max_new_tokens, cache, sampling, G_LM, eos, seeds, compile):
     """The KV modes: every prompt a request of one engine with a slot each."""
-    from .engine import Engine
-
     if max_new_tokens == 0:
         return
     T = max(len(r) for r in rows)
-    engine = Engine(model, max_batch=len(rows), max_len=positions_needed(T, max_new_tokens),
-                    cache=cache, compile=compile)
+    max_len = positions_needed(T, max_new_tokens)
+    if compile:  # a compiled step has static shapes: round the length so runs share one
+        max_len = min(-(-max_len // COMPILE_LEN_STEP) * COMPILE_LEN_STEP, model.config.max_seq_len)
+    engine = Engine(model, max_batch=len(rows), max_len=max_len, cache=cache, compile=compile)
     reqs = [engine.submit(r, max_new_tokens, temperature=sampling.temperature,
                           top_k=sampling.top_k, top_p=sampling.top_p, seed=s, eos_id=eos,
                           G_LM=G_LM) for r, s in zip(rows, seeds)]
