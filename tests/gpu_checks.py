@@ -4,7 +4,7 @@ with a CUDA device as `pytest tests/gpu_checks.py`. On CPU-only machines the sui
 import pytest
 import torch
 
-from pldr import GCache, generate
+from pldr import InferenceCache, generate
 from pldr.inference import CACHE_MODES
 from fixture_utils import assert_close_scaled, expected, fixture_model, generation, inputs
 
@@ -40,9 +40,10 @@ def test_g_cache_on_cuda_matches_cpu():
     gpu = fixture_model().cuda()
     ids = inputs()["tokens"]
     with torch.no_grad():
-        g_cpu, g_gpu = GCache.allocate(cpu.config, 2), GCache.allocate(gpu.config, 2, "cuda")
-        a = cpu(ids, g_cache=g_cpu).logits
-        b = gpu(ids.cuda(), g_cache=g_gpu).logits.cpu()
+        g_cpu = InferenceCache.for_mode(cpu.config, "g_only", 2, 0)
+        g_gpu = InferenceCache.for_mode(gpu.config, "g_only", 2, 0, "cuda")
+        a = cpu(ids, cache=g_cpu).logits
+        b = gpu(ids.cuda(), cache=g_gpu).logits.cpu()
     assert_close_scaled(b, a, tol=1e-4)
 
 

@@ -7,11 +7,10 @@ from .checkpoint import load_G_LM, load_model, save_G_LM
 from .config import PLDRConfig
 from .data import Tokenizer
 from .errors import CheckpointError, ConfigError, DataError, PLDRError
-from .inference import generate, stream
+from .inference import Engine, generate, stream
 from .model import (
                     Deductive,
-                    GCache,
-                    KVCache,
+                    InferenceCache,
                     PLDRModel,
                     PLDROutput,
                     dag_values,
@@ -24,8 +23,8 @@ from .model import (
 
 __all__ = [
     "PLDRConfig", "PLDRError", "ConfigError", "CheckpointError", "DataError",
-    "PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "KVCache", "GCache",
+    "PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "InferenceCache",
     "masked_loss", "masked_accuracy", "dag_values", "loss_with_dag",
-    "load_model", "load_G_LM", "save_G_LM", "generate", "stream", "Tokenizer",
+    "load_model", "load_G_LM", "save_G_LM", "generate", "stream", "Engine", "Tokenizer",
 ]
 __version__ = "0.1.0"

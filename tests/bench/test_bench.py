@@ -33,3 +33,21 @@ def test_bench_bad_input(capsys, args, message):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
+
+
+def test_bench_engine_records_throughput_per_batch_and_the_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--what", "engine", "--batch", "1,3",
+                 "--repeats", "1", "--prompt-len", "6", "--new-tokens", "5",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = [(r["spec"]["what"], r["spec"]["batch"], r["spec"]["compile"]) for r in data["results"]]
+    assert rows == [("engine", 1, False), ("engine", 3, False)]
+    assert all(r["tokens_per_s"] > 0 for r in data["results"])
+    ratio = data["ratios"]["engine kv_g float32 x3 / x1"]
+    assert ratio == data["results"][1]["tokens_per_s"] / data["results"][0]["tokens_per_s"]
+
+
+def test_bench_bad_batch(capsys):
+    assert main(["bench", "--what", "engine", "--batch", "x"]) == 2
+    assert "--batch expects comma-separated integers" in capsys.readouterr().err

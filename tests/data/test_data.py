@@ -456,3 +456,11 @@ def test_build_loaders_too_little_data(tok, tmp_path):
     (tmp_path / "tiny.txt").write_text("just a few words")
     with pytest.raises(DataError, match="fewer than one batch of 8"):
         build_loaders(tmp_path / "tiny.txt", tok, 64, 8, split="train", progress=False)
+
+
+def test_chunks_pad_with_the_given_pad_id():
+    assert chunk_tokens([[1, 2, 3], [4, 5]], 4, "pad", group_size=1, pad_id=7) == [
+        [1, 2, 3, 7], [4, 5, 7, 7]]
+    docs = TokenizedDocs.from_lists([[1, 2, 3], [4, 5]])
+    assert Chunks.from_tokens(docs, 4, "pad", 1, pad_id=7).rows([0, 1]).tolist() == [
+        [1, 2, 3, 7], [4, 5, 7, 7]]

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pldr import GCache, KVCache
+from pldr import InferenceCache
 from pldr.model.attention import PowerLawAttention, PowerLawStep
 from pldr.cli import main
 from pldr.inference.generate import (CACHE_MODES, decode_step, generate, prefill, start, stream)
@@ -74,17 +74,17 @@ def test_multi_token_cached_step_equals_full_forward_with_the_same_A(dtype):
     prompt, rest = ids[:, :8], ids[:, 8:]
     with torch.no_grad():
         # several tokens in one KV-cached call (A fixed by the prompt, G recomputed from it)
-        kv = KVCache.allocate(model.config, 1, 14, dtype=dtype)
-        model(prompt, kv_cache=kv)
-        chunk = model(rest, kv_cache=kv).logits                      # [1, 6, V]
+        kv = InferenceCache.for_mode(model.config, "kv_only", 1, 14, dtype=dtype)
+        model(prompt, cache=kv)
+        chunk = model(rest, cache=kv).logits                      # [1, 6, V]
         # one token at a time through the same cache
-        kv1 = KVCache.allocate(model.config, 1, 14, dtype=dtype)
-        model(prompt, kv_cache=kv1)
-        steps = torch.cat([model(rest[:, i:i + 1], kv_cache=kv1).logits for i in range(6)], 1)
+        kv1 = InferenceCache.for_mode(model.config, "kv_only", 1, 14, dtype=dtype)
+        model(prompt, cache=kv1)
+        steps = torch.cat([model(rest[:, i:i + 1], cache=kv1).logits for i in range(6)], 1)
         # the full sequence with G_LM fixed by the prompt (a filled G-cache)
-        g = GCache.allocate(model.config, 1, dtype=dtype)
-        model(prompt, g_cache=g)
-        full = model(ids, g_cache=g).logits[:, 8:]
+        g = InferenceCache.for_mode(model.config, "g_only", 1, 0, dtype=dtype)
+        model(prompt, cache=g)
+        full = model(ids, cache=g).logits[:, 8:]
     assert_same(chunk, steps, what="chunk vs steps")
     assert_same(chunk, full, what="chunk vs full forward")
     assert kv.length == 14 and kv1.length == 14
@@ -127,12 +127,18 @@ def test_predefined_G_LM_bypasses_the_deep_network(model, monkeypatch, mode):
     assert calls == {"metric": 0, "power_law": 0}
 
 
+def _given(model, G_LM, slots, A_LM=None):
+    """A cache without a KV part whose every slot has the given G_LM."""
+    cache = InferenceCache.for_mode(model.config, "no_cache", slots, 0)
+    cache.set_G_LM(G_LM, A_LM)
+    return cache
+
+
 def test_identity_G_LM_on_v510_equals_the_v510G_identity_model(model):
     eye = [torch.eye(16).expand(1, 4, 16, 16) for _ in range(2)]
     ids = inputs()["tokens"]
     with torch.no_grad():
-        g = GCache.from_G_LM(model.config, eye)
-        logits = model(ids, g_cache=g).logits
+        logits = model(ids, cache=_given(model, eye, len(ids))).logits
     assert_matches_fixture(logits, expected("v510G_identity_expected.pt")["tokens/logits"],
                            "logits")
     g_model = fixture_v510G_model()
@@ -308,7 +314,7 @@ def test_predefined_G_LM_reports_no_invented_deductive_outputs(model):
     eye = [torch.eye(16).expand(1, 4, 16, 16) for _ in range(2)]
     ids = inputs()["tokens"]
     with torch.no_grad():
-        out = model(ids, g_cache=GCache.from_G_LM(model.config, eye), return_deductive=True)
+        out = model(ids, cache=_given(model, eye, len(ids)), return_deductive=True)
     d = out.deductive
     assert d.A is None and d.A_LM is None and d.A_P is None
     assert torch.equal(d.G_LM[:, 0], torch.stack(eye)[:, 0])
@@ -316,6 +322,6 @@ def test_predefined_G_LM_reports_no_invented_deductive_outputs(model):
     assert plain.dag == {} and torch.equal(plain.loss, plain.ce)
     with pytest.raises(ValueError, match="non-zero DAG coefficients"):
         loss_with_dag(out.logits[:, :-1], ids[:, 1:], d, (1.0, 0, 0))
-    pairs = GCache.from_G_LM(model.config, eye, A_LM=eye)  # a Gcachelst file has both
+    pairs = _given(model, eye, len(ids), A_LM=eye)  # a Gcachelst file has both
     with torch.no_grad():
-        assert model(ids, g_cache=pairs, return_deductive=True).deductive.A_LM is not None
+        assert model(ids, cache=pairs, return_deductive=True).deductive.A_LM is not None

@@ -202,3 +202,60 @@ def test_logits_to_keep_gives_the_last_positions_only(dtype):
         last = model(ids, logits_to_keep=3)
     assert last.logits.shape == (2, 3, 300) and last.hidden.shape == full.hidden.shape
     assert_same(last.logits, full.logits[:, -3:], what="last 3 logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_right_padding_with_attention_mask_equals_the_row_alone(dtype):
+    model = fixture_model().to(dtype)
+    row = inputs()["tokens"][0, :16]
+    filler = torch.full((8,), 77)  # any ids: the mask, not the pad id, says what is real
+    batch = torch.stack([torch.cat([row, filler]), torch.cat([row[:12], filler, row[:4]])])
+    mask = torch.zeros(2, 24, dtype=torch.long)
+    mask[0, :16] = 1
+    mask[1, :12] = 1
+    with torch.no_grad():
+        alone = model(row[None], return_deductive=True)
+        short = model(row[None, :12], return_deductive=True)
+        padded = model(batch, attention_mask=mask, return_deductive=True)
+    assert_same(padded.logits[0, :16], alone.logits[0], what="row 0 logits")
+    assert_same(padded.logits[1, :12], short.logits[0], what="row 1 logits")
+    for field in DEDUCTIVE:
+        assert_same(getattr(padded.deductive, field)[:, 0], getattr(alone.deductive, field)[:, 0],
+                    what=field)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_explicit_positions_are_used(dtype):
+    model = fixture_model().to(dtype)
+    ids = inputs()["tokens"][:1, :10]
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    with torch.no_grad():
+        plain = model(ids).logits
+        derived = model(left).logits[:, 3:]
+        given = model(left, positions=torch.tensor([[0, 0, 0, *range(10)]])).logits[:, 3:]
+        shifted = model(ids, positions=torch.arange(5, 15)[None]).logits
+    assert_same(derived, plain, what="positions derived from the pad id")
+    assert_same(given, plain, what="the same positions given")
+    # RoPE makes attention depend on relative positions only; A (q^T q) does not: shifted
+    # positions change the logits
+    assert (shifted - plain).abs().max() > 1e-6
+
+
+def test_a_pad_id_other_than_0_is_the_pad():
+    model = fixture_model(pad_id=1).double()
+    row = inputs()["tokens"][:1, :12]
+    row = torch.where(row == 1, 2, row)
+    with torch.no_grad():
+        alone = model(row).logits
+        padded = model(torch.cat([torch.ones(1, 4, dtype=torch.long), row], dim=1)).logits
+    assert_same(padded[:, 4:], alone, what="left pads of id 1")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attention_mask=torch.ones(1, 3)), r"attention_mask must be a tensor of the shape"),
+    (dict(positions=torch.zeros(2, 4, dtype=torch.long)), r"positions must be a tensor"),
+    (dict(positions=torch.zeros(1, 4)), "positions must be integers"),
+])
+def test_bad_mask_or_positions_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fixture_model()(torch.tensor([[5, 6, 7, 8]]), **kwargs)

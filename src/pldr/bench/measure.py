@@ -1,4 +1,4 @@
-"""`pldr bench`: speed and peak memory of decoding, prefill and a training step.
+"""`pldr bench`: speed and peak memory of decoding, the engine, prefill and a training step.
 
 Each measurement runs in a fresh Python process, so its peak RSS (`ru_maxrss`) belongs to it
 alone; inside, one warm-up run is followed by `repeats` timed runs and the median is kept.
@@ -7,6 +7,10 @@ weights (seed 0), random ids, batch 1 decoding of `new_tokens` after a `prompt_l
 one `prefill_len` forward, and one AdamW training step on [train_batch, train_len] tokens
 (float32 weights; `dtype="bfloat16"` runs it under bf16 autocast, as `pldr train` does, and
 casts the weights to bf16 for decode and prefill).
+`engine` measures the aggregate decode throughput of `pldr.Engine` with `batch` running
+requests (all admitted and prefilled first, untimed; then `new_tokens - 1` timed steps of
+one token each for every request); `compile=True` runs the decode step under torch.compile
+(kv modes of `decode`, and `engine`).
 The machine's CPU flags, thread count and load are recorded with the results: compare only
 figures from the same run.
 """
@@ -28,14 +32,14 @@ import torch
 
 from ..errors import PLDRError
 
-MEASUREMENTS = ("decode", "prefill", "train")
+MEASUREMENTS = ("decode", "prefill", "train", "engine")
 
 
 @dataclass(frozen=True)
 class BenchSpec:
     """One measurement: what to run and on which model."""
 
-    what: str                     # "decode" | "prefill" | "train"
+    what: str                     # "decode" | "prefill" | "train" | "engine"
     model: str = "pldr-110m"      # a preset name or a model directory
     variant: str | None = None    # override the preset's variant ("v510G" = identity G_LM)
     cache: str = "kv_g"           # decode only
@@ -48,6 +52,8 @@ class BenchSpec:
     device: str = "cpu"
     threads: int | None = None
     repeats: int = 3
+    batch: int = 1                # engine: running requests
+    compile: bool = False         # decode (kv modes) and engine: torch.compile the step
 
 
 @dataclass
@@ -136,10 +142,35 @@ def run_one(spec: BenchSpec) -> BenchResult:
 
         prompt = ids(1, spec.prompt_len)
 
+        kw = dict(cache=spec.cache, temperature=0, eos_id=-1, compile=spec.compile)
+
         def job():
-            generate(model, prompt, spec.new_tokens, cache=spec.cache, temperature=0, eos_id=-1)
-        warm = lambda: generate(model, prompt, 16, cache=spec.cache, temperature=0, eos_id=-1)  # noqa
+            generate(model, prompt, spec.new_tokens, **kw)
+        # a compiled step is compiled for its cache length: warm up at the timed length
+        warm = lambda: generate(model, prompt, spec.new_tokens if spec.compile else 16, **kw)  # noqa
         tokens = spec.new_tokens
+    elif spec.what == "engine":
+        from ..inference.engine import Engine
+
+        engine = Engine(model, max_batch=spec.batch, max_len=spec.prompt_len + spec.new_tokens,
+                        cache=spec.cache, compile=spec.compile)
+        prompts = [ids(spec.prompt_len).tolist() for _ in range(spec.batch)]
+        timed = {}
+
+        def run_engine(n: int) -> None:
+            for p in prompts:
+                engine.submit(p, n, temperature=0, eos_id=-1)
+            engine.step()                  # admission: every prefill and first token
+            _sync(spec.device)
+            t0 = time.perf_counter()
+            engine.run()                   # n - 1 decode steps over `batch` requests
+            _sync(spec.device)
+            timed["s"] = time.perf_counter() - t0
+
+        def job():
+            run_engine(spec.new_tokens)
+        warm = lambda: run_engine(4)  # noqa: E731
+        tokens = spec.batch * (spec.new_tokens - 1)
     elif spec.what == "prefill":
         x = ids(1, spec.prefill_len)
 
@@ -178,6 +209,8 @@ def run_one(spec: BenchSpec) -> BenchResult:
         job()
         _sync(spec.device)
         times.append(time.perf_counter() - t0)
+        if spec.what == "engine":
+            times[-1] = timed["s"]  # the decode steps only
     med = statistics.median(times)
     extra = {}
     if spec.device.startswith("cuda"):
@@ -205,11 +238,35 @@ def format_table(results: list[BenchResult]) -> str:
     for r in results:
         s = r.spec
         name = f"{s.what} {s.cache}" if s.what == "decode" else s.what
+        if s.what == "engine":
+            name = f"engine {s.cache} x{s.batch}"
+        if s.compile:
+            name += " compiled"
         model = s.model + (f" ({s.variant})" if s.variant else "") + f" {s.dtype}"
         rows.append((name, model, f"{r.median_s:.3f}", f"{r.tokens_per_s:.1f}",
                      f"{r.peak_rss_mb:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def summarise(results: list[BenchResult]) -> dict[str, float]:
+    """Ratios within one run: the engine's aggregate decode throughput with N requests over
+    one request, and compiled over eager (decode and engine), keyed by what they compare."""
+    def key(r: BenchResult) -> tuple:
+        s = r.spec
+        return (s.what, s.cache, s.variant, s.dtype, s.batch if s.what == "engine" else 1,
+                s.compile)
+    by = {key(r): r.tokens_per_s for r in results}
+    out = {}
+    for (what, cache, variant, dtype, batch, comp), tps in by.items():
+        tag = f"{what} {cache}" + (f" {variant}" if variant else "") + f" {dtype}"
+        one = by.get((what, cache, variant, dtype, 1, comp))
+        if what == "engine" and batch > 1 and one:
+            out[f"{tag} x{batch} / x1" + (" compiled" if comp else "")] = tps / one
+        eager = by.get((what, cache, variant, dtype, batch, False))
+        if comp and eager:
+            out[f"{tag}" + (f" x{batch}" if what == "engine" else "") + " compiled / eager"] = tps / eager
+    return out
 
 
 if __name__ == "__main__":  # one measurement in a fresh process: argv[1] is a BenchSpec as JSON

@@ -27,8 +27,15 @@ from ..model.pretrained import (
                          write_model_files,
 )
 from .glm import load_G_LM, load_G_LM_pairs, save_G_LM
-from .load import G_LM_key, check_state_fits, inspect_checkpoint, load_model, read_state
+from .load import (
+    G_LM_key,
+    check_state_fits,
+    inspect_checkpoint,
+    load_for_inference,
+    load_model,
+    read_state,
+)
 
-__all__ = ["load_model", "read_state", "inspect_checkpoint", "check_state_fits", "G_LM_key",
+__all__ = ["load_model", "load_for_inference", "read_state", "inspect_checkpoint", "check_state_fits", "G_LM_key",
            "save_pretrained", "write_model_files", "read_safetensors", "CONFIG_FILE",
            "WEIGHTS_FILE", "TOKENIZER_FILE", "load_G_LM", "load_G_LM_pairs", "save_G_LM"]

@@ -70,6 +70,28 @@ def load_model(path: str | os.PathLike,
     return _place(model, device, dtype).eval()
 
 
+def load_for_inference(path: str | os.PathLike,
+                       config: PLDRConfig | Mapping | str | os.PathLike | None = None,
+                       *, G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
+                       device: str | torch.device | None = None,
+                       dtype: str | torch.dtype | None = None
+                       ) -> tuple[PLDRModel, list[Tensor] | None]:
+    """A model and the G_LM to generate with, from one read of the checkpoint.
+
+    A given G_LM (tensor, list or file) wins in either variant: a v510G model takes it as its
+    buffers (an original v510G .pth needs it to load at all; a directory's saved G_LM is
+    replaced), and for a v510 model it is returned, to be given to generation."""
+    if isinstance(G_LM, (str, os.PathLike)):
+        G_LM = load_G_LM(G_LM)
+    state, config = read_state(path, config)
+    if config.variant == "v510G":
+        state, G = _attach_G_LM(state, config, G_LM)
+    else:
+        G = None
+    model = _place(_build(config, state, G), device, dtype).eval()
+    return model, None if G_LM is None else list(stack_per_layer(G_LM, config, "G_LM"))
+
+
 def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, Tensor], PLDRConfig]:
     """The state dict of `path` (prefixes stripped, on CPU) and the config it goes with, its
     variant set from the keys. Reads only tensors; builds no model."""

@@ -15,7 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "figures only within one run.")
     p.add_argument("--model", default="pldr-110m", help="preset name or model directory")
     p.add_argument("--what", default="decode,prefill,train",
-                   help="comma-separated: decode, prefill, train")
+                   help="comma-separated: decode, prefill, train, engine (continuous batching)")
+    p.add_argument("--batch", default="1,16",
+                   help="engine: comma-separated numbers of running requests (default 1,16)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure decode (kv modes) and engine under torch.compile")
     p.add_argument("--cache", default="kv_g,kv_only,g_only,no_cache",
                    help="comma-separated cache modes for decode")
     p.add_argument("--compare-G", action="store_true",
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         format_table,
         machine_info,
         measure,
+        summarise,
     )
     from ..config import PRESETS
     from ..inference.generate import CACHE_MODES
@@ -64,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in PRESETS and not Path(args.model).is_dir():
         raise PLDRError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
                         "nor a model directory")
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b]
+    except ValueError:
+        raise PLDRError(f"--batch expects comma-separated integers like 1,16, got {args.batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise PLDRError("--batch needs integers >= 1")
     if args.repeats < 1:
         raise PLDRError("--repeats must be >= 1")
     variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
@@ -78,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
                 for c in (caches if w == "decode" else ["kv_g"]):
                     if variant == "v510G" and c in ("g_only",):
                         continue  # no G-cache in v510G: same as no_cache
-                    specs.append(BenchSpec(what=w, cache=c, variant=variant, dtype=dtype, **common))
+                    kv = c in ("kv_g", "kv_only")
+                    for comp in ([False, True] if args.compile and kv and w in ("decode", "engine")
+                                 else [False]):
+                        for b in (batches if w == "engine" else [1]):
+                            specs.append(BenchSpec(what=w, cache=c, variant=variant, dtype=dtype,
+                                                   batch=b, compile=comp, **common))
     info = machine_info()
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} nproc: {info['nproc']} "
           f"torch {info['torch']} threads {info['torch_threads']} load {info['loadavg']}",
@@ -89,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(results))
+    ratios = summarise(results)
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": info, "machine_after": machine_info(),
-             "results": [asdict(r) for r in results]}, indent=2))
+             "results": [asdict(r) for r in results], "ratios": ratios}, indent=2))
     return 0

@@ -27,10 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off, 1: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling (every prompt alike)")
     p.add_argument("--eos-id", type=int, help="stop token (default: the config's; -1 never stops)")
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
-                   help="predefined G_LM file used at every step instead of the model's own")
+                   help="predefined G_LM file used at every step instead of the model's own "
+                   "(v510 and v510G; an original v510G .pth needs one)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step under torch.compile (kv_g/kv_only; same tokens)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
     p.add_argument("--json", action="store_true", help="print ids and text per prompt as JSON")
@@ -41,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..checkpoint.glm import load_G_LM
-    from ..checkpoint.load import load_model
+    from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
     from ..devices import resolve_device
     from ..inference.generate import stream
@@ -62,15 +64,16 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("text prompts need a tokenizer: pass --tokenizer FILE.model (model "
                         "directories written by pldr carry their own)")
     tokenizer = Tokenizer.load(tok_file) if tok_file is not None else None
-    model = load_model(args.model, args.config, device=resolve_device(args.device),
-                       dtype=args.dtype)
-    G_LM = load_G_LM(args.G_LM) if args.G_LM else None
+    if args.compile and args.cache not in ("kv_g", "kv_only"):
+        raise PLDRError(f"--compile needs --cache kv_g or kv_only, not {args.cache}")
+    model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
+                                     device=resolve_device(args.device), dtype=args.dtype)
 
     prompts = [_strip_eos(tokenizer.encode(t), model.config.eos_id) for t in args.prompt]
     prompts += id_prompts
     steps = stream(model, prompts, args.max_new_tokens, cache=args.cache,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   G_LM=G_LM, eos_id=args.eos_id, seed=args.seed)
+                   G_LM=G_LM, eos_id=args.eos_id, seed=args.seed, compile=args.compile)
     new: list[list[int]] = [[] for _ in prompts]
     live = len(prompts) == 1 and not args.json and tokenizer is not None
     shown = ""

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # `datasets` takes a second to import; only structured data n
     pass
 
 
-PAD_ID = 0  # pads chunks and batches; the loss ignores it
+PAD_ID = 0  # the default pad id (the paper's tokenizer); give config.pad_id for another
 MODES = ("pack", "pad", "nopad")
 
 
@@ -53,8 +53,9 @@ def chunk_spans(offsets: np.ndarray, chunk_len: int, mode: str = "pack",
 
 
 def chunk_tokens(samples: Sequence[Sequence[int]], chunk_len: int, mode: str = "pack",
-                 group_size: int | None = None) -> list[list[int]]:
-    """`chunk_spans` on lists of ids: the chunks themselves, padded with 0 in `pad` mode.
+                 group_size: int | None = None, pad_id: int = PAD_ID) -> list[list[int]]:
+    """`chunk_spans` on lists of ids: the chunks themselves, padded with `pad_id` (the
+    model's `config.pad_id`) in `pad` mode.
 
     Pass `chunk_len = context_length + 1`: a model reads `chunk[:-1]` and predicts
     `chunk[1:]`."""
@@ -62,7 +63,7 @@ def chunk_tokens(samples: Sequence[Sequence[int]], chunk_len: int, mode: str = "
     starts, lengths = chunk_spans(docs.offsets, chunk_len, mode, group_size)
     chunks = [docs.ids[s:s + n].tolist() for s, n in zip(starts, lengths)]
     if mode == "pad":
-        chunks = [c + [PAD_ID] * (chunk_len - len(c)) for c in chunks]
+        chunks = [c + [pad_id] * (chunk_len - len(c)) for c in chunks]
     return chunks
 
 
@@ -78,25 +79,26 @@ def _check_chunking(chunk_len: int, mode: str, group_size: int | None) -> None:
 
 @dataclass(frozen=True)
 class Chunks:
-    """Chunks as spans of a flat token array; `rows` gathers them padded with 0."""
+    """Chunks as spans of a flat token array; `rows` gathers them padded with `pad_id`."""
 
     tokens: np.ndarray   # int32 [num_tokens]
     starts: np.ndarray   # int64 [num_chunks]
     lengths: np.ndarray  # int64 [num_chunks], real tokens of each chunk (<= chunk_len)
     chunk_len: int
+    pad_id: int = PAD_ID
 
     @classmethod
     def from_tokens(cls, docs: TokenizedDocs, chunk_len: int, mode: str = "pack",
-                    group_size: int | None = None) -> "Chunks":
+                    group_size: int | None = None, pad_id: int = PAD_ID) -> "Chunks":
         starts, lengths = chunk_spans(docs.offsets, chunk_len, mode, group_size)
-        return cls(docs.ids, starts, lengths, chunk_len)
+        return cls(docs.ids, starts, lengths, chunk_len, pad_id)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def rows(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Chunks `index` as an int64 array [len(index), chunk_len], short ones padded with 0."""
-        out = np.full((len(index), self.chunk_len), PAD_ID, dtype=np.int64)
+        """Chunks `index` as an int64 array [len(index), chunk_len], short ones padded."""
+        out = np.full((len(index), self.chunk_len), self.pad_id, dtype=np.int64)
         for r, c in enumerate(index):
             s, n = self.starts[c], self.lengths[c]
             out[r, :n] = self.tokens[s:s + n]

@@ -150,7 +150,8 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
     def loader(split_: str, shuffle: bool, what: str, texts=None) -> TokenBatches:
         docs = load_tokens(data, tokenizer, split_, text_column, cache_dir=cache_dir,
                            progress=progress and rank == 0, docs=texts)
-        chunks = Chunks.from_tokens(docs, context_length + 1, mode, group_size)
+        chunks = Chunks.from_tokens(docs, context_length + 1, mode, group_size,
+                                    pad_id=tokenizer.pad_id)
         batches = TokenBatches(chunks, batch_size, shuffle=shuffle, seed=seed, rank=rank,
                                world_size=world_size)
         if len(batches) == 0:

@@ -64,3 +64,28 @@ def sample(logits: Tensor, sampling: SamplingConfig,
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+def sample_row(logits: Tensor, sampling: SamplingConfig,
+               generator: torch.Generator | None = None) -> Tensor:
+    """The next token of one row from logits [V] -> a 0-d tensor on the logits' device (no
+    sync). Draws exactly as `sample` does for that row, so a request samples the same alone,
+    in a static batch or in the engine."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits[None], sampling).softmax(dim=-1)[0]
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def seeds_for(seed: int | Sequence[int] | None, count: int) -> list[int | None]:
+    """One seed per prompt: an int seeds every prompt's stream alike, a list gives each its
+    own, None leaves sampling to torch's global generator."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return [seed] * count
+    if not isinstance(seed, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seed):
+        raise PLDRError(f"seed must be an int or a list of ints (one per prompt), got {seed!r}")
+    if len(seed) != count:
+        raise PLDRError(f"seed has {len(seed)} values for {count} prompts; give one per prompt "
+                        "or a single int")
+    return list(seed)

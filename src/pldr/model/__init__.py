@@ -2,10 +2,10 @@
 `PLDRModel` and its outputs (model.py), and the losses (losses.py). It imports only the
 leaves of `pldr` (config, errors, devices, files)."""
 
-from .cache import GCache, KVCache, stack_per_layer
+from .cache import CACHE_MODES, InferenceCache, stack_per_layer
 from .losses import dag_values, loss_with_dag, masked_accuracy, masked_loss
 from .model import Deductive, PLDRModel, PLDROutput, infer_G_LM, to_v510G
 
-__all__ = ["PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "KVCache",
-           "GCache", "stack_per_layer", "masked_loss", "masked_accuracy", "dag_values",
+__all__ = ["PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "InferenceCache",
+           "CACHE_MODES", "stack_per_layer", "masked_loss", "masked_accuracy", "dag_values",
            "loss_with_dag"]

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import PLDRConfig
-from .cache import GCache, KVCache
+from .cache import InferenceCache
 
 A_LM_EPS = 1e-9  # keeps A_LM strictly positive so A_LM ** pw is defined
 
@@ -179,54 +180,66 @@ class PowerLawAttention(nn.Module):
             A = unit(A)
         return A
 
-    def energy_curvature(self, q: Tensor, metric_mask: Tensor | None,
-                         kv_cache: KVCache | None, g_cache: GCache | None) -> LayerDeductive:
+    def energy_curvature(self, q: Tensor, call: "AttentionCall") -> LayerDeductive:
         """G_LM for this call, with the deductive outputs behind it.
 
-        Order of precedence: the fixed buffer (v510G); a filled G-cache (nothing runs); the
-        metric tensor fixed in the KV-cache (only the power-law step runs); otherwise A from
-        this call's queries (stored in the KV-cache and G-cache when they are given)."""
-        i = self.layer_idx
+        Order of precedence: a G_LM given to the cache for the call's slots; the G_LM the
+        cache kept from the slots' first call (kv_g, g_only); the fixed buffer (v510G); the
+        metric tensor fixed in the KV-cache (only the power-law step runs, kv_only);
+        otherwise A from this call's queries (kept in the cache on a slot's first call)."""
+        i, c, rows = self.layer_idx, call.cache, call.rows
+        take = InferenceCache.take
+        if c is not None and not call.fresh and c.keep_G and self.learned:
+            return LayerDeductive(take(c.A_G, i, rows), take(c.A_LM, i, rows),
+                                  take(c.A_P, i, rows), take(c.G_LM, i, rows))
+        any_given, all_given, with_A_LM = (c.given_state(call.slots) if c is not None
+                                           else (False, False, False))
+        if all_given:
+            return LayerDeductive(None, take(c.A_LM, i, rows) if with_A_LM else None, None,
+                                  take(c.G_LM, i, rows))
         if not self.learned:
-            return LayerDeductive(None, None, None, self.G_LM[None].expand(q.shape[0], -1, -1, -1))
-        if g_cache is not None and g_cache.filled:
-            pick = lambda t: None if t is None else t[i]  # noqa: E731
-            return LayerDeductive(pick(g_cache.A), pick(g_cache.A_LM), pick(g_cache.A_P),
-                                  g_cache.G_LM[i])
-        if kv_cache is not None and kv_cache.length > 0:
-            A = kv_cache.A[i]
+            G = self.G_LM[None].expand(q.shape[0], -1, -1, -1)
+            if any_given:
+                G = torch.where(self._given(c, rows), take(c.G_LM, i, rows), G)
+            return LayerDeductive(None, None, None, G)
+        if c is not None and c.has_kv and not call.fresh:
+            A = take(c.A, i, rows)
         else:
-            A = self.metric_tensor(q, metric_mask)
-            if kv_cache is not None:
-                kv_cache.A[i].copy_(A)
+            A = self.metric_tensor(q, call.metric_mask)
+            if c is not None and c.has_kv:
+                c.put(c.A, i, rows, A)
         A_LM, A_P, G_LM = self.plgatt_layer(A)
-        if g_cache is not None:
-            for name, t in (("A", A), ("A_LM", A_LM), ("A_P", A_P), ("G_LM", G_LM)):
-                getattr(g_cache, name)[i].copy_(t)
+        if any_given:
+            given = self._given(c, rows)
+            G_LM = torch.where(given, take(c.G_LM, i, rows), G_LM)
+            A_LM = torch.where(given, take(c.A_LM, i, rows), A_LM)
+        if c is not None and c.keep_G and call.fresh:
+            for t, value in ((c.A_G, A), (c.A_LM, A_LM), (c.A_P, A_P), (c.G_LM, G_LM)):
+                c.put(t, i, rows, value)
+        if any_given:  # the given rows have no A or A_P (and maybe no A_LM) to report
+            return LayerDeductive(None, A_LM if with_A_LM else None, None, G_LM)
         return LayerDeductive(A, A_LM, A_P, G_LM)
+
+    @staticmethod
+    def _given(c: InferenceCache, rows: Tensor | None) -> Tensor:
+        """[B', 1, 1, 1] bool: the call's rows whose G_LM is given."""
+        return (c.given if rows is None else c.given[rows])[:, None, None, None]
 
     # -- forward --
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
-                metric_mask: Tensor | None, kv_cache: KVCache | None = None,
-                g_cache: GCache | None = None) -> tuple[Tensor, LayerDeductive]:
-        """x [B, T, D] -> attention output [B, T, D] and this layer's deductive outputs.
-
-        attn_mask [B, 1, T, S] (True = may attend) covers the S = cached + new keys."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                call: "AttentionCall") -> tuple[Tensor, LayerDeductive]:
+        """x [B, T, D] -> attention output [B, T, D] and this layer's deductive outputs."""
         B, T, D = x.shape
         heads = lambda t: t.view(B, T, self.num_heads, self.dk)  # noqa: E731
         q = self.rope(heads(self.wq(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
         k = self.rope(heads(self.wk(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
         v = heads(self.wv(x)).transpose(1, 2)                        # [B, H, T, dk]
-        if kv_cache is not None:
-            start, i = kv_cache.length, self.layer_idx
-            kv_cache.k[i, :, :, start:start + T] = k
-            kv_cache.v[i, :, :, start:start + T] = v
-            k = kv_cache.k[i, :, :, :start + T]                       # [B, H, S, dk]
-            v = kv_cache.v[i, :, :, :start + T]
-        ded = self.energy_curvature(q, metric_mask, kv_cache, g_cache)
+        if call.cache is not None and call.cache.has_kv:
+            k, v = call.cache.update(self.layer_idx, k, v, call.rows, call.where)  # [B, H, S, dk]
+        ded = self.energy_curvature(q, call)
         q_bent = q @ ded.G_LM.to(q.dtype)                              # [B, H, T, dk]
-        out = F.scaled_dot_product_attention(q_bent, k, v, attn_mask=attn_mask)
+        out = attend(q_bent, k, v, call.mask)
         return self.dense(out.transpose(1, 2).reshape(B, T, D)), ded
 
     def reset_parameters(self) -> None:
@@ -238,18 +251,47 @@ class PowerLawAttention(nn.Module):
             self.plgatt_layer.reset_parameters()
 
 
-def attention_mask(key_real: Tensor, start: int, T: int) -> Tensor:
-    """Boolean mask [B, 1, T, S] (True = attend) for T new queries at positions start..start+T-1
-    over the S = start + T keys: causal (bottom-right aligned) and without pad keys.
+QUERY_CHUNK = 512  # queries per SDPA call on a masked call: bounds the [T, S] score memory
 
-    A query that would see no key at all (a pad left of every real token) may see itself, so
-    the softmax stays finite; its output belongs to a pad and is never used."""
-    S = key_real.shape[1]
-    q_idx = torch.arange(start, start + T, device=key_real.device)[:, None]  # [T, 1]
-    k_idx = torch.arange(S, device=key_real.device)[None, :]                 # [1, S]
-    mask = (k_idx <= q_idx)[None] & key_real[:, None, :]                     # [B, T, S]
+
+@dataclass
+class AttentionCall:
+    """What one forward call shares with every layer's attention."""
+
+    mask: Tensor | None               # [B, 1, T, S] bool (True = attend); None: causal, no pads
+    metric_mask: Tensor | None        # [B, T] positions that enter A (None: all)
+    cache: InferenceCache | None = None
+    slots: Sequence[int] | None = None  # the cache slots of the rows (None: all)
+    rows: Tensor | None = None        # the same as a LongTensor on the device
+    where: Tensor | None = None       # [B, T] cache positions of the new tokens
+    fresh: bool = True                # the first call on these slots (fixes A and G_LM)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA of q [B, H, T, dk] over k, v [B, H, S, dk].
+
+    Without a mask the call is uncached and unpadded: `is_causal=True` (whose top-left
+    alignment is right only when T == S). With a mask (padded or cached calls) long inputs run
+    in chunks of QUERY_CHUNK queries, which is exact and bounds the memory of the scores."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.shape[2]
+    if T <= QUERY_CHUNK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:a + QUERY_CHUNK], k, v,
+                                                     attn_mask=mask[:, :, a:a + QUERY_CHUNK])
+                      for a in range(0, T, QUERY_CHUNK)], dim=2)
+
+
+def uncached_mask(real: Tensor) -> Tensor:
+    """Boolean mask [B, 1, T, T] (True = attend) of a padded uncached call real [B, T]:
+    causal and without pad keys; a query that would see no key sees itself (see
+    `InferenceCache.begin`)."""
+    T = real.shape[1]
+    idx = torch.arange(T, device=real.device)
+    mask = (idx[None, :] <= idx[:, None])[None] & real[:, None, :]          # [B, T, T]
     lonely = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (lonely & (k_idx == q_idx)[None])
+    mask = mask | (lonely & torch.eye(T, dtype=torch.bool, device=real.device)[None])
     return mask[:, None]
 
 

@@ -1,20 +1,25 @@
-"""Inference caches, preallocated once and written in place (as in gpt-fast).
+"""The inference cache: one object per generation run or engine, `slots` rows of state,
+preallocated once and written in place (as in gpt-fast), so a decode step has static shapes.
 
-- `KVCache`: per layer the rotated keys and the values of every position seen so far, plus
-  the metric tensor A that the first call (the prompt) fixed. `length` counts the positions
-  filled; `key_real` marks which of them are real tokens (pads are never attended to) and
-  `lead` counts each row's leading pads, so every row's positions start at its first real
-  token (left padding does not shift RoPE angles).
-- `GCache`: per layer A_LM and G_LM (and A, A_P for the deductive outputs) computed once and
-  reused, so the metric learner and the power-law step do not run on later calls. A
-  predefined G_LM is a G-cache that starts filled.
+Per slot (a row of the batch, or one request of the engine) it holds:
+- the KV part (modes kv_g, kv_only): rotated keys and values of every position written so
+  far in fixed-size buffers, `key_real` (which of them are real tokens: pads are never
+  attended to), the metric tensor A that the slot's first call (its prompt) fixed, and two
+  per-slot length tensors: `lengths` (positions written) and `seen` (real tokens so far,
+  the next RoPE position, so left padding does not shift angles);
+- the G part: A_LM and G_LM per layer (and A, A_P for the deductive outputs), computed by the
+  slot's first call and reused (`keep_G`: modes kv_g, g_only), or given from outside (a
+  predefined G_LM, for one slot or all), which then wins over anything the model would use.
 
-Both are plain containers: the model's forward reads and writes them.
+The cache owns its invariants: `update` writes one layer's keys/values at each slot's own
+length, `advance` moves the lengths after a call, `reset(slot)` empties a slot for a new
+request and `release(slot)` marks it idle. Which slots are fresh (no call since reset), live
+and given a G_LM is host-side state that changes only on those calls, never in a decode step,
+so reading it costs no device sync.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,74 +28,206 @@ from torch import Tensor
 from ..config import PLDRConfig
 from ..errors import PLDRError, PLDRTypeError
 
+CACHE_MODES = ("kv_g", "kv_only", "g_only", "no_cache")
 
-@dataclass
-class KVCache:
-    """Keys, values and the fixed metric tensor of every layer, for `batch` rows."""
 
-    k: Tensor         # [L, B, H, S, dk] rotated keys
-    v: Tensor         # [L, B, H, S, dk] values
-    A: Tensor         # [L, B, H, dk, dk] metric tensor fixed by the first call
-    key_real: Tensor  # [B, S] bool: position holds a real (non-pad) token
-    lead: Tensor      # [B] long: leading pads of each row (its position offset)
-    length: int = 0   # positions filled so far (same for every row)
+class InferenceCache:
+    """KV and G state of `slots` rows; see the module docstring."""
 
-    @classmethod
-    def allocate(cls, config: PLDRConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> "KVCache":
-        """Zeroed buffers for `batch_size` rows of up to `max_len` positions."""
-        if max_len > config.max_seq_len:
+    def __init__(self, config: PLDRConfig, slots: int, max_len: int, *, kv: bool, keep_G: bool,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if kv and max_len > config.max_seq_len:
             raise PLDRError(f"a cache of {max_len} positions exceeds max_seq_len="
                             f"{config.max_seq_len}; shorten the prompt or max_new_tokens")
         L, H, dk = config.num_layers, config.num_heads, config.dk
         kw = dict(device=device, dtype=dtype)
-        return cls(
-            k=torch.zeros(L, batch_size, H, max_len, dk, **kw),
-            v=torch.zeros(L, batch_size, H, max_len, dk, **kw),
-            A=torch.zeros(L, batch_size, H, dk, dk, **kw),
-            key_real=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-            lead=torch.zeros(batch_size, dtype=torch.long, device=device),
-        )
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-
-@dataclass
-class GCache:
-    """A_LM and G_LM per layer (A and A_P too when known), filled once and then reused."""
-
-    G_LM: Tensor                # [L, B or 1, H, dk, dk]
-    A_LM: Tensor | None = None  # [L, B or 1, H, dk, dk]; None for a G_LM given without it
-    A: Tensor | None = None     # [L, B, H, dk, dk]; None for a predefined G_LM
-    A_P: Tensor | None = None
-    filled: bool = False
+        self.config, self.slots, self.keep_G = config, slots, keep_G
+        self.max_len = max_len if kv else 0
+        # KV part
+        self.k = torch.zeros(L, slots, H, max_len, dk, **kw) if kv else None  # [L, B, H, S, dk]
+        self.v = torch.zeros(L, slots, H, max_len, dk, **kw) if kv else None  # [L, B, H, S, dk]
+        self.A = torch.zeros(L, slots, H, dk, dk, **kw) if kv else None       # [L, B, H, dk, dk]
+        self.key_real = torch.zeros(slots, max_len if kv else 0, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)    # [B] written
+        self.seen = torch.zeros(slots, dtype=torch.long, device=device)       # [B] real tokens
+        self.active = torch.ones(slots, dtype=torch.long, device=device)      # [B] 1 = live
+        # G part, each [L, B, H, dk, dk]
+        z = lambda: torch.zeros(L, slots, H, dk, dk, **kw)  # noqa: E731
+        self.G_LM, self.A_LM, self.A_G, self.A_P = z(), z(), z(), z()
+        self.given = torch.zeros(slots, dtype=torch.bool, device=device)      # [B]
+        # host-side slot state (changes only in reset/release/set_G_LM and a slot's first call)
+        self.fresh = [True] * slots
+        self.live = [True] * slots
+        self.given_host = [False] * slots
+        self.given_A_LM = [False] * slots
+        self._n_fresh, self._n_given, self._n_given_A_LM = slots, 0, 0  # counts of the above
+        self._all = torch.arange(slots, device=device)
 
     @classmethod
-    def allocate(cls, config: PLDRConfig, batch_size: int,
+    def for_mode(cls, config: PLDRConfig, mode: str, slots: int, max_len: int,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> "GCache":
-        """An empty G-cache; the first forward that receives it fills it."""
-        shape = (config.num_layers, batch_size, config.num_heads, config.dk, config.dk)
-        z = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        return cls(A_LM=z(), G_LM=z(), A=z(), A_P=z())
+                 dtype: torch.dtype = torch.float32) -> "InferenceCache":
+        """The cache of a generation mode: a KV part for kv_g/kv_only, and computed G_LMs
+        kept for kv_g/g_only (the other modes keep only given ones)."""
+        if mode not in CACHE_MODES:
+            raise PLDRError(f"unknown cache mode {mode!r}; choose one of {', '.join(CACHE_MODES)}")
+        return cls(config, slots, max_len, kv=mode in ("kv_g", "kv_only"),
+                   keep_G=mode in ("kv_g", "g_only"), device=device, dtype=dtype)
 
-    @classmethod
-    def from_G_LM(cls, config: PLDRConfig, G_LM: Tensor | Sequence[Tensor],
-                  A_LM: Tensor | Sequence[Tensor] | None = None,
-                  device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.float32) -> "GCache":
-        """A filled G-cache from a predefined G_LM (per-layer list or [L, H, dk, dk])."""
-        G = stack_per_layer(G_LM, config, "G_LM").to(device=device, dtype=dtype)
+    @property
+    def has_kv(self) -> bool:
+        return self.k is not None
+
+    @property
+    def length(self) -> int:
+        """The longest slot's written positions (a device sync: for tests and tools)."""
+        return int(self.lengths.max())
+
+    # ----- host-side slot state ------------------------------------------------------------
+
+    def index(self, slots: Sequence[int] | None) -> Tensor | None:
+        """The slot indices of a call's rows as a LongTensor on the cache's device (None:
+        every slot, in order)."""
+        if slots is None:
+            return None
+        return torch.tensor(list(slots), dtype=torch.long, device=self.lengths.device)
+
+    def is_fresh(self, slots: Sequence[int] | None) -> bool:
+        """Whether this call is the first on its slots (it fixes A and G_LM); the slots of one
+        call must agree. For every slot (None) only counts are read, so a compiled decode
+        step does not depend on which slots are live."""
+        if slots is None:
+            if self._n_fresh in (0, self.slots):
+                return self._n_fresh > 0
+            states = {True, False}
+        else:
+            states = {self.fresh[s] for s in slots}
+        if len(states) > 1:
+            raise PLDRError("a call mixes fresh slots with slots that already hold tokens; "
+                            "prefill fresh slots in a call of their own (slots=[...])")
+        return states.pop()
+
+    def given_state(self, slots: Sequence[int] | None) -> tuple[bool, bool, bool]:
+        """Whether any and all of the call's slots have a given G_LM, and whether every given
+        one came with its A_LM."""
+        if slots is None:
+            n, n_A_LM, of = self._n_given, self._n_given_A_LM, self.slots
+        else:
+            n = sum(self.given_host[s] for s in slots)
+            n_A_LM, of = sum(self.given_A_LM[s] for s in slots), len(slots)
+        return n > 0, n == of, n_A_LM == n
+
+    # ----- tensors of a call's rows --------------------------------------------------------
+
+    @staticmethod
+    def take(t: Tensor, layer: int, rows: Tensor | None) -> Tensor:
+        """t[layer] for the call's rows ([B', ...])."""
+        return t[layer] if rows is None else t[layer][rows]
+
+    @staticmethod
+    def put(t: Tensor, layer: int, rows: Tensor | None, value: Tensor) -> None:
+        """t[layer][rows] = value, in place."""
+        if rows is None:
+            t[layer].copy_(value)
+        else:
+            t[layer][rows] = value
+
+    # ----- the KV part ---------------------------------------------------------------------
+
+    def begin(self, rows: Tensor | None, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Set up a cached call of real [B', T] (True = real token) on `rows`.
+
+        Records which new keys are real and returns the cache positions the tokens are
+        written to [B', T], their default RoPE positions [B', T] (counted on from `seen`, the
+        slot's real tokens so far, from the call's first real token) and the attention mask [B', 1, T, S] (True = attend): causal
+        in cache positions, pads excluded. A query that would see no key (a pad left of every
+        real token) sees itself, so the softmax stays finite; its output is never used."""
+        T, S = real.shape[1], self.max_len
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        seen = self.seen if rows is None else self.seen[rows]
+        steps = torch.arange(T, device=real.device)
+        where = (lengths[:, None] + steps).clamp(max=S - 1)                 # [B', T]
+        row_ix = (self._all if rows is None else rows)[:, None]              # [B', 1]
+        self.key_real[row_ix, where] = real
+        lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)           # [B', 1]
+        positions = seen[:, None] + (steps[None] - lead).clamp(min=0)       # [B', T]
+        key_real = self.key_real if rows is None else self.key_real[rows]    # [B', S]
+        k_idx = torch.arange(S, device=real.device)
+        mask = (k_idx <= where[..., None]) & key_real[:, None, :]            # [B', T, S]
+        lonely = ~mask.any(dim=-1, keepdim=True)
+        mask = mask | (lonely & (k_idx == where[..., None]))
+        return where, positions, mask[:, None]
+
+    def update(self, layer: int, k: Tensor, v: Tensor, rows: Tensor | None,
+               where: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's new keys and values k, v [B', H, T, dk] at the cache positions
+        `where` [B', T] of each row; returns all keys and values of the rows [B', H, S, dk]."""
+        row_ix = (self._all if rows is None else rows)[:, None]   # [B', 1]
+        self.k[layer][row_ix, :, where] = k.transpose(1, 2)       # [B', T, H, dk]
+        self.v[layer][row_ix, :, where] = v.transpose(1, 2)
+        return self.take(self.k, layer, rows), self.take(self.v, layer, rows)
+
+    def advance(self, slots: Sequence[int] | None, rows: Tensor | None, real: Tensor) -> None:
+        """After a call of real [B', T] on `rows`: move each live slot's lengths on, and
+        mark the slots as no longer fresh."""
+        if self.has_kv:
+            T = real.shape[1]
+            n_real = real.sum(dim=1)
+            if rows is None:
+                self.lengths += T * self.active
+                self.seen += n_real * self.active
+            else:
+                self.lengths[rows] += T
+                self.seen[rows] += n_real
+        for s in range(self.slots) if slots is None and self._n_fresh else slots or ():
+            self._set(s, fresh=False)
+
+    # ----- slots ---------------------------------------------------------------------------
+
+    def _set(self, slot: int, fresh: bool | None = None, given: bool | None = None,
+             given_A_LM: bool | None = None) -> None:
+        """Change a slot's host-side flags, keeping their counts."""
+        if fresh is not None and fresh != self.fresh[slot]:
+            self.fresh[slot] = fresh
+            self._n_fresh += 1 if fresh else -1
+        if given is not None and given != self.given_host[slot]:
+            self.given_host[slot] = given
+            self._n_given += 1 if given else -1
+        if given_A_LM is not None and given_A_LM != self.given_A_LM[slot]:
+            self.given_A_LM[slot] = given_A_LM
+            self._n_given_A_LM += 1 if given_A_LM else -1
+
+    def reset(self, slot: int) -> None:
+        """Empty `slot` for a new request: nothing written, no A, no G_LM; fresh and live."""
+        self.lengths[slot] = 0
+        self.seen[slot] = 0
+        self.key_real[slot] = False
+        self.given[slot] = False
+        self.active[slot] = 1
+        self.live[slot] = True
+        self._set(slot, fresh=True, given=False, given_A_LM=False)
+
+    def release(self, slot: int) -> None:
+        """Mark `slot` idle: decode steps still run it (static shapes) but nothing it
+        computes is used, and its lengths stop moving. Its G_LM stays (see `set_G_LM`)."""
+        self.active[slot] = 0
+        self.live[slot] = False
+        self._set(slot, fresh=False)
+
+    def set_G_LM(self, G_LM: Tensor | Sequence[Tensor], A_LM: Tensor | Sequence[Tensor] | None = None,
+                 slot: int | None = None) -> None:
+        """A predefined G_LM (per-layer list or [L, H, dk, dk]) for `slot`, or for every slot
+        when None: it replaces whatever G_LM the model would use (v510: the metric learner
+        and power-law step; v510G: its buffer) at every call on that slot."""
+        cfg = self.config
+        G = stack_per_layer(G_LM, cfg, "G_LM").to(self.G_LM)                 # [L, 1, H, dk, dk]
+        at = slice(None) if slot is None else slice(slot, slot + 1)
+        self.G_LM[:, at] = G
         if A_LM is not None:
-            A_LM = stack_per_layer(A_LM, config, "A_LM").to(device=device, dtype=dtype)
-        return cls(G_LM=G, A_LM=A_LM, filled=True)
+            self.A_LM[:, at] = stack_per_layer(A_LM, cfg, "A_LM").to(self.A_LM)
+        self.given[at] = True
+        for s in range(self.slots) if slot is None else [slot]:
+            self._set(s, given=True, given_A_LM=A_LM is not None)
 
 
 def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig | None,

@@ -22,13 +22,14 @@ from ..config import PLDRConfig
 from ..errors import PLDRError, PLDRTypeError
 from .attention import (
     GLU,
+    AttentionCall,
     LayerDeductive,
     PowerLawAttention,
-    attention_mask,
     rope_tables,
     scale_embedding,
+    uncached_mask,
 )
-from .cache import GCache, KVCache, stack_per_layer
+from .cache import InferenceCache, stack_per_layer
 
 
 @dataclass
@@ -70,10 +71,9 @@ class DecoderLayer(nn.Module):
         self.layernorm1 = nn.LayerNorm(D, eps=eps)
         self.layernorm2 = nn.LayerNorm(D, eps=eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
-                metric_mask: Tensor | None, kv_cache: KVCache | None,
-                g_cache: GCache | None) -> tuple[Tensor, LayerDeductive]:
-        attn, ded = self.mha1(x, cos, sin, attn_mask, metric_mask, kv_cache, g_cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                call: AttentionCall) -> tuple[Tensor, LayerDeductive]:
+        attn, ded = self.mha1(x, cos, sin, call)
         h = self.layernorm1(attn + x)
         return self.layernorm2(self.ffn(h) + h), ded
 
@@ -139,60 +139,66 @@ class PLDRModel(nn.Module):
 
     # ----- forward ---------------------------------------------------------------------------
 
-    def forward(self, ids: Tensor, *, kv_cache: KVCache | None = None,
-                g_cache: GCache | None = None, return_deductive: bool = False,
+    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
+                positions: Tensor | None = None, cache: InferenceCache | None = None,
+                slots: Sequence[int] | None = None, return_deductive: bool = False,
                 logits_to_keep: int = 0) -> PLDROutput:
-        """Logits for ids [B, T]; with caches, a cached step of any number of new tokens.
+        """Logits for ids [B, T]; with a cache, a cached step of any number of new tokens.
 
-        - no cache: full forward; A is summed over the non-pad positions of `ids` (all
-          positions if `config.metric_includes_pad`).
-        - `kv_cache`: keys/values are appended at `kv_cache.length`; the first call on an
-          empty cache fixes A (from its tokens) for every later call.
-        - `g_cache`: an empty one is filled by this call; a filled one (or a predefined G_LM)
-          replaces the metric learner and power-law step, which then do not run.
-        - `logits_to_keep=n > 0` computes the logits of the last n positions only (generation
-          needs one; the vocabulary projection is a large share of a long forward)."""
-        B, T = self._check_ids(ids, kv_cache)
-        real = ids != self.config.pad_id                                  # [B, T]
-        start = 0 if kv_cache is None else kv_cache.length
-        positions, key_real = self._positions(real, kv_cache)             # [B, T], [B, S]
+        - `attention_mask` [B, T] (1/True = real token) and `positions` [B, T] (RoPE
+          positions) are optional; without them the mask is `ids != config.pad_id` and the
+          positions count from each row's first real token (left or right padding alike). A
+          is summed over the real positions (all if `config.metric_includes_pad`).
+        - `cache` (an `InferenceCache`) with `slots` (the cache slots of the rows; None: all
+          slots): the first call on fresh slots fixes their A and G_LM (kept as the cache's
+          mode says); with a KV part the new keys/values are written at each slot's own
+          length and attended to with the slot's past, through fixed-size buffers.
+        - `logits_to_keep=n > 0` computes the logits of the last n positions only.
+
+        Uncached calls check the ids' values (one device sync); cached calls check shapes
+        only, their callers (`generate`, `Engine`) check values at the API edge."""
+        cfg = self.config
+        B, T, pads = self._check_inputs(ids, attention_mask, positions, cache, slots)
+        kv = cache is not None and cache.has_kv
+        if attention_mask is not None:
+            real = attention_mask.to(torch.bool)                           # [B, T]
+        else:
+            real = ids != cfg.pad_id if (pads or kv) else None
+        call = AttentionCall(mask=None, metric_mask=None, cache=cache, slots=slots)
+        if cache is not None:
+            call.rows, call.fresh = cache.index(slots), cache.is_fresh(slots)
+        if kv:
+            call.where, auto_positions, call.mask = cache.begin(call.rows, real)
+        elif real is not None:
+            auto_positions = count_positions(real)                         # [B, T]
+            call.mask = uncached_mask(real)                                # [B, 1, T, T]
+        else:
+            auto_positions = torch.arange(T, device=ids.device)[None].expand(B, T)
+        if real is not None and not cfg.metric_includes_pad:
+            call.metric_mask = real
         cos_table, sin_table = self.rope_tables(ids.device)                # [max_seq_len, dk/2]
-        cos, sin = cos_table[positions], sin_table[positions]              # [B, T, dk/2]
-        mask = attention_mask(key_real, start, T)                          # [B, 1, T, S]
-        metric_mask = None if self.config.metric_includes_pad else real
+        pos = auto_positions if positions is None else positions
+        cos, sin = cos_table[pos], sin_table[pos]                          # [B, T, dk/2]
 
         x = self.decoder.embedding(ids)
-        x = self.decoder.layernorm1(scale_embedding(x, self.config.d_model))  # [B, T, D]
+        x = self.decoder.layernorm1(scale_embedding(x, cfg.d_model))       # [B, T, D]
         layer_outputs = []
         for layer in self.decoder.dec_layers:
-            x, ded = layer(x, cos, sin, mask, metric_mask, kv_cache, g_cache)
+            x, ded = layer(x, cos, sin, call)
             layer_outputs.append(ded)
-        if kv_cache is not None:
-            kv_cache.length += T
-        if g_cache is not None:
-            g_cache.filled = True
+        if cache is not None:
+            cache.advance(slots, call.rows, real if real is not None
+                          else torch.ones_like(ids, dtype=torch.bool))
         deductive = Deductive.stack(layer_outputs) if return_deductive else None
         logits = self.final_layer(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)
         return PLDROutput(logits=logits, hidden=x, deductive=deductive)
 
-    def _positions(self, real: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
-        """RoPE positions [B, T] counted from each row's first real token, and the
-        realness of all S keys [B, S]; updates the cache's bookkeeping."""
-        B, T = real.shape
-        lead_here = (real.cumsum(dim=1) == 0).sum(dim=1)  # leading pads in this call, [B]
-        steps = torch.arange(T, device=real.device)
-        if kv_cache is None:
-            return (steps[None] - lead_here[:, None]).clamp(min=0), real
-        start = kv_cache.length
-        # a row whose cached positions are all pads is still in its leading padding
-        lead = torch.where(kv_cache.lead == start, kv_cache.lead + lead_here, kv_cache.lead)
-        kv_cache.lead.copy_(lead)
-        kv_cache.key_real[:, start:start + T] = real
-        positions = (start + steps[None] - lead[:, None]).clamp(min=0)
-        return positions, kv_cache.key_real[:, :start + T]
-
-    def _check_ids(self, ids: Tensor, kv_cache: KVCache | None) -> tuple[int, int]:
-        """Reject what would otherwise fail deep inside torch, with a message that says why."""
+    def _check_inputs(self, ids: Tensor, attention_mask: Tensor | None,
+                      positions: Tensor | None, cache: InferenceCache | None,
+                      slots: Sequence[int] | None) -> tuple[int, int, bool]:
+        """Reject what would otherwise fail deep inside torch, with a message that says why.
+        Returns B, T and whether the ids hold pads (known only for uncached calls without a
+        mask: the one device sync; cached calls are checked by their caller)."""
         if not isinstance(ids, Tensor):
             raise PLDRTypeError(f"ids must be a LongTensor [B, T], got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -204,20 +210,28 @@ class PLDRModel(nn.Module):
         B, T = ids.shape
         if B == 0 or T == 0:
             raise PLDRError(f"ids is empty (shape {list(ids.shape)}); give at least one token")
-        V = self.config.vocab_size
-        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
+        for name, t in (("attention_mask", attention_mask), ("positions", positions)):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (B, T)):
+                raise PLDRError(f"{name} must be a tensor of the shape of ids {[B, T]}, got "
+                                f"{list(getattr(t, 'shape', [])) or type(t).__name__}")
+        if positions is not None and positions.is_floating_point():
+            raise PLDRTypeError("positions must be integers; convert with positions.long()")
+        if cache is not None:
+            rows = cache.slots if slots is None else len(slots)
+            if rows != B:
+                raise PLDRError(f"the cache call has {rows} slots but ids has {B} rows")
+            if cache.has_kv:
+                return B, T, False
+        if T > self.config.max_seq_len:
+            raise PLDRError(f"{T} positions do not fit: max_seq_len is "
+                            f"{self.config.max_seq_len}; shorten the input")
+        V, pad = self.config.vocab_size, self.config.pad_id
+        lo, hi, n_pad = torch.stack([*torch.aminmax(ids), (ids == pad).sum()]).tolist()
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise PLDRError(f"token id {bad} is outside the vocabulary [0, {V}); check the "
                             "tokenizer matches the model")
-        total = T + (kv_cache.length if kv_cache is not None else 0)
-        limit = kv_cache.max_len if kv_cache is not None else self.config.max_seq_len
-        if total > limit:
-            what = "the KV-cache holds" if kv_cache is not None else "max_seq_len is"
-            raise PLDRError(f"{total} positions do not fit: {what} {limit}; shorten the input")
-        if kv_cache is not None and kv_cache.batch_size != B:
-            raise PLDRError(f"the KV-cache has {kv_cache.batch_size} rows but ids has {B}")
-        return B, T
+        return B, T, n_pad > 0 and attention_mask is None
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -246,6 +260,16 @@ class PLDRModel(nn.Module):
         from .pretrained import save_pretrained  # the directory format, beside the model
 
         save_pretrained(self, directory, tokenizer=tokenizer)
+
+
+def count_positions(real: Tensor, start: Tensor | None = None) -> Tensor:
+    """RoPE positions [B, T] of real [B, T]: counted from each row's first real token (plus
+    `start` [B], the positions a cache already holds), so left padding shifts nothing; pads
+    get a position too (as in the original), which no real token sees."""
+    T = real.shape[1]
+    lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)              # [B, 1]
+    positions = (torch.arange(T, device=real.device)[None] - lead).clamp(min=0)
+    return positions if start is None else positions + start[:, None]
 
 
 @torch.no_grad()

@@ -1,0 +1,223 @@
+"""`Engine`: continuous batching over the slots of one inference cache.
+
+    req = engine.submit(prompt_ids, max_new_tokens, temperature=..., seed=..., G_LM=...)
+    while engine.has_work:
+        engine.step()          # admit queued requests into free slots, one token for all
+    req.tokens, req.done
+
+A step first runs one decode call over every slot (static shapes: [max_batch, 1] ids over
+fixed-size buffers; idle slots compute garbage that nothing reads), then admits queued
+requests into free slots, prefilling each alone so that its A and G_LM come from its own
+prompt (or from its given G_LM), and then samples one token for every running request, each
+with its own settings and seeded stream. Reading the sampled tokens is the one host-device
+sync of a step. A request's tokens therefore equal `pldr.generate` on its prompt alone,
+whatever runs beside it: rows never mix in attention, in A or in G_LM.
+
+With `compile=True` the decode call runs under `torch.compile` (`mode="reduce-overhead"`,
+i.e. CUDA graphs, on CUDA); its shapes never change, so it compiles once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import PLDRError, PLDRTypeError
+from ..model.cache import InferenceCache, stack_per_layer
+from ..model.model import PLDRModel
+from .checks import check_max_new_tokens, positions_needed, prepare_prompts
+from .sampling import SamplingConfig, sample_row
+
+log = logging.getLogger("pldr")
+
+ENGINE_CACHE_MODES = ("kv_g", "kv_only")  # the modes with a KV part: static decode shapes
+
+
+@dataclass(eq=False)
+class Request:
+    """One submitted prompt and what it has produced so far."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    eos_id: int
+    seed: int | None = None
+    G_LM: Tensor | None = None        # [L, 1, H, dk, dk] given for this request
+    id: int = 0
+    tokens: list[int] = field(default_factory=list)  # new ids so far
+    done: bool = False
+    finish_reason: str | None = None  # "eos", "length" or "cancelled"
+    slot: int | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+class Engine:
+    """Requests in the `max_batch` slots of one `InferenceCache` of `max_len` positions
+    (default: the model's max_seq_len); see the module docstring."""
+
+    def __init__(self, model: PLDRModel, max_batch: int = 16, max_len: int | None = None, *,
+                 cache: str = "kv_g", compile: bool = False):
+        if not isinstance(model, PLDRModel):
+            raise PLDRTypeError(f"Engine needs a PLDRModel, got {type(model).__name__}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise PLDRError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        cfg = model.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_seq_len:
+            raise PLDRError(f"max_len must be an integer in [1, {cfg.max_seq_len}] "
+                            f"(max_seq_len), got {max_len!r}")
+        if cache not in ENGINE_CACHE_MODES:
+            raise PLDRError(f"the engine runs cache modes {' and '.join(ENGINE_CACHE_MODES)}, "
+                            f"not {cache!r}; use pldr.generate for g_only and no_cache")
+        self.model, self.max_batch, self.max_len = model, max_batch, max_len
+        with torch.no_grad():
+            self.cache = InferenceCache.for_mode(cfg, cache, max_batch, max_len,
+                                                 model.device, model.dtype)
+            for s in range(max_batch):
+                self.cache.release(s)
+            self._own_G = self._model_G_LM()
+            if self._own_G is not None:  # v510G: every slot holds a G_LM, so steps agree
+                self.cache.set_G_LM(self._own_G)
+        self._last = torch.zeros(max_batch, dtype=torch.long, device=model.device)  # [B]
+        self._slots: list[Request | None] = [None] * max_batch
+        self._queue: deque[Request] = deque()
+        self._ids = itertools.count()
+        self._decode = decode_cached
+        if compile:
+            self._decode = self._compiled()
+
+    # ----- the API --------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, *,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, eos_id: int | None = None, G_LM=None) -> Request:
+        """Queue a request; every input is checked here, before any work."""
+        check_max_new_tokens(max_new_tokens)
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1:
+            prompt_ids = prompt_ids.tolist()
+        prompt = prepare_prompts([prompt_ids], self.model)[0]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise PLDRError(f"seed must be an int or None, got {seed!r}")
+        need = positions_needed(len(prompt), max_new_tokens)
+        if need > self.max_len:
+            raise PLDRError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens "
+                            f"({max_new_tokens}) needs {need} positions but the engine holds "
+                            f"{self.max_len}; shorten one of them or raise max_len")
+        G = None if G_LM is None else stack_per_layer(G_LM, self.model.config, "G_LM")
+        req = Request(prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                      eos_id=self.model.config.eos_id if eos_id is None else eos_id,
+                      seed=seed, G_LM=G, id=next(self._ids))
+        if seed is not None and not sampling.greedy:
+            req.generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        if max_new_tokens == 0:
+            self._finish(req, "length")
+        else:
+            self._queue.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req` now: it leaves the queue or frees its slot; its tokens so far stay."""
+        if req.done:
+            return
+        if req in self._queue:
+            self._queue.remove(req)
+        self._finish(req, "cancelled")
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a request is queued or running."""
+        return bool(self._queue) or any(r is not None for r in self._slots)
+
+    @property
+    def running(self) -> list[Request]:
+        return [r for r in self._slots if r is not None]
+
+    @property
+    def queued(self) -> list[Request]:
+        return list(self._queue)
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Advance every running request by one token and admit queued requests into free
+        slots (each prefilled alone, producing its first token). Returns the requests that
+        received a token, in slot order."""
+        running = self.running
+        logits = self._decode(self.model, self.cache, self._last) if running else None  # [B, V]
+        admitted = []
+        for slot in range(self.max_batch):
+            if self._slots[slot] is None and self._queue:
+                req = self._queue.popleft()
+                admitted.append((req, self._prefill(req, slot)))                      # [V]
+        got = ([(r, logits[r.slot]) for r in running] + admitted)
+        if not got:
+            return []
+        picks = []
+        for req, row in got:
+            tok = sample_row(row, req.sampling, req.generator)
+            self._last[req.slot] = tok
+            picks.append(tok)
+        tokens = torch.stack(picks).tolist()  # the one host-device sync of a step
+        for (req, _), tok in zip(got, tokens):
+            req.tokens.append(tok)
+            if tok == req.eos_id:
+                self._finish(req, "eos")
+            elif len(req.tokens) >= req.max_new_tokens:
+                self._finish(req, "length")
+        return sorted((r for r, _ in got), key=lambda r: r.slot if r.slot is not None else -1)
+
+    def run(self) -> None:
+        """Step until no request is queued or running."""
+        while self.has_work:
+            self.step()
+
+    # ----- slots ----------------------------------------------------------------------------
+
+    def _prefill(self, req: Request, slot: int) -> Tensor:
+        """Put `req` in `slot` and run its prompt alone; returns its last logits [V]."""
+        self.cache.reset(slot)
+        G = req.G_LM if req.G_LM is not None else self._own_G
+        if G is not None:
+            self.cache.set_G_LM(G, slot=slot)
+        req.slot, self._slots[slot] = slot, req
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.model.device)
+        out = self.model(ids, cache=self.cache, slots=[slot], logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.done, req.finish_reason = True, reason
+        if req.slot is not None:
+            self.cache.release(req.slot)
+            self._slots[req.slot] = None
+            req.slot = None
+
+    def _model_G_LM(self) -> Tensor | None:
+        """A v510G model's G_LM buffers [L, H, dk, dk] (None for v510)."""
+        if self.model.config.variant != "v510G":
+            return None
+        return torch.stack([layer.mha1.G_LM for layer in self.model.decoder.dec_layers])
+
+    def _compiled(self):
+        """The decode call under torch.compile; on CUDA with CUDA graphs, whose replays need
+        the cache's buffers at fixed addresses."""
+        cuda = self.model.device.type == "cuda"
+        if cuda:
+            c = self.cache
+            for t in (c.k, c.v, c.A, c.key_real, c.lengths, c.seen, c.active, c.G_LM,
+                      c.A_LM, c.A_G, c.A_P, c.given, self._last):
+                torch._dynamo.mark_static_address(t)
+        log.info("compiling the decode step (mode=%s)", "reduce-overhead" if cuda else "default")
+        return torch.compile(decode_cached, mode="reduce-overhead" if cuda else None,
+                             dynamic=False)
+
+
+def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:
+    """One token per slot through a KV cache: next_ids [B] -> the next logits [B, V].
+    Static shapes, no host-device sync (what the engine compiles)."""
+    return model(next_ids[:, None], cache=cache, logits_to_keep=1).logits[:, -1]

@@ -1,0 +1,211 @@
+"""The engine: continuous batching gives every request what `pldr.generate` gives its prompt
+alone; compiled decode equals eager; a given G_LM wins on v510G models (Python and CLI)."""
+
+import json
+
+import pytest
+import torch
+
+import pldr
+from pldr import Engine, InferenceCache, generate, load_model, save_G_LM
+from pldr.cli import main
+from pldr.model import attention
+from fixture_utils import FIXTURE, fixture_config, fixture_model, fixture_v510G_model
+
+PROMPTS = [[255, 84, 58, 257, 132, 129, 26, 174], [17, 5, 99], [42, 7, 280, 9, 12],
+           [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [200, 3, 150, 4], [61, 62]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fixture_model()
+
+
+def _alone(model, prompt, n, kw):
+    return generate(model, [prompt], n, **kw)[0]
+
+
+def test_requests_in_the_engine_equal_generate_alone(model):
+    greedy = dict(temperature=0, eos_id=-1)
+    # (arrives at step, prompt, max_new_tokens, settings)
+    plan = [
+        (0, PROMPTS[0], 10, greedy),
+        (0, PROMPTS[1], 12, dict(temperature=1.0, top_p=0.9, seed=5, eos_id=-1)),
+        (0, PROMPTS[2], 4, greedy),                                   # finishes first
+        (1, PROMPTS[3], 9, dict(temperature=0.8, top_k=20, seed=9, eos_id=-1)),  # waits
+        (2, PROMPTS[4], 30, greedy),                                  # cancelled mid-way
+        (3, PROMPTS[5], 7, dict(temperature=1.2, seed=11, eos_id=-1)),
+    ]
+    # one request that stops at its own EOS: the third token it would generate
+    stop = _alone(model, PROMPTS[2], 3, greedy)[2]
+    plan.append((4, PROMPTS[2], 20, dict(temperature=0, eos_id=stop)))
+    engine = Engine(model, max_batch=3)
+    reqs, slots_seen = {}, {}
+    step = 0
+    while step < 60 and (engine.has_work or len(reqs) < len(plan)):
+        for i, (at, prompt, n, kw) in enumerate(plan):
+            if at == step:
+                reqs[i] = engine.submit(prompt, n, **kw)
+        if step == 2:
+            assert len(engine.running) == 3 and len(engine.queued) == 2  # more requests than slots
+        if 4 in reqs and len(reqs[4].tokens) == 3 and not reqs[4].done:  # mid-way
+            assert reqs[4].slot is not None and not reqs[4].done
+            engine.cancel(reqs[4])
+        for r in engine.step():
+            slots_seen.setdefault(r.slot, set()).add(r.id)
+        step += 1
+    assert not engine.has_work
+    assert any(len(ids) > 1 for ids in slots_seen.values())  # a slot was reused
+    for i, (_, prompt, n, kw) in enumerate(plan):
+        req, want = reqs[i], _alone(model, prompt, n, kw)
+        assert req.done
+        if i == 4:
+            assert req.finish_reason == "cancelled" and 0 < len(req.tokens) < n
+            assert req.tokens == want[:len(req.tokens)]
+        else:
+            assert req.tokens == want, f"request {i}"
+    assert reqs[6].finish_reason == "eos" and reqs[6].tokens[-1] == stop
+    assert len(reqs[6].tokens) == 3
+
+
+def test_engine_gives_each_request_its_own_G_LM(model):
+    eye = [torch.eye(16).expand(1, 4, 16, 16) for _ in range(2)]
+    engine = Engine(model, max_batch=2)
+    own = engine.submit(PROMPTS[0], 8, temperature=0, eos_id=-1)
+    given = engine.submit(PROMPTS[0], 8, temperature=0, eos_id=-1, G_LM=eye)
+    engine.run()
+    assert own.tokens == _alone(model, PROMPTS[0], 8, dict(temperature=0, eos_id=-1))
+    assert given.tokens == _alone(model, PROMPTS[0], 8, dict(temperature=0, eos_id=-1, G_LM=eye))
+    assert own.tokens != given.tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_ids=[1, 300]), "outside the vocabulary"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=100), "needs 107 positions but the engine holds 64"),
+    (dict(top_p=0), "top_p"),
+    (dict(seed="x"), "seed must be an int"),
+    (dict(G_LM=[torch.eye(8).expand(1, 4, 8, 8)] * 2), r"\[4, 16, 16\]"),
+])
+def test_engine_refuses_bad_requests_at_submit(model, kwargs, message):
+    engine = Engine(model, max_batch=2, max_len=64)
+    args = dict(prompt_ids=PROMPTS[0], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        engine.submit(args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)
+    assert not engine.has_work
+
+
+def test_engine_bad_construction(model):
+    with pytest.raises(ValueError, match="max_len must be an integer in"):
+        Engine(model, max_len=1000)
+    with pytest.raises(ValueError, match="use pldr.generate for g_only"):
+        Engine(model, cache="g_only")
+
+
+def test_a_list_of_seeds_gives_each_prompt_its_own_stream(model):
+    kw = dict(temperature=1.0, eos_id=-1)
+    both = generate(model, [PROMPTS[1], PROMPTS[1]], 10, seed=[3, 4], **kw)
+    assert both[0] == generate(model, [PROMPTS[1]], 10, seed=3, **kw)[0]
+    assert both[1] == generate(model, [PROMPTS[1]], 10, seed=4, **kw)[0]
+    assert both[0] != both[1]
+    same = generate(model, [PROMPTS[1], PROMPTS[1]], 10, seed=3, **kw)  # an int: alike
+    assert same[0] == same[1] == both[0]
+    for mode in ("g_only", "no_cache"):  # the re-run modes take a list too
+        assert generate(model, [PROMPTS[1], PROMPTS[1]], 6, seed=[3, 4], cache=mode, **kw) == [
+            generate(model, [PROMPTS[1]], 6, seed=s, cache=mode, **kw)[0] for s in (3, 4)]
+    with pytest.raises(ValueError, match="seed has 1 values for 2 prompts"):
+        generate(model, [PROMPTS[1], PROMPTS[2]], 4, seed=[1])
+
+
+def test_compiled_decode_gives_the_same_tokens_as_eager(model):
+    # one small case: torch.compile costs ~20 s cold on CPU
+    kw = dict(temperature=0, eos_id=-1)
+    assert generate(model, PROMPTS[:3], 8, compile=True, **kw) == generate(model, PROMPTS[:3], 8, **kw)
+    with pytest.raises(ValueError, match="compile=True needs a KV-cache mode"):
+        generate(model, PROMPTS[:1], 4, cache="no_cache", compile=True)
+
+
+# ----- attention calls ----------------------------------------------------------------------
+
+def test_uncached_unpadded_calls_are_causal_and_cached_ones_masked(model, monkeypatch):
+    seen = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False):
+        seen.append((attn_mask is None, is_causal, q.shape[2], k.shape[2]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        model(ids)
+        assert seen == [(True, True, 8, 8)] * 2
+        seen.clear()
+        model(torch.tensor([[0, 0] + PROMPTS[0]]))  # padded
+        assert seen == [(False, False, 10, 10)] * 2
+        seen.clear()
+        cache = InferenceCache.for_mode(model.config, "kv_g", 1, 12)
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)  # one query over 12 keys: is_causal would be wrong
+        assert seen == [(False, False, 8, 12)] * 2 + [(False, False, 1, 12)] * 2
+
+
+def test_cached_calls_do_no_value_check(model, monkeypatch):
+    # the one sync of an uncached call (the ids' range) is not made by cached calls
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or real(t))
+    cache = InferenceCache.for_mode(model.config, "kv_g", 2, 12)
+    with torch.no_grad():
+        model(torch.tensor([PROMPTS[0], PROMPTS[0]]), cache=cache)
+        model(torch.tensor([[5], [6]]), cache=cache)
+        assert calls == []
+        model(torch.tensor([PROMPTS[0]]))
+        assert calls == [1]
+
+
+# ----- a given G_LM on v510G models -----------------------------------------------------------
+
+def _G(model):
+    return pldr.infer_G_LM(model, torch.tensor([PROMPTS[3]]))
+
+
+def test_a_given_G_LM_wins_over_the_v510G_buffer(model):
+    G = _G(model)
+    identity = fixture_v510G_model()
+    built = pldr.PLDRModel(identity.config, G_LM=G)  # the same weights, G as its buffer
+    built.load_state_dict({k: v for k, v in identity.state_dict().items()
+                           if not k.endswith("mha1.G_LM")}, strict=False)
+    built.eval()
+    for mode in pldr.inference.CACHE_MODES:
+        kw = dict(cache=mode, temperature=0, eos_id=-1)
+        given = generate(identity, PROMPTS[:3], 8, G_LM=G, **kw)
+        assert given == generate(built.eval(), PROMPTS[:3], 8, **kw), mode
+        assert given != generate(identity, PROMPTS[:3], 8, **kw), mode
+
+
+def _cli_ids(args, capsys):
+    assert main(["generate", *args, "--ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens",
+                 "8", "--temperature", "0", "--eos-id", "-1", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)[0]["ids"]
+
+
+def test_cli_G_LM_loads_an_original_v510G_pth_and_wins_in_a_directory(model, tmp_path, capsys):
+    G = _G(model)
+    save_G_LM(G, tmp_path / "G.safetensors")
+    want = generate(fixture_v510G_model(), [PROMPTS[0]], 8, temperature=0, eos_id=-1, G_LM=G)[0]
+    pth = str(FIXTURE / "v510G_identity_checkpoint.pth")
+    config = str(FIXTURE / "config.json")
+    # an original v510G .pth holds no G_LM: without --G-LM it is a clear error
+    assert main(["generate", "--model", pth, "--config", config, "--ids", "1,2"]) == 2
+    assert "--G-LM" in capsys.readouterr().err
+    got = _cli_ids(["--model", pth, "--config", config, "--G-LM", str(tmp_path / "G.safetensors")],
+                   capsys)
+    assert got == want
+    # a directory holds its own (identity) G_LM; the given one wins
+    identity = load_model(pth, fixture_config(metric_includes_pad=True),
+                          G_LM=[torch.eye(16).expand(1, 4, 16, 16)] * 2)
+    identity.save_pretrained(tmp_path / "dir")
+    assert _cli_ids(["--model", str(tmp_path / "dir")], capsys) != want
+    assert _cli_ids(["--model", str(tmp_path / "dir"), "--G-LM",
+                     str(tmp_path / "G.safetensors")], capsys) == want
