@@ -68,12 +68,11 @@ def cached_deductive(model: PLDRModel, ids: Sequence[int], cache: str = "kv_g") 
     `uncached_deductive(model, ids)`: the paper's check that caching changes nothing."""
     state = start(model, [list(ids)], cache, max_new_tokens=2)
     next_ids = prefill(model, state).argmax(dim=-1)                   # [1]
-    if state.kv_cache is not None:   # the cache holds the prompt: feed the new token only
+    if state.cache.has_kv:   # the cache holds the prompt: feed the new token only
         step = next_ids[:, None]
-    else:                            # no KV-cache: the whole sequence runs again
+    else:                    # no KV part: the whole sequence runs again
         step = torch.cat([state.seq, next_ids[:, None]], dim=1)
-    out = model(step, kv_cache=state.kv_cache, g_cache=state.g_cache, return_deductive=True,
-                logits_to_keep=1)
+    out = model(step, cache=state.cache, return_deductive=True, logits_to_keep=1)
     return out.deductive
 
 

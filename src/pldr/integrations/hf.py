@@ -43,7 +43,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from ..config import PLDRConfig
-from ..model.cache import GCache, KVCache
+from ..model.cache import InferenceCache
 from ..model.model import PLDRModel
 
 MODEL_TYPE = "pldr_llm"
@@ -95,7 +95,8 @@ class PLDRHFConfig(PreTrainedConfig):
 
 
 class PLDRCache(Cache):
-    """Our KV-cache + G-cache behind transformers' Cache interface (one per generate call).
+    """Our inference cache (KV + G, mode kv_g) behind transformers' Cache interface (one per
+    generate call).
 
     Allocated for the whole context (`max_seq_len`) at the first forward that needs it; the
     first call fixes A and G_LM from the prompt, later calls append keys and values."""
@@ -103,24 +104,24 @@ class PLDRCache(Cache):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, kv: KVCache, g: GCache):
+    def __init__(self, inner: InferenceCache):
         super().__init__(layers=[])
-        self.kv, self.g = kv, g
+        self.inner = inner
 
     @classmethod
     def allocate(cls, config: PLDRConfig, batch_size: int, device: torch.device,
                  dtype: torch.dtype) -> "PLDRCache":
-        return cls(KVCache.allocate(config, batch_size, config.max_seq_len, device, dtype),
-                   GCache.allocate(config, batch_size, device, dtype))
+        return cls(InferenceCache.for_mode(config, "kv_g", batch_size, config.max_seq_len,
+                                           device, dtype))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.kv.length
+        return self.inner.length
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.kv.max_len
+        return self.inner.max_len
 
     def __len__(self) -> int:
-        return self.kv.k.shape[0]
+        return self.inner.k.shape[0]
 
 
 @dataclass
@@ -179,13 +180,15 @@ class PLDRForCausalLM(PreTrainedModel, GenerationMixin):
         positions from each row's first real token, which is what transformers derives from
         the attention mask."""
         cache = past_key_values if past_key_values is not None else cache
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        ids = self._pads_from_mask(input_ids, attention_mask)
+        # a plain call (use_cache not given) runs uncached, as `PLDRModel` does: the same
+        # kernels, so the same logits; `generate` passes use_cache from its config
+        use_cache = bool(use_cache) or cache is not None
+        ids = input_ids
+        mask = None if attention_mask is None else attention_mask[:, -ids.shape[1]:].to(ids.device)
         if use_cache and cache is None:
             cache = PLDRCache.allocate(self.pldr_model.config, ids.shape[0], ids.device,
                                        self.final_layer.weight.dtype)
-        out = self.pldr_model(ids, kv_cache=None if cache is None else cache.kv,
-                              g_cache=None if cache is None else cache.g,
+        out = self.pldr_model(ids, attention_mask=mask, cache=None if cache is None else cache.inner,
                               return_deductive=output_deductive, logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
@@ -195,14 +198,6 @@ class PLDRForCausalLM(PreTrainedModel, GenerationMixin):
         return PLDRCausalLMOutput(loss=loss, logits=out.logits,
                                   past_key_values=cache if use_cache else None,
                                   hidden_states=None, deductive=out.deductive)
-
-    def _pads_from_mask(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """input_ids with the pad id wherever attention_mask [B, S] (S >= T: it covers the
-        cached positions too) says 0."""
-        if attention_mask is None:
-            return input_ids
-        mask = attention_mask[:, -input_ids.shape[1]:].to(input_ids.device).bool()
-        return torch.where(mask, input_ids, torch.full_like(input_ids, self.config.pad_id))
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: PLDRCache | None = None,
                                       attention_mask: Tensor | None = None, use_cache: bool | None = None,

@@ -24,7 +24,7 @@ from ..data.tokenizer import Tokenizer
 from ..devices import resolve_device
 from ..errors import PLDRError
 from ..inference.generate import generate
-from ..model.cache import GCache
+from ..model.cache import InferenceCache, stack_per_layer
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -62,7 +62,7 @@ class PLDRLM(TemplateLM):
                             f"{self.model.config.vocab_size}: they do not belong together")
         self.G_LM = load_G_LM(G_LM) if isinstance(G_LM, str) else G_LM
         if self.G_LM is not None:
-            GCache.from_G_LM(self.model.config, self.G_LM)  # shape check before any work
+            stack_per_layer(self.G_LM, self.model.config, "G_LM")  # shape check first
 
     # ----- what TemplateLM asks for ------------------------------------------------------------
 
@@ -152,6 +152,11 @@ class PLDRLM(TemplateLM):
         return out
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        g_cache = (GCache.from_G_LM(self.model.config, self.G_LM, device=ids.device,
-                                    dtype=self.model.dtype) if self.G_LM is not None else None)
-        return self.model(ids, g_cache=g_cache).logits
+        """Logits of a right-padded batch; with a predefined G_LM, through a cache without KV
+        part that holds it for every row (the metric learner then does not run)."""
+        cache = None
+        if self.G_LM is not None:
+            cache = InferenceCache.for_mode(self.model.config, "no_cache", ids.shape[0], 0,
+                                            ids.device, self.model.dtype)
+            cache.set_G_LM(self.G_LM)
+        return self.model(ids, attention_mask=mask, cache=cache).logits
