@@ -14,11 +14,11 @@ import traceback
 from typing import Sequence
 
 from ..errors import PLDRError
-from . import bench, convert, demo, generate, info, tokenizer, train, version
+from . import bench, convert, demo, generate, info, serve, tokenizer, train, version
 from .common import Parser
 
 # Registration order is the order in `pldr --help`.
-COMMANDS = (version, demo, train, generate, bench, convert, info, tokenizer)
+COMMANDS = (version, demo, train, generate, serve, bench, convert, info, tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:
