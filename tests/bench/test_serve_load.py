@@ -22,3 +22,10 @@ def test_serve_bench_records_figures(tmp_path, capsys):
 def test_serve_bench_refuses_a_model_directory(tmp_path, capsys):
     assert main(["bench", "--what", "serve", "--model", str(tmp_path)]) == 2
     assert "measures a preset shape" in capsys.readouterr().err
+
+
+def test_an_unwritable_json_path_fails_before_measuring(tmp_path, capsys):
+    assert main(["bench", "--what", "prefill", "--model", "tiny", "--json",
+                 str(tmp_path / "missing" / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --json") and err.count("\n") == 1

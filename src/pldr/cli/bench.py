@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
     from dataclasses import asdict
     from pathlib import Path
 
@@ -75,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
                         "nor a model directory")
     if args.repeats < 1:
         raise PLDRError("--repeats must be >= 1")
+    if args.json:  # find out now, not after minutes of measuring
+        target = Path(args.json)
+        parent = target.parent if str(target.parent) else Path(".")
+        if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise PLDRError(f"--json {args.json!r} cannot be written (no such folder, a "
+                            "folder itself, or no permission); choose another path")
     variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
     common = dict(model=args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   prefill_len=args.prefill_len, train_batch=args.train_batch,
