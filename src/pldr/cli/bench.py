@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "figures only within one run.")
     p.add_argument("--model", default="pldr-110m", help="preset name or model directory")
     p.add_argument("--what", default="decode,prefill,train",
-                   help="comma-separated: decode, prefill, train, engine (continuous batching)")
+                   help="comma-separated: decode, prefill, train, engine (continuous batching), "
+                   "serve (a load test of pldr serve; needs the serve extra)")
     p.add_argument("--batch", default="1,16",
                    help="engine: comma-separated numbers of running requests (default 1,16)")
     p.add_argument("--compile", action="store_true",
@@ -33,12 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--clients", default="1,16",
+                   help="serve: comma-separated numbers of concurrent clients")
+    p.add_argument("--requests", type=int, default=64, help="serve: requests per client count")
+    p.add_argument("--rss-requests", default="100,1000",
+                   help="serve: read the server's RSS after these many requests ('' skips)")
     p.add_argument("--json", metavar="FILE", help="also write machine info and results as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
     from dataclasses import asdict
     from pathlib import Path
 
@@ -54,11 +61,14 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.generate import CACHE_MODES
 
     whats = [w for w in args.what.split(",") if w]
+    serve = "serve" in whats
+    whats = [w for w in whats if w != "serve"]
     caches = [c for c in args.cache.split(",") if c]
     dtypes = [d for d in args.dtype.split(",") if d]
     for w in whats:
         if w not in MEASUREMENTS:
-            raise PLDRError(f"--what {w!r} is unknown; choose from {', '.join(MEASUREMENTS)}")
+            raise PLDRError(f"--what {w!r} is unknown; choose from "
+                            f"{', '.join(MEASUREMENTS + ('serve',))}")
     for c in caches:
         if c not in CACHE_MODES:
             raise PLDRError(f"--cache {c!r} is unknown; choose from {', '.join(CACHE_MODES)}")
@@ -77,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("--batch needs integers >= 1")
     if args.repeats < 1:
         raise PLDRError("--repeats must be >= 1")
+    if args.json:  # find out now, not after minutes of measuring
+        target = Path(args.json)
+        parent = target.parent if str(target.parent) else Path(".")
+        if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise PLDRError(f"--json {args.json!r} cannot be written (no such folder, a "
+                            "folder itself, or no permission); choose another path")
     variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
     common = dict(model=args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   prefill_len=args.prefill_len, train_batch=args.train_batch,
@@ -99,17 +115,42 @@ def run(args: argparse.Namespace) -> int:
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} nproc: {info['nproc']} "
           f"torch {info['torch']} threads {info['torch_threads']} load {info['loadavg']}",
           flush=True)
+    serve_result = _serve_bench(args) if serve else None
     results = []
     for spec in specs:
         results.append(measure(spec))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(format_table(results))
+    if results:
+        print()
+        print(format_table(results))
     ratios = summarise(results)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": info, "machine_after": machine_info(),
-             "results": [asdict(r) for r in results], "ratios": ratios}, indent=2))
+             "results": [asdict(r) for r in results], "ratios": ratios,
+             "serve": serve_result}, indent=2))
     return 0
+
+
+def _serve_bench(args: argparse.Namespace) -> dict:
+    from ..bench.serve_load import ServeBenchSpec, format_serve, measure_serve
+    from ..config import PRESETS
+
+    if args.model not in PRESETS:
+        raise PLDRError(f"--what serve measures a preset shape; --model {args.model!r} is not "
+                        f"one of {', '.join(PRESETS)}")
+    try:
+        clients = tuple(int(c) for c in args.clients.split(",") if c)
+        rss = tuple(int(c) for c in args.rss_requests.split(",") if c)
+    except ValueError:
+        raise PLDRError("--clients and --rss-requests take comma-separated integers") from None
+    if not clients or min(clients) < 1 or args.requests < 1 or (rss and min(rss) < 1):
+        raise PLDRError("--clients, --requests and --rss-requests must be positive")
+    spec = ServeBenchSpec(model=args.model, clients=clients, requests=args.requests,
+                          prompt_len=args.prompt_len, max_tokens=min(args.new_tokens, 64),
+                          rss_requests=rss)
+    result = measure_serve(spec, progress=lambda m: print(m, flush=True))
+    print(format_serve(result), flush=True)
+    return result

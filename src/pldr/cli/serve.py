@@ -1,0 +1,108 @@
+"""`pldr serve`: the OpenAI-compatible HTTP server (needs the `serve` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..devices import SUPPORTED_DTYPES
+from ..errors import PLDRError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="POST /v1/completions (streaming with server-sent events), "
+                       "GET /v1/models, /health and /metrics (Prometheus), over continuous "
+                       "batching. Binds 127.0.0.1 unless told otherwise.")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="a model directory, or an original .pth checkpoint (with --config and "
+                   "--tokenizer)")
+    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece .model (default: the model directory's tokenizer.model)")
+    p.add_argument("--model-name", help="the id clients send as `model` (default: the folder "
+                   "or file name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (slots)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--api-key", default=os.environ.get("PLDR_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PLDR_API_KEY)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted (default 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests may take to finish after SIGTERM/SIGINT")
+    p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
+                   help="predefined G_LM used for every request instead of the model's own")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    for name in ("max_batch", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise PLDRError(f"--port must lie in [0, 65535], got {args.port}")
+    if not args.shutdown_timeout >= 0:
+        raise PLDRError("--shutdown-timeout must be >= 0 seconds")
+    try:
+        import uvicorn  # noqa: F401  (the serve extra: checked before the model loads)
+
+        from ..serve import ServeSettings, create_app
+    except ImportError as e:
+        raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
+                        "pip install -c constraints.txt -e '.[serve]'") from None
+    from ..checkpoint.load import load_for_inference
+    from ..data.tokenizer import Tokenizer
+    from ..devices import resolve_device
+    from ..inference import Engine
+
+    source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    tok_file = Tokenizer.find(source) if source is not None else None
+    if tok_file is None:
+        raise PLDRError("pldr serve needs a tokenizer: pass --tokenizer FILE.model (model "
+                        "directories written by pldr carry their own)")
+    tokenizer = Tokenizer.load(tok_file)
+    model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
+                                     device=resolve_device(args.device), dtype=args.dtype)
+    engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise PLDRError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                        f"{model.config.vocab_size}; pass the model's own tokenizer")
+    name = args.model_name or Path(args.model.rstrip("/")).name
+    settings = ServeSettings(model_name=name, max_queue=args.max_queue, api_key=args.api_key,
+                             max_body_bytes=args.max_body_bytes, G_LM=G_LM)
+    app = create_app(model, engine, tokenizer, settings)
+    _run_server(app, args.host, args.port, args.shutdown_timeout)
+    return 0
+
+
+def _run_server(app, host: str, port: int, shutdown_timeout: float) -> None:
+    """uvicorn until SIGTERM/SIGINT: it stops accepting, lets running requests finish (up to
+    `shutdown_timeout` seconds) and returns, so the command exits 0."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        # uvicorn raises a signal that stopped it once more on the way out (exit status
+        # -15); a stop the operator asked for is a normal end here
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                  timeout_graceful_shutdown=shutdown_timeout)).run()

@@ -1,0 +1,389 @@
+"""The OpenAI-compatible HTTP app: `/v1/completions` (plain and streamed), `/v1/models`,
+`/health` and `/metrics`, over the continuous-batching engine run by `EngineRunner`.
+
+A completion request is checked (schemas.py), encoded, split into one engine request per
+prompt and choice, and answered from the tokens the engine thread hands back: all at once,
+or as server-sent events while they are made. A client that goes away cancels its requests,
+which frees their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..inference.generate import positions_needed
+from .metrics import ServerMetrics
+from .runner import EngineRunner, Job, QueueFull
+from .schemas import CompletionRequest, RequestError, error_body, parse_completion
+
+log = logging.getLogger("pldr")
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: ample for prompts within max_seq_len
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str
+    max_queue: int = 256
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    G_LM: Any = None  # a predefined G_LM for every request
+
+
+class Choice:
+    """The text of one choice as its ids arrive: stop strings cut it, and streaming holds back
+    what might still turn out to be a stop string or half a multi-byte character."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_id: int):
+        self.tokenizer, self.stops, self.eos_id = tokenizer, stops, eos_id
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False  # a stop string or EOS ended it
+        self.done = False
+
+    def add(self, ids: list[int], done: bool) -> None:
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids)
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, self.stopped, done = text[:min(cuts)], True, True
+        if self.ids and self.ids[-1] == self.eos_id:
+            self.stopped = True
+        self.text, self.done = text, done
+
+    def new_text(self) -> str:
+        """What may be shown now and was not shown yet."""
+        end = len(self.text)
+        if not self.done:
+            end -= max((len(s) - 1 for s in self.stops), default=0)
+            if self.text.endswith("\ufffd"):
+                end = min(end, len(self.text) - 1)
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stopped else "length"
+
+
+def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app serving `engine` (a `pldr.Engine` over `model`) with `tokenizer`."""
+    config = model.config
+    limit = getattr(engine, "max_len", None) or config.max_seq_len
+    runner = EngineRunner(engine, settings.max_queue)
+    metrics = ServerMetrics(lambda: runner.waiting, lambda: runner.running)
+    runner.on_finish = lambda job: _observe(metrics, job)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="pldr", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.runner, app.state.metrics = runner, metrics
+
+    # ----- errors in OpenAI's shape, never a traceback ------------------------------------
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code), e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not "
+                   f"allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return JSONResponse(error_body(e.status_code, message), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(500, "internal error; see the server log"), 500)
+
+    app.add_middleware(GuardV1, settings=settings, metrics=metrics)
+
+    # ----- routes --------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if runner.error is not None:
+            return JSONResponse(error_body(503, f"the engine stopped: {runner.error}"), 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_name, "object": "model", "created": created,
+             "owned_by": "pldr", "max_model_len": limit}]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_completion(await _json_body(request), settings.model_name)
+        prompts = [_encode(p, tokenizer, config, limit, req.max_tokens) for p in req.prompts]
+        jobs = _submit(runner, prompts, req, settings.G_LM, asyncio.get_running_loop())
+        metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        choices = [Choice(tokenizer, req.stop, config.eos_id) for _ in jobs]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": settings.model_name}
+        echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
+                  for i in range(len(jobs))]
+        if req.stream:
+            return StreamingResponse(
+                _stream(request, runner, metrics, jobs, choices, echoes, head, req, prompts),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if not await _collect(request, runner, metrics, jobs, choices):
+            return Response(status_code=499)  # the client left; nobody reads this
+        return JSONResponse({**head, "choices": [
+            {"text": echoes[i] + c.text, "index": i, "logprobs": None,
+             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "usage": _usage(prompts, choices)})
+
+    return app
+
+
+# ----- request handling ----------------------------------------------------------------------
+
+class GuardV1:
+    """ASGI middleware for /v1: the API key and the body-size limit are checked before the
+    route runs, and every response is counted by status. (A plain ASGI class, so streamed
+    responses and client disconnects pass through untouched.)"""
+
+    def __init__(self, app: Any, settings: ServeSettings, metrics: ServerMetrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        status = {"code": 500}
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            self._check_key(headers.get("authorization", ""))
+            receive = self._limited(headers.get("content-length"), receive)
+        except RequestError as e:
+            response = JSONResponse(error_body(e.status, e.message, e.param, e.code), e.status)
+            await response(scope, receive, counting_send)
+        else:
+            await self.app(scope, receive, counting_send)
+        self.metrics.requests.labels(str(status["code"])).inc()
+
+    def _check_key(self, given: str) -> None:
+        """`Authorization: Bearer KEY`, compared in constant time."""
+        key = self.settings.api_key
+        if key is None:
+            return
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), key.encode()):
+            raise RequestError(401, "a valid API key is required: send 'Authorization: "
+                               "Bearer KEY'", code="invalid_api_key")
+
+    def _limited(self, length: str | None, receive: Any) -> Any:
+        """Refuse a declared size over the limit now, and a chunked body once it passes it."""
+        limit = self.settings.max_body_bytes
+        too_big = RequestError(413, f"the request body is larger than {limit} bytes")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise too_big
+        seen = {"bytes": 0}
+
+        async def limited_receive() -> dict:
+            message = await receive()
+            seen["bytes"] += len(message.get("body", b""))
+            if seen["bytes"] > limit:
+                raise too_big
+            return message
+
+        return limited_receive
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
+            max_tokens: int) -> list[int]:
+    """Prompt ids, checked against the vocabulary and the context length."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, eos=False)
+        if not ids:
+            raise RequestError(400, "the prompt encodes to no tokens", "prompt")
+    else:
+        ids = prompt
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, "
+                               f"{config.vocab_size})", "prompt")
+        if config.pad_id in ids:
+            raise RequestError(400, f"token id {config.pad_id} is the pad id; it cannot be "
+                               "part of a prompt", "prompt")
+    if len(ids) >= limit:
+        raise RequestError(400, f"the prompt has {len(ids)} tokens; the model's context is "
+                           f"{limit}", "prompt", "context_length_exceeded")
+    if positions_needed(len(ids), max_tokens) > limit:
+        room = limit - len(ids) + 1
+        raise RequestError(400, f"max_tokens={max_tokens} does not fit: the prompt has "
+                           f"{len(ids)} tokens of the context's {limit}, so at most {room}",
+                           "max_tokens", "context_length_exceeded")
+    return ids
+
+
+def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest, G_LM: Any,
+            loop: asyncio.AbstractEventLoop) -> list[Job]:
+    """One engine request per prompt and choice (choice j samples with seed + j)."""
+    jobs = []
+    try:
+        for ids in prompts:
+            for j in range(req.n):
+                seed = None if req.seed is None else (req.seed + j) % (2**63)
+                sampling = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                seed=seed, G_LM=G_LM)
+                job = Job(list(ids), req.max_tokens, sampling, loop)
+                if req.max_tokens == 0:
+                    job.deliver([], True)  # nothing to generate: never reaches the engine
+                else:
+                    runner.submit(job)
+                jobs.append(job)
+    except QueueFull:
+        for job in jobs:
+            runner.cancel(job)
+        raise RequestError(429, f"the server's queue is full ({runner.max_queue} waiting); "
+                           "retry later", headers={"Retry-After": "1"}) from None
+    return jobs
+
+
+async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetrics,
+                   jobs: list[Job], choices: list[Choice]) -> bool:
+    """Wait for every choice to finish; False (and every job cancelled) if the client left."""
+    for job, choice in zip(jobs, choices):
+        while not choice.done:
+            try:
+                ids, done = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    _cancel_all(runner, metrics, jobs)
+                    return False
+                continue
+            _raise_refusal(job)
+            choice.add(ids, done)
+        if not job_finished(job):
+            runner.cancel(job)  # a stop string ended it early: free the slot now
+    return True
+
+
+def _raise_refusal(job: Job) -> None:
+    """A request the engine refused (its checks are the last word) is the client's 400."""
+    if job.error is not None:
+        raise RequestError(400, str(job.error), "prompt")
+
+
+def job_finished(job: Job) -> bool:
+    return job.request is None or bool(job.request.done)
+
+
+async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics,
+                  jobs: list[Job], choices: list[Choice], echoes: list[str], head: dict,
+                  req: CompletionRequest, prompts: list[list[int]]) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per new piece of text per choice, then `data: [DONE]`."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: Job) -> None:
+        while True:
+            ids, done = await job.events.get()
+            await merged.put((i, ids, done))
+            if done:
+                return
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    finished = 0
+    try:
+        for i, echo in enumerate(echoes):
+            if echo:
+                yield _event(head, i, echo, None)
+        while finished < len(jobs):
+            i, ids, done = await merged.get()
+            choice = choices[i]
+            if jobs[i].error is not None:  # headers are sent: end this choice with the reason
+                choice.done, choice.text, choice.stopped = True, "", True
+                finished += 1
+                yield _event(head, i, "", "error")
+                continue
+            if choice.done:
+                continue  # a stop string ended it; the engine's last ids are not wanted
+            choice.add(ids, done)
+            text = choice.new_text()
+            if choice.done:
+                finished += 1
+                if not job_finished(jobs[i]):
+                    runner.cancel(jobs[i])
+                yield _event(head, i, text, choice.finish_reason)
+            elif text:
+                yield _event(head, i, text, None)
+        if req.include_usage:
+            yield "data: " + json.dumps({**head, "choices": [],
+                                         "usage": _usage(prompts, choices)}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        _cancel_all(runner, metrics, jobs)
+        raise
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _event(head: dict, index: int, text: str, finish_reason: str | None) -> str:
+    chunk = {**head, "choices": [{"text": text, "index": index, "logprobs": None,
+                                  "finish_reason": finish_reason}]}
+    return "data: " + json.dumps(chunk) + "\n\n"
+
+
+def _cancel_all(runner: EngineRunner, metrics: ServerMetrics, jobs: list[Job]) -> None:
+    left = [job for job in jobs if not job_finished(job)]
+    for job in left:
+        runner.cancel(job)
+    if left:
+        metrics.cancelled.inc()
+
+
+def _usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(c.ids) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _observe(metrics: ServerMetrics, job: Job) -> None:
+    """Per-request figures, recorded on the engine thread when a request ends."""
+    metrics.generated_tokens.inc(job.sent)
+    if job.first_token_at is not None:
+        metrics.ttft.observe(job.first_token_at - job.submitted_at)
+        if job.sent > 1 and job.last_token_at is not None:
+            metrics.tpot.observe((job.last_token_at - job.first_token_at) / (job.sent - 1))
