@@ -56,3 +56,17 @@ def test_training_steps_on_cuda(tmp_path):
                                tensorboard=False, cache_dir=str(tmp_path / "cache")))
     losses = result.train_losses
     assert losses[max(losses)] < losses[min(losses)]
+
+
+def test_engine_and_compiled_decode_on_cuda():
+    # continuous batching and the CUDA-graph decode step give what generate gives alone
+    from pldr import Engine
+
+    model = fixture_model().cuda()
+    prompts = [[255, 84, 58, 257], [17, 5, 99], [42, 7, 280, 9, 12]]
+    alone = [generate(model, [p], 10, temperature=0, eos_id=-1)[0] for p in prompts]
+    for compile in (False, True):
+        engine = Engine(model, max_batch=2, max_len=64, compile=compile)
+        reqs = [engine.submit(p, 10, temperature=0, eos_id=-1) for p in prompts]
+        engine.run()
+        assert [r.tokens for r in reqs] == alone, f"compile={compile}"
