@@ -73,7 +73,6 @@ def init_distributed(device: str | torch.device | None = None,
     Without torchrun, or with one process, no group is started and a single-process DistInfo
     is returned. Calling it again once a group runs returns the running group's info."""
     world_size = env_world_size()
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world_size == 1:
