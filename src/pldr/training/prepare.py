@@ -28,6 +28,8 @@ from .checkpointing import (
     CHECKPOINTS,
     FINAL,
     find_resume_checkpoint,
+    later_checkpoints,
+    list_checkpoints,
     read_trainer_state,
     remove_partial_saves,
     write_json,
@@ -91,7 +93,14 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                           f"max_seq_len {base.max_seq_len}; lower it")
     resume_dir = find_resume_checkpoint(cfg.resume, out)
     if resume_dir is not None:
-        read_trainer_state(resume_dir)  # a checkpoint this version can resume
+        step = int(read_trainer_state(resume_dir)["step"])  # a checkpoint this version resumes
+        later = later_checkpoints(out, step)
+        if later and not cfg.truncate_later_steps:
+            raise CheckpointError(
+                f"--out {str(out)!r} already went on past step {step} (up to "
+                f"{later[-1].name}); resuming {str(resume_dir)!r} there would overwrite that "
+                "branch: give a new --out to branch into, or --truncate-later-steps to delete "
+                "the later checkpoints and final model")
     elif is_run_dir(out):
         raise CheckpointError(f"--out {str(out)!r} already holds a training run; pass "
                               "--resume auto to continue it, or choose another --out")
@@ -140,8 +149,10 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
 
 
 def is_run_dir(out: Path) -> bool:
-    """Whether `out` already holds (part of) a training run."""
-    return any((out / name).exists() for name in (CHECKPOINTS, METRICS_FILE, FINAL))
+    """Whether `out` holds a training run worth keeping: a complete checkpoint or a final
+    model. What a run that failed before its first checkpoint leaves (its settings,
+    tokenizer, metrics, temporary folders) is pldr's own, and a fresh start replaces it."""
+    return bool(list_checkpoints(out)) or (out / FINAL).exists()
 
 
 def _tensorboard(wanted: bool | None) -> bool:
