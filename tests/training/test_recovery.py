@@ -148,3 +148,19 @@ def test_damaged_last_checkpoint_names_the_previous_one(tok, tmp_path, damage):
     previous = list_checkpoints(out)[-2]
     shutil.rmtree(last)
     assert train(cfg(tok, out, max_steps=3, resume=str(previous))).step == 3
+
+
+def test_a_failed_resume_leaves_the_run_folder_as_it_was(tok, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=2, save_every=1))
+    last = list_checkpoints(out)[-1]
+    state_file = last / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["files"]  # as if written before the manifest: only the read itself can fail
+    state_file.write_text(json.dumps(state))
+    shard = next(p for p in last.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = snapshot(out)
+    with pytest.raises(CheckpointError, match="step-00000001"):
+        train(cfg(tok, out, max_steps=4, resume=str(last)))
+    assert snapshot(out) == before

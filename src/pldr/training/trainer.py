@@ -131,10 +131,13 @@ class Trainer:
 
     def run(self) -> TrainResult:
         run = self.prepared
-        make_run_folder(run)
+        # the model is built and the checkpoint read before the run folder is touched, so a
+        # failure of either leaves the folder (and its train_config.json) as it was
         self.model, self.optimizer = build_training(run)
         if run.resume_dir is not None:
             self._load(run.resume_dir)
+        make_run_folder(run)
+        if run.resume_dir is not None:
             self._say(f"resumed from {run.resume_dir} at step {self.step}")
             if self.cfg.truncate_later_steps:
                 for gone in self.checkpoints.discard_later(self.step):
