@@ -4,8 +4,8 @@ and per-row seeded sampling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
