@@ -211,11 +211,18 @@ def test_config_given_for_a_directory_overrides_its_config_json(tmp_path):
 
 
 def test_tokenizer_file_is_copied(tmp_path):
-    src = tmp_path / "t.model"
-    src.write_bytes(b"spm bytes")
+    from pldr.data.tokenizer import Tokenizer
+
+    src = tmp_path / "t.model"  # fewer pieces than the fixture's 300 ids
+    Tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 50, 290).save(src)
     model = load_model(fixture_file(CKPT), fixture_hpdict())
     save_pretrained(model, tmp_path / "m", tokenizer=src)
-    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"spm bytes"
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == src.read_bytes()
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"spm bytes")
+    with pytest.raises(CheckpointError, match="not a SentencePiece"):
+        save_pretrained(model, tmp_path / "m3", tokenizer=junk)
+    assert not (tmp_path / "m3").exists()
     with pytest.raises(CheckpointError, match="does not exist"):
         save_pretrained(model, tmp_path / "m2", tokenizer=tmp_path / "missing.model")
 

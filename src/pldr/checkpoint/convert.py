@@ -101,7 +101,7 @@ def convert_model(model: Any, dest: str | os.PathLike, to: str, tokenizer: Any =
         else:
             write_port_files(model, tmp)
         if tokenizer is not None:
-            _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+            _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE, model.config.vocab_size)
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

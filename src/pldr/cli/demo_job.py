@@ -104,6 +104,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str
     from ..inference.generate import generate
 
     out = Path(out)
+    resolve_device(device, 0)  # a device this build lacks fails before any folder is made
     clear_previous_demo(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).write_text("written by `pldr demo`: a rerun replaces this run\n",

@@ -194,12 +194,20 @@ def _reader_of(path: Path) -> str:
     return _STRUCTURED_SUFFIXES.get(path.suffix.lower(), "text")
 
 
+def _read_text(path: Path) -> str:
+    """A .txt file's text; a file that is not UTF-8 (e.g. binary) is named."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                        "convert it to UTF-8 or leave it out of the data") from None
+
+
 def _read_group(files: list[Path], text_column: str | None, progress: bool) -> list[str]:
     """Documents of files of one format: .txt split at blank lines, others via `datasets`."""
     reader = _reader_of(files[0])
     if reader == "text":
-        return list(chain.from_iterable(split_paragraphs(p.read_text(encoding="utf-8"))
-                                        for p in files))
+        return list(chain.from_iterable(split_paragraphs(_read_text(p)) for p in files))
     if all(p.stat().st_size == 0 for p in files):
         return []
     datasets = _import_datasets()

@@ -120,20 +120,24 @@ def _stream_paragraphs(path: Path, block: int = _TEXT_BLOCK) -> Iterator[str]:
     A block is cut at its last blank-line separator that the next block cannot extend (some
     character other than a space or tab follows it), so each piece splits exactly as the
     whole text would."""
-    carry = ""
-    with open(path, encoding="utf-8") as f:  # text mode: \r\n and \r become \n, as read_text
-        while chunk := f.read(block):
-            text = carry + chunk
-            cut = None
-            for m in _BLANK_LINES.finditer(text):
-                if text[m.end():].lstrip(" \t"):
-                    cut = m
-            if cut is None:
-                carry = text
-                continue
-            yield from split_paragraphs(text[:cut.start()])
-            carry = text[cut.end():]
-    yield from split_paragraphs(carry)
+    try:
+        carry = ""
+        with open(path, encoding="utf-8") as f:  # text mode: \r\n and \r become \n, as read_text
+            while chunk := f.read(block):
+                text = carry + chunk
+                cut = None
+                for m in _BLANK_LINES.finditer(text):
+                    if text[m.end():].lstrip(" \t"):
+                        cut = m
+                if cut is None:
+                    carry = text
+                    continue
+                yield from split_paragraphs(text[:cut.start()])
+                carry = text[cut.end():]
+        yield from split_paragraphs(carry)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                        "convert it to UTF-8 or leave it out of the data") from None
 
 
 def _stream_parquet(path: Path, text_column: str | None, batch: int = 1000) -> Iterator[str]:

@@ -55,3 +55,17 @@ def positions_needed(prompt_len: int, max_new_tokens: int) -> int:
 def check_max_new_tokens(max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise PLDRError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
+def check_eos_id(eos_id, model: PLDRModel) -> int:
+    """The stop token: None uses the config's, -1 never stops, else an id in the vocabulary
+    (one outside it could never be sampled, so generation would silently run to the end)."""
+    if eos_id is None:
+        return model.config.eos_id
+    V = model.config.vocab_size
+    if isinstance(eos_id, bool) or not isinstance(eos_id, int):
+        raise PLDRError(f"eos_id must be an integer token id, got {eos_id!r}")
+    if eos_id != -1 and not 0 <= eos_id < V:
+        raise PLDRError(f"eos_id {eos_id} is outside the vocabulary [0, {V}); give an id below "
+                        f"{V}, or -1 to never stop early")
+    return eos_id

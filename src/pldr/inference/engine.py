@@ -31,8 +31,8 @@ from torch import Tensor
 from ..errors import PLDRError, PLDRTypeError
 from ..model.cache import InferenceCache, stack_per_layer
 from ..model.model import PLDRModel
-from .checks import check_max_new_tokens, positions_needed, prepare_prompts
-from .sampling import SamplingConfig, sample_row
+from .checks import check_eos_id, check_max_new_tokens, positions_needed, prepare_prompts
+from .sampling import SamplingConfig, check_seed, check_tokens, sample_row
 
 log = logging.getLogger("pldr")
 
@@ -103,8 +103,8 @@ class Engine:
         if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1:
             prompt_ids = prompt_ids.tolist()
         prompt = prepare_prompts([prompt_ids], self.model)[0]
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise PLDRError(f"seed must be an int or None, got {seed!r}")
+        check_seed(seed)
+        eos_id = check_eos_id(eos_id, self.model)
         need = positions_needed(len(prompt), max_new_tokens)
         if need > self.max_len:
             raise PLDRError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens "
@@ -112,7 +112,7 @@ class Engine:
                             f"{self.max_len}; shorten one of them or raise max_len")
         G = None if G_LM is None else stack_per_layer(G_LM, self.model.config, "G_LM")
         req = Request(prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                      eos_id=self.model.config.eos_id if eos_id is None else eos_id,
+                      eos_id=eos_id,
                       seed=seed, G_LM=G, id=next(self._ids))
         if seed is not None and not sampling.greedy:
             req.generator = torch.Generator(device=self.model.device).manual_seed(seed)
@@ -164,6 +164,7 @@ class Engine:
             self._last[req.slot] = tok
             picks.append(tok)
         tokens = torch.stack(picks).tolist()  # the one host-device sync of a step
+        check_tokens(tokens)
         for (req, _), tok in zip(got, tokens):
             req.tokens.append(tok)
             if tok == req.eos_id:

@@ -36,9 +36,9 @@ from torch import Tensor
 from ..errors import PLDRError
 from ..model.cache import CACHE_MODES, InferenceCache
 from ..model.model import PLDRModel
-from .checks import check_max_new_tokens, positions_needed, prepare_prompts
+from .checks import check_eos_id, check_max_new_tokens, positions_needed, prepare_prompts
 from .engine import Engine, decode_cached
-from .sampling import SamplingConfig, sample, seeds_for
+from .sampling import SamplingConfig, check_tokens, sample, seeds_for
 
 COMPILE_LEN_STEP = 64  # compile=True: cache lengths are rounded up to a multiple of this
 
@@ -113,7 +113,7 @@ def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_
     sampling = SamplingConfig(temperature, top_k, top_p)
     rows = prepare_prompts(prompts, model)
     seeds = seeds_for(seed, len(rows))
-    eos = model.config.eos_id if eos_id is None else eos_id
+    eos = check_eos_id(eos_id, model)
     T = max(len(r) for r in rows)
     if positions_needed(T, max_new_tokens) > model.config.max_seq_len:
         raise PLDRError(f"the longest prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) "
@@ -162,6 +162,7 @@ def _stream(model, rows, max_new_tokens, cache, sampling, G_LM, eos, seeds):
     logits = prefill(model, state)
     for step in range(max_new_tokens):
         tokens = sample(logits, sampling, generators).tolist()  # the one sync per step
+        check_tokens(tokens)
         tokens = [pad if d else t for t, d in zip(tokens, done)]  # finished rows feed pads
         yield [None if d else t for t, d in zip(tokens, done)]
         done = [d or t == eos for t, d in zip(tokens, done)]

@@ -89,7 +89,7 @@ def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, 
                   metadata={"format": "pt"})
         give_default_mode(directory / WEIGHTS_FILE)
     if tokenizer is not None:
-        _write_tokenizer(tokenizer, directory / TOKENIZER_FILE)
+        _write_tokenizer(tokenizer, directory / TOKENIZER_FILE, model.config.vocab_size)
     write_manifest(directory)
 
 
@@ -151,12 +151,14 @@ def _plain_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
-    """A tokenizer object with `.save(path)`, a SentencePieceProcessor, or a .model path."""
+def _write_tokenizer(tokenizer: Any, dest: Path, vocab_size: int) -> None:
+    """A tokenizer object with `.save(path)`, a SentencePieceProcessor, or a .model path
+    (checked to be a SentencePiece model whose pieces fit the model's vocabulary)."""
     if isinstance(tokenizer, (str, os.PathLike)):
         src = Path(tokenizer)
         if not src.is_file():
             raise CheckpointError(f"tokenizer file {str(src)!r} does not exist")
+        _check_tokenizer_file(src, vocab_size)
         shutil.copyfile(src, dest)
     elif hasattr(tokenizer, "save"):
         tokenizer.save(str(dest))
@@ -165,6 +167,24 @@ def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
     else:
         raise PLDRTypeError(f"tokenizer must be a path to a .model file or have a .save(path) "
                             f"method, got {type(tokenizer).__name__}")
+
+
+def _check_tokenizer_file(path: Path, vocab_size: int) -> None:
+    """Refuse a file that is not a SentencePiece model, or one with more pieces than the
+    model has embeddings (its ids would index past the vocabulary)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(path.read_bytes())
+    except Exception:  # noqa: BLE001  sentencepiece raises RuntimeError or OSError
+        raise CheckpointError(f"tokenizer file {str(path)!r} is not a SentencePiece .model; "
+                              "pass the tokenizer the model was trained with") from None
+    pieces = sp.get_piece_size()
+    if pieces > vocab_size:
+        raise CheckpointError(f"tokenizer {str(path)!r} has {pieces} pieces but the model's "
+                              f"vocabulary has {vocab_size}; pass the tokenizer the model was "
+                              "trained with")
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:

@@ -73,6 +73,11 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
             raise CheckpointError(f"--resume auto: {str(out / CHECKPOINTS)!r} holds no complete "
                                   "checkpoint to resume; start without --resume, or pass the "
                                   "right --out")
+        try:
+            read_trainer_state(found[-1])
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume auto: the latest checkpoint is damaged ({e}); "
+                                  + _previous_hint(found[:-1])) from None
         return found[-1]
     path = Path(resume)
     if path.is_dir() and not (path / TRAINER_STATE).is_file() and list_checkpoints(path):
@@ -84,8 +89,42 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def _previous_hint(earlier: list[Path]) -> str:
+    """What to do when a checkpoint cannot be read: resume the previous complete one."""
+    if earlier:
+        return f"resume the previous complete one with --resume {str(earlier[-1])!r}"
+    return "no earlier checkpoint exists: start the run again in a new --out"
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The step of a folder named step-N, else None."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    return int(m.group(1)) if m else None
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """name -> size of the files of a checkpoint folder (its manifest, in trainer_state)."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != TRAINER_STATE}
+
+
+def _check_sizes(ckpt: Path, sizes: Any) -> None:
+    """Name the first file of `ckpt` that is missing or has another size than when saved,
+    before any tensor is read."""
+    if not isinstance(sizes, dict):
+        return  # a checkpoint of before the manifest
+    for name, size in sizes.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{str(ckpt)!r} lacks {name}, written when it was saved")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{str(path)!r} has {path.stat().st_size} bytes, not the "
+                                  f"{size} it was saved with: it is truncated or altered")
+
+
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
-    """trainer_state.json of a checkpoint this version can resume."""
+    """trainer_state.json of a checkpoint this version can resume; the sizes of its files
+    are checked against the manifest the save wrote."""
     try:
         state = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -96,7 +135,14 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(ckpt)!r} is a checkpoint of an older pldr (version "
                               f"{state.get('version')}); this version resumes Distributed "
                               "Checkpoints only: start the run again")
+    _check_sizes(ckpt, state.get("files"))
     return state
+
+
+def later_checkpoints(out: Path, step: int) -> list[Path]:
+    """Complete checkpoints of the run in `out` past `step` (a branch that resuming `step`
+    into `out` would overwrite)."""
+    return [c for c in list_checkpoints(out) if (checkpoint_step(c) or 0) > step]
 
 
 def remove_partial_saves(out: Path) -> None:
@@ -119,6 +165,7 @@ class CheckpointManager:
         self.config, self.tokenizer = config, tokenizer
         self.last: Path | None = None   # the last checkpoint written or resumed from
         self.last_step = -1             # its step
+        self.resumed: Path | None = None  # never pruned: the run can go back to it
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
              state: dict[str, Any]) -> Path:
@@ -139,7 +186,7 @@ class CheckpointManager:
             self.tokenizer.save(tmp / TOKENIZER_FILE)
             write_json(tmp / TRAINER_STATE, {"format": STATE_FORMAT, "version": STATE_VERSION,
                                              "step": step, "world_size": self.dist.world_size,
-                                             **state})
+                                             **state, "files": _file_sizes(tmp)})
             replace_dir(tmp, final)
             self._prune()
         ptd.barrier(self.dist)
@@ -149,15 +196,36 @@ class CheckpointManager:
     def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Read model and optimizer from `ckpt` (written by any number of processes) and
         return its trainer state."""
-        state = read_trainer_state(ckpt)
-        _read_dcp(model, optimizer, ckpt)
+        try:
+            state = read_trainer_state(ckpt)
+            _read_dcp(model, optimizer, ckpt)
+        except CheckpointError as e:
+            earlier = [c for c in list_checkpoints(ckpt.parent.parent)
+                       if (checkpoint_step(c) or 0) < (checkpoint_step(ckpt) or 0)]
+            raise CheckpointError(f"{e}; " + _previous_hint(earlier)) from None
         self.last, self.last_step = ckpt, int(state["step"])
+        self.resumed = ckpt
         return state
 
+    def discard_later(self, step: int) -> list[Path]:
+        """Delete this run's checkpoints past `step` and its final model (pldr's own
+        output, removed only when the user asked with --truncate-later-steps)."""
+        gone = later_checkpoints(self.out, step)
+        if self.dist.is_main:
+            for c in gone:
+                shutil.rmtree(c)
+            if (self.out / FINAL).is_dir():
+                shutil.rmtree(self.out / FINAL)
+        ptd.barrier(self.dist)
+        return gone
+
     def _prune(self) -> None:
+        """Keep the last K checkpoints, and always the one this run resumed from."""
         if self.keep:
+            resumed = self.resumed.resolve() if self.resumed is not None else None
             for old in list_checkpoints(self.out)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.resolve() != resumed:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def export_final(self, model: nn.Module) -> Path:
         """The trained model as a model directory OUT/final (with the tokenizer)."""
@@ -226,5 +294,5 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 __all__ = ["CHECKPOINTS", "FINAL", "TRAINER_STATE", "CheckpointManager", "checkpoint_name",
-           "list_checkpoints", "find_resume_checkpoint", "read_trainer_state",
-           "remove_partial_saves", "dcp_to_pretrained", "write_json"]
+           "list_checkpoints", "later_checkpoints", "checkpoint_step", "find_resume_checkpoint",
+           "read_trainer_state", "remove_partial_saves", "dcp_to_pretrained", "write_json"]

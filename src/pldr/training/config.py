@@ -85,6 +85,10 @@ class TrainConfig:
     log_every: int = setting(10, "report every N steps")
     resume: str | None = setting(None, "continue from a checkpoint folder, or auto: the "
                                  "latest in --out (default: a new run)", metavar="CKPT|auto")
+    truncate_later_steps: bool = setting(
+        False, "with --resume of an earlier checkpoint of a run that went on: delete that "
+        "run's later checkpoints and final model and train on from the checkpoint (default: "
+        "refuse; or give a new --out to branch)")
     dtype: str = setting("float32", "bfloat16: autocast (and FSDP mixed precision) with fp32 "
                          "weights", choices=SUPPORTED_DTYPES)
     dag_coeffs: tuple[float, float, float] = setting(

@@ -10,6 +10,7 @@ OUT/train_config.json; `build_model` / `build_optimizer` make what the loop trai
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .checkpointing import (
     CHECKPOINTS,
     FINAL,
     find_resume_checkpoint,
+    later_checkpoints,
+    list_checkpoints,
     read_trainer_state,
     remove_partial_saves,
     write_json,
@@ -91,10 +94,19 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                           f"max_seq_len {base.max_seq_len}; lower it")
     resume_dir = find_resume_checkpoint(cfg.resume, out)
     if resume_dir is not None:
-        read_trainer_state(resume_dir)  # a checkpoint this version can resume
+        step = int(read_trainer_state(resume_dir)["step"])  # a checkpoint this version resumes
+        later = later_checkpoints(out, step)
+        if later and not cfg.truncate_later_steps:
+            raise CheckpointError(
+                f"--out {str(out)!r} already went on past step {step} (up to "
+                f"{later[-1].name}); resuming {str(resume_dir)!r} there would overwrite that "
+                "branch: give a new --out to branch into, or --truncate-later-steps to delete "
+                "the later checkpoints and final model")
     elif is_run_dir(out):
         raise CheckpointError(f"--out {str(out)!r} already holds a training run; pass "
                               "--resume auto to continue it, or choose another --out")
+    else:
+        _check_leftovers(out, cfg.tokenizer)
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
         raise DataError(f"--tokenizer {cfg.tokenizer!r} does not exist")
     tensorboard = _tensorboard(cfg.tensorboard)
@@ -140,8 +152,30 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
 
 
 def is_run_dir(out: Path) -> bool:
-    """Whether `out` already holds (part of) a training run."""
-    return any((out / name).exists() for name in (CHECKPOINTS, METRICS_FILE, FINAL))
+    """Whether `out` holds a training run worth keeping: a complete checkpoint or a final
+    model. What a run that failed before its first checkpoint leaves (its settings,
+    tokenizer, metrics, temporary folders) is pldr's own, and a fresh start replaces it."""
+    return bool(list_checkpoints(out)) or (out / FINAL).exists()
+
+
+def _check_leftovers(out: Path, tokenizer: str | None) -> None:
+    """A fresh start replaces what a failed run left in `out` only if pldr wrote it (its
+    train_config.json says so); files of these names that are the user's are never touched."""
+    given = Path(tokenizer).resolve() if tokenizer is not None else None
+    present = [name for name in RUN_ENTRIES if (out / name).exists()
+               and not (name == TOKENIZER_FILE and (out / name).resolve() == given)]
+    if present and not _written_by_train(out / TRAIN_CONFIG_FILE):
+        raise CheckpointError(f"--out {str(out)!r} holds {', '.join(present)} that `pldr train` "
+                              "did not write; choose another --out (nothing was changed)")
+
+
+def _written_by_train(path: Path) -> bool:
+    """Whether `path` is a train_config.json that `make_run_folder` wrote."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"model_config", "world_size", "total_steps"} <= set(saved)
 
 
 def _tensorboard(wanted: bool | None) -> bool:

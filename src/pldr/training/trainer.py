@@ -45,7 +45,7 @@ from ..model.losses import loss_with_dag
 from . import distributed as ptd
 from .checkpointing import CheckpointManager
 from .config import TrainConfig
-from .metrics import DAG_KEYS, MetricsLog, TrainMetrics
+from .metrics import DAG_KEYS, METRICS_FILE, MetricsLog, TrainMetrics
 from .prepare import PreparedRun, build_training, make_run_folder, prepare_run
 from .schedule import lr_at
 from .stats import StepStats
@@ -120,6 +120,7 @@ class Trainer:
                                              run.config, run.tokenizer)
         self.last_eval_step = -1
         self.updating = False  # True while the optimizer changes the weights
+        self.probe: Tensor | None = None  # a batch [b, T+1] of the last step, run before a save
         self.log: MetricsLog | None = None
 
     def _say(self, text: str) -> None:
@@ -130,13 +131,22 @@ class Trainer:
 
     def run(self) -> TrainResult:
         run = self.prepared
-        make_run_folder(run)
+        # the model is built and the checkpoint read before the run folder is touched, so a
+        # failure of either leaves the folder (and its train_config.json) as it was
         self.model, self.optimizer = build_training(run)
         if run.resume_dir is not None:
             self._load(run.resume_dir)
+        make_run_folder(run)
+        if run.resume_dir is not None:
             self._say(f"resumed from {run.resume_dir} at step {self.step}")
+            if self.cfg.truncate_later_steps:
+                for gone in self.checkpoints.discard_later(self.step):
+                    self._say(f"--truncate-later-steps: removed {gone}")
+        # a fresh start over what a run that failed before its first checkpoint left drops
+        # that run's records (-1: every record is later)
+        restart = -1 if (run.out / METRICS_FILE).exists() else None
         self.log = MetricsLog(run.out, self.dist.is_main, run.tensorboard,
-                              self.step if run.resume_dir is not None else None)
+                              self.step if run.resume_dir is not None else restart)
         from tqdm.auto import tqdm
 
         start = self.step
@@ -261,11 +271,12 @@ class Trainer:
         values = total.figures(cfg.dag_coeffs)
         if not math.isfinite(values["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
-            last = self.checkpoints.last
-            where = f"; the last good checkpoint is {last}" if last else \
-                "; no checkpoint was written yet"
-            raise TrainingError(f"the loss became {values['loss']} at step {self.step + 1}"
-                                f"{where}. Lower --lr, raise --warmup-steps, or use float32")
+            self._fail(f"the loss became {values['loss']} at step {self.step + 1}")
+        if not self._all_finite(p.grad for p in self.model.parameters()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._fail(f"the gradients of step {self.step + 1} hold NaN or inf; the step was "
+                       "not taken")
+        self.probe = pieces[0]
         torch.nn.utils.clip_grad_value_(self.model.parameters(), CLIP_VALUE)
         lr = lr_at(self.step + 1, cfg.lr, cfg.warmup_steps, self.prepared.lr_total_steps,
                    cfg.lr_alpha)
@@ -277,10 +288,47 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if not self._all_finite(self.model.parameters()):
+            self._fail(f"the update of step {self.step} made weights NaN or inf; nothing of it "
+                       "was saved")
         self.metrics.add({k: values[k] for k in ("loss", "ce", "accuracy",
                                                   *(n for _, n in DAG_KEYS))},
                          self.train_loader.epoch, tokens)
         return values, total.stop > 0  # `updating` stays True until the loop drops its position
+
+    def _all_finite(self, tensors: Iterator[Tensor | None]) -> bool:
+        """Whether every given tensor (this rank's shards) is finite on every rank: one
+        all-reduce and one sync."""
+        flags = [torch.isfinite(_local(t)).all() for t in tensors if t is not None]
+        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if flags:
+            bad += (~torch.stack(flags)).sum()
+        return ptd.all_reduce_sum(bad, self.dist).item() == 0
+
+    def _fail(self, what: str) -> None:
+        """Stop the run with a TrainingError naming the last good checkpoint, which resumes."""
+        last = self.checkpoints.last
+        if last is not None:
+            where = (f"; the last good checkpoint is {last}: resume it with --resume {last} "
+                     "and a lower --lr")
+        else:
+            where = ("; no checkpoint was written yet, so the same command with a lower --lr "
+                     "starts the run again")
+        raise TrainingError(f"{what}{where} (or raise --warmup-steps, or use float32)")
+
+    @torch.no_grad()
+    def _check_output(self) -> None:
+        """Before a checkpoint is written: the live weights must give finite logits on a
+        batch of the last step, so that every checkpoint written can be resumed (a huge
+        update can leave the weights finite but the next forward NaN)."""
+        if self.probe is None:
+            return
+        ids = self.probe.to(self.device)
+        with self._autocast():
+            logits = self.model(ids[:, :-1]).logits                        # [b, T, V]
+        if not self._all_finite([logits]):
+            self._fail(f"the weights after step {self.step} give NaN or inf outputs; their "
+                       "checkpoint was not written")
 
     def _autocast(self):
         if self.prepared.amp_dtype is None:
@@ -336,6 +384,7 @@ class Trainer:
         position = position or self._position()
         if position["step"] == 0:
             return None
+        self._check_output()
         return self.checkpoints.save(self.model, self.optimizer, position["step"], {
             "loader": position["loader"], "metrics": position["metrics"],
             "total_steps": self.total_steps, "lr_total_steps": self.prepared.lr_total_steps,
@@ -352,6 +401,11 @@ class Trainer:
         return TrainResult(out_dir=self.prepared.out, step=self.step, total_steps=self.total_steps,
                            final_dir=final_dir, checkpoint=self.checkpoints.last,
                            interrupted=interrupted, records=self.records)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a tensor (a DTensor shard under FSDP, else the tensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def format_record(r: dict[str, Any], total: int) -> str:

@@ -1,0 +1,166 @@
+"""How runs recover: an update that makes weights or outputs non-finite stops before its
+checkpoint, and the checkpoint the error names resumes; a run that failed before its first
+checkpoint restarts with the same command; resuming an earlier checkpoint into a run that
+went on is refused unless asked; a damaged last checkpoint names the previous one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pldr import CheckpointError, PLDRConfig
+from pldr.cli import main as cli_main
+from pldr.training import TrainConfig, TrainingError, train
+from pldr.training.checkpointing import list_checkpoints
+from pldr.training.metrics import read_metrics
+
+SMALL = dict(num_layers=1, d_model=32, num_heads=2, dff=64, num_reslayerA=1, num_denseA=1,
+             A_dff=16, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> dict:
+    from pldr.data import load_documents
+    from pldr.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("recovery")
+    path = root / "tok.model"
+    Tokenizer.train(load_documents("builtin", "train[:10%]"), 512).save(path)
+    return {"tokenizer": str(path), "cache": str(root / "cache")}
+
+
+def cfg(tok: dict, out: Path, **changes) -> TrainConfig:
+    base = TrainConfig(model=PLDRConfig.preset("tiny").replace(**SMALL),
+                       tokenizer=tok["tokenizer"], out=str(out), data="builtin",
+                       split="train[:10%]", val_split="none", max_steps=6, batch_size=4,
+                       context_length=32, lr=1e-3, warmup_steps=0, log_every=1,
+                       cache_dir=tok["cache"], progress=False, tensorboard=False)
+    return base.replace(**changes)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_huge_lr_stops_before_writing_a_bad_checkpoint(tok, tmp_path):
+    out = tmp_path / "run"
+    # good steps first, then lr 1e6 from the resumed checkpoint
+    train(cfg(tok, out, max_steps=2, save_every=1))
+    with pytest.raises(TrainingError) as err:
+        train(cfg(tok, out, max_steps=6, save_every=1, lr=1e6, resume="auto"))
+    message = str(err.value)
+    assert "step-00000002" in message and "--resume" in message
+    assert [c.name for c in list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    # the checkpoint the error names resumes, with a sane lr, and finishes
+    named = message.split("--resume ")[1].split(" ")[0]
+    result = train(cfg(tok, out, max_steps=4, save_every=1, resume=named))
+    assert result.step == 4 and result.final_dir is not None
+    assert all(r["loss"] == r["loss"] for r in read_metrics(out))  # no NaN logged
+
+
+def test_huge_lr_on_a_fresh_run_restarts_with_the_same_command(tok, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="no checkpoint was written yet"):
+        train(cfg(tok, out, lr=1e6, save_every=1))
+    assert list_checkpoints(out) == []
+    # the leftovers (settings, tokenizer, metrics) are pldr's own: the same command starts over
+    result = train(cfg(tok, out, save_every=2))
+    assert result.step == 6
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_cli_restarts_after_a_failure_before_step_1(tok, tmp_path, capsys, monkeypatch):
+    import pldr.training.trainer as trainer_module
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny", "--tokenizer", tok["tokenizer"], "--out", str(out),
+            "--split", "train[:10%]", "--val-split", "none", "--batch-size", "4",
+            "--context-length", "32", "--max-steps", "2", "--no-progress", "--no-tensorboard",
+            "--cache-dir", tok["cache"]]
+
+    def crash(self, micro):
+        raise TrainingError("simulated crash before step 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module.Trainer, "_train_step", crash)
+        assert cli_main(args) == 2
+    assert "simulated crash" in capsys.readouterr().err
+    assert cli_main(args) == 0
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_resuming_an_earlier_checkpoint_into_its_run_is_refused(tok, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=4, save_every=1, keep_checkpoints=0))
+    before = snapshot(out)
+    first = list_checkpoints(out)[0]
+    with pytest.raises(CheckpointError, match="--truncate-later-steps"):
+        train(cfg(tok, out, max_steps=4, resume=str(first)))
+    assert snapshot(out) == before  # nothing rewritten
+
+    # branching into a new folder leaves the run as it was
+    fork = tmp_path / "fork"
+    train(cfg(tok, fork, max_steps=3, resume=str(first)))
+    assert snapshot(out) == before
+    assert (fork / "final").is_dir()
+
+    # asked explicitly: the later steps go, the resumed checkpoint is never pruned
+    result = train(cfg(tok, out, max_steps=6, save_every=1, keep_checkpoints=2,
+                       resume=str(first), truncate_later_steps=True))
+    assert result.step == 6
+    assert [c.name for c in list_checkpoints(out)] == ["step-00000001", "step-00000005",
+                                                       "step-00000006"]
+    steps = [r["step"] for r in read_metrics(out, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cli_truncate_flag_is_not_remembered(tok, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=2, save_every=1, keep_checkpoints=0))
+    first = list_checkpoints(out)[0]
+    train(cfg(tok, out, max_steps=3, save_every=1, keep_checkpoints=0, resume=str(first),
+              truncate_later_steps=True))
+    state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
+    assert state["train_config"]["truncate_later_steps"] is True
+    from pldr.cli.train import config_from_flags
+
+    assert config_from_flags({"resume": "auto", "out": str(out)}).truncate_later_steps is False
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_last_checkpoint_names_the_previous_one(tok, tmp_path, damage):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=3, save_every=1))
+    last = list_checkpoints(out)[-1]
+    shard = next(p for p in last.iterdir() if p.suffix == ".distcp")
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        shard.unlink()
+    with pytest.raises(CheckpointError) as err:
+        train(cfg(tok, out, max_steps=3, resume="auto"))
+    assert "step-00000002" in str(err.value) and "step-00000003" in str(err.value)
+    # the checkpoint it names resumes
+    previous = list_checkpoints(out)[-2]
+    shutil.rmtree(last)
+    assert train(cfg(tok, out, max_steps=3, resume=str(previous))).step == 3
+
+
+def test_a_failed_resume_leaves_the_run_folder_as_it_was(tok, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=2, save_every=1))
+    last = list_checkpoints(out)[-1]
+    state_file = last / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["files"]  # as if written before the manifest: only the read itself can fail
+    state_file.write_text(json.dumps(state))
+    shard = next(p for p in last.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = snapshot(out)
+    with pytest.raises(CheckpointError, match="step-00000001"):
+        train(cfg(tok, out, max_steps=4, resume=str(last)))
+    assert snapshot(out) == before
