@@ -85,7 +85,7 @@ def test_bench_suite_writes_every_named_key(tmp_path, capsys):
 
 def test_decode_bytes_per_token_counts_weights_and_caches():
     from pldr import PLDRConfig, PLDRModel
-    from pldr.bench.suite import decode_bytes_per_token
+    from pldr.bench.measure import decode_bytes_per_token
 
     model = PLDRModel(PLDRConfig.resolve("tiny", "--model"))
     cfg = model.config

@@ -134,6 +134,25 @@ def _build_model(spec: BenchSpec):
     return quantize_int8(model) if int8 else model
 
 
+def decode_bytes_per_token(model: torch.nn.Module, max_len: int) -> int:
+    """Bytes one batch-1 kv_g decode step reads: every weight except the embedding table (one
+    row) and the metric learner (the G-cache fixes its output), plus the KV buffers of
+    `max_len` positions and the cached G_LM, at the model's dtype."""
+    cfg = model.config
+    weights = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "reslayerAs" in name or "plgatt_layer" in name or "G_LM" in name:
+            continue
+        if name.startswith("decoder.embedding."):
+            weights += t.shape[-1] * t.element_size()
+            continue
+        weights += t.numel() * t.element_size()
+    elem = model.decoder.embedding.weight.element_size()
+    kv = 2 * cfg.num_layers * max_len * cfg.d_model * elem          # k and v, [L, 1, H, S, dk]
+    G = cfg.num_layers * cfg.num_heads * cfg.dk * cfg.dk * elem     # G_LM, [L, 1, H, dk, dk]
+    return weights + kv + G
+
+
 def _G_bytes(model) -> int:
     """Bytes of the cached G_LM of one slot (what `decode_bytes_per_token` adds for it)."""
     c = model.config
@@ -197,8 +216,6 @@ def run_one(spec: BenchSpec) -> BenchResult:
                 model(x)
         warm, tokens = job, spec.prefill_len
     elif spec.what == "gemv":
-        from .suite import decode_bytes_per_token
-
         # a float32 matrix as large as the weights a decode step reads, times a vector
         per_token = decode_bytes_per_token(model, spec.prompt_len + spec.new_tokens)
         cache_free = decode_bytes_per_token(model, 0) - _G_bytes(model)

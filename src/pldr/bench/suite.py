@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
-import torch
-
-from .measure import BenchResult, BenchSpec, machine_info, measure
+from .measure import BenchResult, BenchSpec, decode_bytes_per_token, machine_info, measure
 
 # key -> what to measure (overrides of the base spec) and which figure of the result to keep
 SUITE: dict[str, tuple[dict[str, Any], str]] = {
@@ -40,25 +38,6 @@ SUITE: dict[str, tuple[dict[str, Any], str]] = {
 }
 DERIVED = ("decode_bytes_per_token", "decode_roofline_fraction")
 KEYS = tuple(SUITE) + DERIVED
-
-
-def decode_bytes_per_token(model: torch.nn.Module, max_len: int) -> int:
-    """Bytes one batch-1 kv_g decode step reads: every weight except the embedding table (one
-    row) and the metric learner (the G-cache fixes its output), plus the KV buffers of
-    `max_len` positions and the cached G_LM, at the model's dtype."""
-    cfg = model.config
-    weights = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "reslayerAs" in name or "plgatt_layer" in name or "G_LM" in name:
-            continue
-        if name.startswith("decoder.embedding."):
-            weights += t.shape[-1] * t.element_size()
-            continue
-        weights += t.numel() * t.element_size()
-    elem = model.decoder.embedding.weight.element_size()
-    kv = 2 * cfg.num_layers * max_len * cfg.d_model * elem          # k and v, [L, 1, H, S, dk]
-    G = cfg.num_layers * cfg.num_heads * cfg.dk * cfg.dk * elem     # G_LM, [L, 1, H, dk, dk]
-    return weights + kv + G
 
 
 def run_suite(base: BenchSpec, progress: Callable[[str], None] = lambda m: None
