@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
     from ..devices import load_dtype, resolve_device
-    from ..model.quantize import quantize_int8
     from ..inference.generate import stream
     from ..inference.sampling import SamplingConfig
+    from ..model.quantize import quantize_int8
 
     # everything that can be checked without loading the model, first
     SamplingConfig(args.temperature, args.top_k, args.top_p)

@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
     from ..devices import load_dtype, resolve_device
-    from ..model.quantize import quantize_int8
     from ..inference import Engine
+    from ..model.quantize import quantize_int8
 
     source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
     tok_file = Tokenizer.find(source) if source is not None else None
