@@ -15,6 +15,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # What training, benchmarks and the CLI's --dtype offer: fp16 would need a gradient scaler.
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+# What generate, serve and bench offer for inference: also int8 weights (model/quantize.py)
+INFERENCE_DTYPES = SUPPORTED_DTYPES + ("int8",)
+
+
+def load_dtype(name: str) -> str:
+    """The float dtype to load weights in for an inference `--dtype`: int8 loads float32 and
+    is quantised after loading; the others load as themselves."""
+    return "float32" if name == "int8" else name
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -56,4 +64,5 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int | N
     return device
 
 
-__all__ = ["parse_dtype", "resolve_device", "DTYPES", "SUPPORTED_DTYPES"]
+__all__ = ["parse_dtype", "resolve_device", "load_dtype", "DTYPES", "SUPPORTED_DTYPES",
+           "INFERENCE_DTYPES"]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pldr.cli import main
 
@@ -27,7 +28,11 @@ def test_bench_records_results_and_machine(tmp_path, capsys):
     (["--what", "fly"], "--what 'fly' is unknown"),
     (["--cache", "kv"], "--cache 'kv' is unknown"),
     (["--model", "nope"], "neither a preset"),
-    (["--dtype", "int8"], "--dtype 'int8' is unknown"),
+    (["--dtype", "int4"], "--dtype 'int4' is unknown"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--suite", "--model", "nope"], "neither a preset"),
+    (["--suite", "--device", "nope"], "unknown device 'nope'"),
+    (["--dtype", "int8", "--what", "train"], "--dtype int8 (int8 weights) is for decode"),
 ])
 def test_bench_bad_input(capsys, args, message):
     assert main(["bench", *args]) == 2
@@ -51,3 +56,41 @@ def test_bench_engine_records_throughput_per_batch_and_the_ratio(tmp_path):
 def test_bench_bad_batch(capsys):
     assert main(["bench", "--what", "engine", "--batch", "x"]) == 2
     assert "--batch expects comma-separated integers" in capsys.readouterr().err
+
+
+def test_bench_suite_writes_every_named_key(tmp_path, capsys):
+    from pldr.bench.suite import KEYS
+
+    out = tmp_path / "suite.json"
+    assert main(["bench", "--suite", "--quick", "--model", "tiny", "--prompt-len", "6",
+                 "--new-tokens", "4", "--prefill-len", "16", "--train-batch", "1",
+                 "--train-len", "8", "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(data[key], (int, float)) and data[key] > 0, key
+    assert all(len(r["seconds"]) == 1 for r in data["results"].values())  # --quick
+    # the figures are the measurements': the int8 run decoded with int8 weights
+    assert data["results"]["decode_kv_g_int8_tok_s"]["spec"]["dtype"] == "int8"
+    assert data["results"]["decode_sdpa_baseline_tok_s"]["spec"]["variant"] == "v510G"
+    assert data["train_peak_rss_mb"] == data["results"]["train_tok_s"]["peak_rss_mb"]
+    want = data["decode_kv_g_tok_s"] * data["decode_bytes_per_token"] / (data["gemv_gb_s"] * 1e9)
+    assert abs(data["decode_roofline_fraction"] - want) <= 1e-9 * want
+    machine = data["machine"]
+    for key in ("cpu", "avx2", "avx512f", "avx512_bf16", "amx", "threads", "torch", "cuda"):
+        assert key in machine, key
+    assert machine["threads"] == 1
+    assert "kv_g / sdpa_baseline" in data["ratios"]
+    assert "decode_roofline_fraction:" in capsys.readouterr().out
+
+
+def test_decode_bytes_per_token_counts_weights_and_caches():
+    from pldr import PLDRConfig, PLDRModel
+    from pldr.bench.measure import decode_bytes_per_token
+
+    model = PLDRModel(PLDRConfig.resolve("tiny", "--model"))
+    cfg = model.config
+    per_position = 2 * cfg.num_layers * cfg.d_model * 4  # k and v, float32
+    assert decode_bytes_per_token(model, 10) - decode_bytes_per_token(model, 0) == 10 * per_position
+    linear = sum(m.weight.numel() + m.bias.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "reslayerAs" not in n)
+    assert decode_bytes_per_token(model, 0) > 4 * linear

@@ -32,14 +32,17 @@ import torch
 
 from ..errors import PLDRError
 
-MEASUREMENTS = ("decode", "prefill", "train", "engine")
+MEASUREMENTS = ("decode", "prefill", "train", "engine", "gemv")
+# dtypes a spec may name: the float dtypes, and int8 weights (model/quantize.py) for decoding
+BENCH_DTYPES = ("float32", "bfloat16", "int8")
+GEMV_ITERS = 10  # matrix-vector products per timed gemv run
 
 
 @dataclass(frozen=True)
 class BenchSpec:
     """One measurement: what to run and on which model."""
 
-    what: str                     # "decode" | "prefill" | "train" | "engine"
+    what: str                     # "decode" | "prefill" | "train" | "engine" | "gemv"
     model: str = "pldr-110m"      # a preset name or a model directory
     variant: str | None = None    # override the preset's variant ("v510G" = identity G_LM)
     cache: str = "kv_g"           # decode only
@@ -48,7 +51,7 @@ class BenchSpec:
     prefill_len: int = 512
     train_batch: int = 4
     train_len: int = 256
-    dtype: str = "float32"
+    dtype: str = "float32"        # float32 | bfloat16 | int8 (weights; not for train)
     device: str = "cpu"
     threads: int | None = None
     repeats: int = 3
@@ -80,9 +83,11 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
     return {
         "cpu": model, "cpu_flags": [f for f in wanted if f in flags], "nproc": os.cpu_count(),
+        "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -109,17 +114,49 @@ def _build_model(spec: BenchSpec):
     from ..devices import parse_dtype
     from ..model.model import PLDRModel
 
+    from ..model.quantize import quantize_int8
+
+    int8 = spec.dtype == "int8"
+    if int8 and spec.what == "train":
+        raise PLDRError("int8 weights are for inference; train with float32 or bfloat16")
     # training keeps float32 weights and runs bf16 under autocast, as `pldr train --dtype`
-    dtype = torch.float32 if spec.what == "train" else parse_dtype(spec.dtype)
+    dtype = torch.float32 if spec.what == "train" or int8 else parse_dtype(spec.dtype)
     if os.path.isdir(spec.model):
-        return load_model(spec.model, device=spec.device, dtype=dtype)
-    config = PLDRConfig.resolve(spec.model, "--model")
-    if spec.variant:
-        config = config.replace(variant=spec.variant)
-    torch.manual_seed(0)
-    with torch.device(spec.device):
-        model = PLDRModel(config)
-    return model.to(dtype=dtype).eval()
+        model = load_model(spec.model, device=spec.device, dtype=dtype)
+    else:
+        config = PLDRConfig.resolve(spec.model, "--model")
+        if spec.variant:
+            config = config.replace(variant=spec.variant)
+        torch.manual_seed(0)
+        with torch.device(spec.device):
+            model = PLDRModel(config)
+        model = model.to(dtype=dtype).eval()
+    return quantize_int8(model) if int8 else model
+
+
+def decode_bytes_per_token(model: torch.nn.Module, max_len: int) -> int:
+    """Bytes one batch-1 kv_g decode step reads: every weight except the embedding table (one
+    row) and the metric learner (the G-cache fixes its output), plus the KV buffers of
+    `max_len` positions and the cached G_LM, at the model's dtype."""
+    cfg = model.config
+    weights = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "reslayerAs" in name or "plgatt_layer" in name or "G_LM" in name:
+            continue
+        if name.startswith("decoder.embedding."):
+            weights += t.shape[-1] * t.element_size()
+            continue
+        weights += t.numel() * t.element_size()
+    elem = model.decoder.embedding.weight.element_size()
+    kv = 2 * cfg.num_layers * max_len * cfg.d_model * elem          # k and v, [L, 1, H, S, dk]
+    G = cfg.num_layers * cfg.num_heads * cfg.dk * cfg.dk * elem     # G_LM, [L, 1, H, dk, dk]
+    return weights + kv + G
+
+
+def _G_bytes(model) -> int:
+    """Bytes of the cached G_LM of one slot (what `decode_bytes_per_token` adds for it)."""
+    c = model.config
+    return c.num_layers * c.num_heads * c.dk * c.dk * model.decoder.embedding.weight.element_size()
 
 
 def _sync(device: str) -> None:
@@ -178,6 +215,20 @@ def run_one(spec: BenchSpec) -> BenchResult:
             with torch.no_grad():
                 model(x)
         warm, tokens = job, spec.prefill_len
+    elif spec.what == "gemv":
+        # a float32 matrix as large as the weights a decode step reads, times a vector
+        per_token = decode_bytes_per_token(model, spec.prompt_len + spec.new_tokens)
+        cache_free = decode_bytes_per_token(model, 0) - _G_bytes(model)
+        cols = model.config.d_model
+        rows = max(1, cache_free // 4 // cols)
+        del model
+        W = torch.randn(rows, cols, device=spec.device)                  # [R, C]
+        v = torch.randn(cols, device=spec.device)                        # [C]
+
+        def job():
+            for _ in range(GEMV_ITERS):
+                torch.mv(W, v)
+        warm, tokens = job, GEMV_ITERS
     elif spec.what == "train":
         from ..model.losses import loss_with_dag
 
@@ -213,6 +264,9 @@ def run_one(spec: BenchSpec) -> BenchResult:
             times[-1] = timed["s"]  # the decode steps only
     med = statistics.median(times)
     extra = {}
+    if spec.what == "gemv":
+        extra.update(gemv_gb_s=W.numel() * W.element_size() * GEMV_ITERS / med / 1e9,
+                     gemv_bytes=W.numel() * W.element_size(), decode_bytes_per_token=per_token)
     if spec.device.startswith("cuda"):
         extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return BenchResult(spec=spec, seconds=times, median_s=med, tokens_per_s=tokens / med,

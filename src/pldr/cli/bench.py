@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import SUPPORTED_DTYPES
 from ..errors import PLDRError
 
 
@@ -25,7 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated cache modes for decode")
     p.add_argument("--compare-G", action="store_true",
                    help="also measure the v510G (identity G_LM, plain SDPA) twin of a preset")
-    p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    p.add_argument("--suite", action="store_true",
+                   help="measure the named figures of the README's Benchmarks section "
+                   "(decode modes, the plain-SDPA baseline, batch 16, bf16, int8, prefill, "
+                   "training, gemv bandwidth and the roofline fraction); --json FILE gets "
+                   "them as flat keys")
+    p.add_argument("--quick", action="store_true", help="one timed repeat per measurement")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated: float32, bfloat16, int8 (int8 weights: decode, "
+                   "prefill and engine on CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=3)
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..bench.measure import (
+        BENCH_DTYPES,
         MEASUREMENTS,
         BenchSpec,
         format_table,
@@ -72,10 +80,17 @@ def run(args: argparse.Namespace) -> int:
     for c in caches:
         if c not in CACHE_MODES:
             raise PLDRError(f"--cache {c!r} is unknown; choose from {', '.join(CACHE_MODES)}")
+    from ..devices import resolve_device
+
+    resolve_device(args.device)  # an unknown or absent device fails here, in one line
     for d in dtypes:
-        if d not in SUPPORTED_DTYPES:
-            raise PLDRError(f"--dtype {d!r} is unknown; choose "
-                            f"{' or '.join(SUPPORTED_DTYPES)}")
+        if d not in BENCH_DTYPES:
+            raise PLDRError(f"--dtype {d!r} is unknown; choose from {', '.join(BENCH_DTYPES)}")
+    if "int8" in dtypes and not args.suite and set(whats) & {"train", "gemv"}:
+        raise PLDRError("--dtype int8 (int8 weights) is for decode, prefill and engine, "
+                        "not train or gemv; drop those from --what")
+    if "int8" in dtypes and not args.device.startswith("cpu"):
+        raise PLDRError("--dtype int8 runs on CPU only; use --device cpu")
     if args.model not in PRESETS and not Path(args.model).is_dir():
         raise PLDRError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
                         "nor a model directory")
@@ -87,12 +102,16 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("--batch needs integers >= 1")
     if args.repeats < 1:
         raise PLDRError("--repeats must be >= 1")
+    if args.quick:
+        args.repeats = 1
     if args.json:  # find out now, not after minutes of measuring
         target = Path(args.json)
         parent = target.parent if str(target.parent) else Path(".")
         if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
             raise PLDRError(f"--json {args.json!r} cannot be written (no such folder, a "
                             "folder itself, or no permission); choose another path")
+    if args.suite:
+        return _suite(args)
     variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
     common = dict(model=args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   prefill_len=args.prefill_len, train_batch=args.train_batch,
@@ -154,3 +173,30 @@ def _serve_bench(args: argparse.Namespace) -> dict:
     result = measure_serve(spec, progress=lambda m: print(m, flush=True))
     print(format_serve(result), flush=True)
     return result
+
+
+def _suite(args: argparse.Namespace) -> int:
+    """`--suite`: every named figure (bench/suite.py), printed and written as flat JSON keys."""
+    import json
+    from dataclasses import asdict
+
+    from ..bench.measure import BenchSpec
+    from ..bench.suite import ratios, run_suite
+    from ..files import atomic_write_text
+
+    base = BenchSpec(what="decode", model=args.model, prompt_len=args.prompt_len,
+                     new_tokens=args.new_tokens, prefill_len=args.prefill_len,
+                     train_batch=args.train_batch, train_len=args.train_len,
+                     device=args.device, threads=args.threads, repeats=args.repeats)
+    out = run_suite(base, progress=lambda m: print(m, flush=True))
+    info = out["machine"]
+    print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} threads "
+          f"{info['threads']} torch {info['torch']} gpu {info['cuda']}")
+    found = ratios(out["figures"])
+    for name, value in found.items():
+        print(f"{name}: {value:.2f}x")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(
+            {**out["figures"], "machine": info, "ratios": found, "spec": asdict(base),
+             "results": {k: asdict(r) for k, r in out["results"].items()}}, indent=2))
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import SUPPORTED_DTYPES
+from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
 
 
@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the decode step under torch.compile (kv_g/kv_only; same tokens)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
+                   help="float32, bfloat16, or int8 weights (CPU; float activations)")
     p.add_argument("--json", action="store_true", help="print ids and text per prompt as JSON")
     p.set_defaults(func=run)
 
@@ -46,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
-    from ..devices import resolve_device
+    from ..devices import load_dtype, resolve_device
     from ..inference.generate import stream
     from ..inference.sampling import SamplingConfig
+    from ..model.quantize import quantize_int8
 
     # everything that can be checked without loading the model, first
     SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -66,8 +68,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(tok_file) if tok_file is not None else None
     if args.compile and args.cache not in ("kv_g", "kv_only"):
         raise PLDRError(f"--compile needs --cache kv_g or kv_only, not {args.cache}")
+    if args.dtype == "int8" and args.device not in (None, "cpu"):
+        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {args.device}; use "
+                        "--device cpu or --dtype float32/bfloat16")
+    device = resolve_device("cpu" if args.dtype == "int8" else args.device)
     model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
-                                     device=resolve_device(args.device), dtype=args.dtype)
+                                     device=device, dtype=load_dtype(args.dtype))
+    if args.dtype == "int8":
+        quantize_int8(model)
 
     prompts = [_strip_eos(tokenizer.encode(t), model.config.eos_id) for t in args.prompt]
     prompts += id_prompts

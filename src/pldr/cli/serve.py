@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..devices import SUPPORTED_DTYPES
+from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
 
 
@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
                    help="predefined G_LM used for every request instead of the model's own")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
+                   help="float32, bfloat16, or int8 weights (CPU; float activations)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.set_defaults(func=run)
 
@@ -60,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
                         "pip install -c constraints.txt -e '.[serve]'") from None
     from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
-    from ..devices import resolve_device
+    from ..devices import load_dtype, resolve_device
     from ..inference import Engine
+    from ..model.quantize import quantize_int8
 
     source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
     tok_file = Tokenizer.find(source) if source is not None else None
@@ -69,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("pldr serve needs a tokenizer: pass --tokenizer FILE.model (model "
                         "directories written by pldr carry their own)")
     tokenizer = Tokenizer.load(tok_file)
+    if args.dtype == "int8" and args.device not in (None, "cpu"):
+        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {args.device}; use "
+                        "--device cpu or --dtype float32/bfloat16")
+    device = resolve_device("cpu" if args.dtype == "int8" else args.device)
     model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
-                                     device=resolve_device(args.device), dtype=args.dtype)
+                                     device=device, dtype=load_dtype(args.dtype))
+    if args.dtype == "int8":
+        quantize_int8(model)
     engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise PLDRError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "

@@ -246,11 +246,11 @@ class PLDRModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.final_layer.weight.device
+        return self.decoder.embedding.weight.device  # never quantised (model/quantize.py)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.final_layer.weight.dtype
+        return self.decoder.embedding.weight.dtype
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
