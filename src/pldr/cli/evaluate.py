@@ -7,6 +7,7 @@ import argparse
 
 from ..devices import SUPPORTED_DTYPES
 from ..errors import PLDRError
+from .common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,20 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Runs lm-eval's simple_evaluate with the model `pldr` and "
                        "prints its results table. With --G-LM the v510Gi ablation (that G_LM "
                        "for every request) is scored beside the model itself.")
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a model directory, or an original .pth checkpoint with --config")
-    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
-    p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model (default: the directory's)")
+    add_model_args(p, G_LM_help="also score with this predefined G_LM for every request (v510Gi)",
+                   dtypes=SUPPORTED_DTYPES)
     p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. "
                    "arc_easy,arc_challenge,hellaswag,winogrande,truthfulqa_mc2,openbookqa,piqa,siqa")
     p.add_argument("--include-path", metavar="DIR", help="a folder of local task YAML files")
     p.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
-                   help="also score with this predefined G_LM for every request (v510Gi)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
     p.add_argument("--output", metavar="FILE", help="write lm-eval's results as JSON")
     p.set_defaults(func=run)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PLDRError
+from .common import add_model_args
 
 FORMATS = ("safetensors", "original")
 
@@ -16,12 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "first --samples chunks of --data, streamed in batches, and write it as a "
                        "G_LM file that --G-LM, pldr.load_G_LM and v510G models read. A report "
                        "of its spread over the chunks goes to FILE's stem + .report.json.")
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a model directory or an original .pth checkpoint (with --config)")
-    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
-    p.add_argument("--G-LM", dest="G_LM", metavar="FILE", help="G_LM file for a v510G checkpoint")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="SentencePiece .model (default: the model directory's tokenizer.model)")
+    add_model_args(p, G_LM_help="G_LM file for a v510G checkpoint",
+                   dtypes=("float32", "float64", "bfloat16"))
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="builtin, a .txt/.jsonl/.parquet/.csv file or folder, or hf:NAME[:CONFIG]")
     p.add_argument("--split", default="train", help="split and slice, e.g. train[:1000] (default train)")
@@ -34,8 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors (G_LM and A_LM, default) or original (the release's pickled "
                    "list of G_LM [1, H, dk, dk])")
-    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=run)
 
 

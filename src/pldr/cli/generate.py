@@ -6,37 +6,32 @@ import argparse
 
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
+from ..model.cache import CACHE_MODES
+from .common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with the KV/G caches",
                        description="Continue one prompt or a batch of prompts. Text prompts are "
                        "encoded as the original does (the EOS the tokenizer appends is dropped).")
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a model directory (save_pretrained / pldr train) or an original .pth checkpoint")
-    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="SentencePiece .model (default: the model directory's tokenizer.model)")
+    add_model_args(p, G_LM_help="predefined G_LM file used at every step instead of the model's own "
+                   "(v510 and v510G; an original v510G .pth needs one)",
+                   dtypes=INFERENCE_DTYPES,
+                   dtype_help="float32, bfloat16, or int8 weights (CPU; float activations)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="prompt text; repeat for a batch")
     p.add_argument("--ids", action="append", default=[], metavar="5,6,7",
                    help="prompt as comma-separated token ids; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--cache", default="kv_g", choices=("kv_g", "kv_only", "g_only", "no_cache"),
+    p.add_argument("--cache", default="kv_g", choices=CACHE_MODES,
                    help="kv_g: KV + G cache (default); kv_only; g_only; no_cache")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off, 1: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling (every prompt alike)")
     p.add_argument("--eos-id", type=int, help="stop token (default: the config's; -1 never stops)")
-    p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
-                   help="predefined G_LM file used at every step instead of the model's own "
-                   "(v510 and v510G; an original v510G .pth needs one)")
     p.add_argument("--compile", action="store_true",
                    help="run the decode step under torch.compile (kv_g/kv_only; same tokens)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
-                   help="float32, bfloat16, or int8 weights (CPU; float activations)")
     p.add_argument("--json", action="store_true", help="print ids and text per prompt as JSON")
     p.set_defaults(func=run)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PLDRError
+from .common import add_model_args
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -16,21 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "layer, measure how much G_LM varies between the inputs (RMSE), its det "
                        "and singular values, and how much the caches change the deductive "
                        "outputs. Writes report.json, PNGs and index.html to --out.")
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a model directory or an original .pth checkpoint (with --config)")
-    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
-    p.add_argument("--G-LM", dest="G_LM", metavar="FILE", help="G_LM file for a v510G checkpoint")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="SentencePiece .model (default: the model directory's tokenizer.model)")
+    add_model_args(p, G_LM_help="G_LM file for a v510G checkpoint",
+                   dtypes=DTYPES,
+                   dtype_help="float64 shows the cache check at its exact size (about 1e-15)")
     p.add_argument("--text", action="append", default=[], metavar="TEXT",
                    help="an input text (its EOS is dropped, as for a prompt); repeatable")
     p.add_argument("--ids", action="append", default=[], metavar="5,6,7",
                    help="an input as comma-separated token ids; repeatable")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, PNGs, index.html")
     p.add_argument("--layers", metavar="0,2-4", help="layers to report (default: all)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="float64 shows the cache check at its exact size (about 1e-15)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-pictures", action="store_true", help="report.json only (no matplotlib needed)")
     p.set_defaults(func=run)
 

@@ -7,6 +7,7 @@ import os
 
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
+from .common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,12 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="POST /v1/completions (streaming with server-sent events), "
                        "GET /v1/models, /health and /metrics (Prometheus), over continuous "
                        "batching. Binds 127.0.0.1 unless told otherwise.")
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a model directory, or an original .pth checkpoint (with --config and "
-                   "--tokenizer)")
-    p.add_argument("--config", metavar="JSON", help="hpdict or config.json for an original checkpoint")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="SentencePiece .model (default: the model directory's tokenizer.model)")
+    add_model_args(p, G_LM_help="predefined G_LM used for every request instead of the model's own",
+                   dtypes=INFERENCE_DTYPES,
+                   dtype_help="float32, bfloat16, or int8 weights (CPU; float activations)")
     p.add_argument("--model-name", help="the id clients send as `model` (default: the folder "
                    "or file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -33,11 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest request body accepted (default 1 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM/SIGINT")
-    p.add_argument("--G-LM", dest="G_LM", metavar="FILE",
-                   help="predefined G_LM used for every request instead of the model's own")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
-                   help="float32, bfloat16, or int8 weights (CPU; float activations)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.set_defaults(func=run)
 
