@@ -7,7 +7,7 @@ import argparse
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
 from ..model.cache import CACHE_MODES
-from .common import add_model_args
+from .common import add_model_args, load_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,12 +40,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
-    from ..devices import load_dtype, resolve_device
     from ..inference.generate import stream
     from ..inference.sampling import SamplingConfig
-    from ..model.quantize import quantize_int8
 
     # everything that can be checked without loading the model, first
     SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -63,14 +60,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(tok_file) if tok_file is not None else None
     if args.compile and args.cache not in ("kv_g", "kv_only"):
         raise PLDRError(f"--compile needs --cache kv_g or kv_only, not {args.cache}")
-    if args.dtype == "int8" and args.device not in (None, "cpu"):
-        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {args.device}; use "
-                        "--device cpu or --dtype float32/bfloat16")
-    device = resolve_device("cpu" if args.dtype == "int8" else args.device)
-    model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
-                                     device=device, dtype=load_dtype(args.dtype))
-    if args.dtype == "int8":
-        quantize_int8(model)
+    model, G_LM = load_model_args(args)
 
     prompts = [_strip_eos(tokenizer.encode(t), model.config.eos_id) for t in args.prompt]
     prompts += id_prompts

@@ -7,7 +7,7 @@ import os
 
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
-from .common import add_model_args
+from .common import add_model_args, load_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,11 +52,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
                         "pip install -c constraints.txt -e '.[serve]'") from None
-    from ..checkpoint.load import load_for_inference
     from ..data.tokenizer import Tokenizer
-    from ..devices import load_dtype, resolve_device
     from ..inference import Engine
-    from ..model.quantize import quantize_int8
 
     source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
     tok_file = Tokenizer.find(source) if source is not None else None
@@ -64,14 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("pldr serve needs a tokenizer: pass --tokenizer FILE.model (model "
                         "directories written by pldr carry their own)")
     tokenizer = Tokenizer.load(tok_file)
-    if args.dtype == "int8" and args.device not in (None, "cpu"):
-        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {args.device}; use "
-                        "--device cpu or --dtype float32/bfloat16")
-    device = resolve_device("cpu" if args.dtype == "int8" else args.device)
-    model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
-                                     device=device, dtype=load_dtype(args.dtype))
-    if args.dtype == "int8":
-        quantize_int8(model)
+    model, G_LM = load_model_args(args)
     engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise PLDRError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
