@@ -32,7 +32,7 @@ from ..errors import PLDRError, PLDRTypeError
 from ..model.cache import InferenceCache, stack_per_layer
 from ..model.model import PLDRModel
 from .checks import check_eos_id, check_max_new_tokens, positions_needed, prepare_prompts
-from .sampling import SamplingConfig, check_seed, check_tokens, sample_row
+from .sampling import GREEDY, SamplingConfig, check_seed, check_tokens, sample, sample_row
 
 log = logging.getLogger("pldr")
 
@@ -158,12 +158,9 @@ class Engine:
         got = ([(r, logits[r.slot]) for r in running] + admitted)
         if not got:
             return []
-        picks = []
-        for req, row in got:
-            tok = sample_row(row, req.sampling, req.generator)
-            self._last[req.slot] = tok
-            picks.append(tok)
-        tokens = torch.stack(picks).tolist()  # the one host-device sync of a step
+        picks = _pick_tokens(running, logits, admitted)                               # [N]
+        self._last[torch.tensor([r.slot for r, _ in got], device=picks.device)] = picks
+        tokens = picks.tolist()  # the one host-device sync of a step
         check_tokens(tokens)
         for (req, _), tok in zip(got, tokens):
             req.tokens.append(tok)
@@ -216,6 +213,22 @@ class Engine:
         log.info("compiling the decode step (mode=%s)", "reduce-overhead" if cuda else "default")
         return torch.compile(decode_cached, mode="reduce-overhead" if cuda else None,
                              dynamic=False)
+
+
+def _pick_tokens(running: list[Request], logits: Tensor | None,
+                 admitted: list[tuple[Request, Tensor]]) -> Tensor:
+    """The next token of every running request (its row of the decode logits [B, V]) and of
+    every admitted one (its prefill logits [V]), in that order -> [N], with no sync.
+
+    The greedy running requests share one argmax over the whole decode batch (with 16 slots
+    that is one launch per op instead of 16); every other request is picked alone with its
+    own settings and seeded stream, exactly as `sample_row` picks it in `pldr.generate`."""
+    shared = (sample(logits, GREEDY)                                                   # [B]
+              if logits is not None and any(r.sampling.greedy for r in running) else None)
+    picks = [shared[r.slot] if r.sampling.greedy else
+             sample_row(logits[r.slot], r.sampling, r.generator) for r in running]
+    picks += [sample_row(row, r.sampling, r.generator) for r, row in admitted]
+    return torch.stack(picks)
 
 
 def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:

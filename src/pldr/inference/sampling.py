@@ -58,6 +58,9 @@ class SamplingConfig:
         return self.temperature == 0 or self.top_k == 1
 
 
+GREEDY = SamplingConfig(temperature=0.0)
+
+
 def filter_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
     """Apply temperature, then top-k, then top-p to logits [B, V]; removed tokens get -inf.
 
