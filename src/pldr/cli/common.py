@@ -47,3 +47,22 @@ def load_model_args(args: argparse.Namespace):
     if args.dtype == "int8":
         quantize_int8(model)
     return model, G_LM
+
+
+def load_tokenizer_arg(args: argparse.Namespace, needed_for: str | None):
+    """The tokenizer of --tokenizer, else of the --model directory (an original .pth has
+    none); None when there is none and nothing needs it. `needed_for` names what needs one
+    ("text prompts", "pldr serve"), which makes a missing tokenizer a one-line error."""
+    from pathlib import Path
+
+    from ..data.tokenizer import Tokenizer
+    from ..errors import PLDRError
+
+    source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    tok_file = Tokenizer.find(source) if source is not None else None
+    if tok_file is None:
+        if needed_for is None:
+            return None
+        raise PLDRError(f"{needed_for} need a tokenizer: pass --tokenizer FILE.model (model "
+                        "directories written by pldr carry their own)")
+    return Tokenizer.load(tok_file)

@@ -7,7 +7,7 @@ import argparse
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
 from ..model.cache import CACHE_MODES
-from .common import add_model_args, load_model_args
+from .common import add_model_args, load_model_args, load_tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,9 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from ..data.tokenizer import Tokenizer
     from ..inference.generate import stream
     from ..inference.sampling import SamplingConfig
 
@@ -51,13 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt and not args.ids:
         raise PLDRError("give at least one --prompt TEXT or --ids 5,6,7")
     id_prompts = [_parse_ids(s) for s in args.ids]
-    # --tokenizer, else the model folder's own tokenizer.model (an original .pth has none)
-    source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
-    tok_file = Tokenizer.find(source) if source is not None else None
-    if args.prompt and tok_file is None:
-        raise PLDRError("text prompts need a tokenizer: pass --tokenizer FILE.model (model "
-                        "directories written by pldr carry their own)")
-    tokenizer = Tokenizer.load(tok_file) if tok_file is not None else None
+    tokenizer = load_tokenizer_arg(args, "text prompts" if args.prompt else None)
     if args.compile and args.cache not in ("kv_g", "kv_only"):
         raise PLDRError(f"--compile needs --cache kv_g or kv_only, not {args.cache}")
     model, G_LM = load_model_args(args)

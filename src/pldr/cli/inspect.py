@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PLDRError
-from .common import add_model_args
+from .common import add_model_args, load_tokenizer_arg
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -60,22 +60,13 @@ def run(args: argparse.Namespace) -> int:
 def load_for_analysis(args: argparse.Namespace, tokenizer_for: str | None):
     """The model (in --dtype, float64 included) and, when `tokenizer_for` names what needs
     one, its tokenizer (--tokenizer, else the model directory's own)."""
-    from pathlib import Path
 
     import torch
 
     from ..checkpoint.load import load_model
-    from ..data.tokenizer import Tokenizer
     from ..devices import resolve_device
 
-    tokenizer = None
-    if tokenizer_for:
-        source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
-        tok_file = Tokenizer.find(source) if source is not None else None
-        if tok_file is None:
-            raise PLDRError(f"{tokenizer_for} need a tokenizer: pass --tokenizer FILE.model "
-                            "(model directories written by pldr carry their own)")
-        tokenizer = Tokenizer.load(tok_file)
+    tokenizer = load_tokenizer_arg(args, tokenizer_for)
     dtype = getattr(args, "dtype", "float32")
     model = load_model(args.model, args.config, G_LM=getattr(args, "G_LM", None),
                        device=resolve_device(args.device),

@@ -7,7 +7,7 @@ import os
 
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
-from .common import add_model_args, load_model_args
+from .common import add_model_args, load_model_args, load_tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,15 +52,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
                         "pip install -c constraints.txt -e '.[serve]'") from None
-    from ..data.tokenizer import Tokenizer
     from ..inference import Engine
 
-    source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
-    tok_file = Tokenizer.find(source) if source is not None else None
-    if tok_file is None:
-        raise PLDRError("pldr serve needs a tokenizer: pass --tokenizer FILE.model (model "
-                        "directories written by pldr carry their own)")
-    tokenizer = Tokenizer.load(tok_file)
+    tokenizer = load_tokenizer_arg(args, "pldr serve and its text prompts")
     model, G_LM = load_model_args(args)
     engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
     if tokenizer.vocab_size > model.config.vocab_size:
