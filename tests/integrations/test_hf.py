@@ -35,6 +35,20 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids != 0).long()
 
 
+def test_hf_config_declares_every_pldr_config_field_with_its_default():
+    """PLDRHFConfig restates PLDRConfig's fields (transformers wants plain class attributes):
+    a field added to PLDRConfig, or a default changed there, must show up here too."""
+    import dataclasses
+
+    hf_fields = {f.name: f for f in dataclasses.fields(PLDRHFConfig)}
+    tiny = pldr.PLDRConfig.preset("tiny")
+    for f in dataclasses.fields(pldr.PLDRConfig):
+        assert f.name in hf_fields, f"PLDRHFConfig lacks the PLDRConfig field {f.name}"
+        want = getattr(tiny, f.name) if f.default is dataclasses.MISSING else f.default
+        assert hf_fields[f.name].default == want, f.name
+    assert PLDRHFConfig().to_pldr() == tiny
+
+
 def test_auto_classes_load_our_directory_and_give_our_logits(model_dir):
     config = AutoConfig.from_pretrained(model_dir)
     assert isinstance(config, PLDRHFConfig) and config.to_pldr() == pldr.load_model(model_dir).config
