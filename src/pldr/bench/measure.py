@@ -4,7 +4,9 @@ Each measurement runs in a fresh Python process, so its peak RSS (`ru_maxrss`) b
 alone; inside, one warm-up run is followed by `repeats` timed runs and the median is kept.
 The method follows the original's CPU baseline (reference/original_cpu_speed.md): random
 weights (seed 0), random ids, batch 1 decoding of `new_tokens` after a `prompt_len` prompt,
-one `prefill_len` forward, and one AdamW training step on [train_batch, train_len] tokens
+the prefill of a `prefill_len`-token prompt (as generation runs it: into a fresh kv_g
+cache, logits of the last position only; the original's baseline timed a full forward with
+logits at every position), and one AdamW training step on [train_batch, train_len] tokens
 (float32 weights; `dtype="bfloat16"` runs it under bf16 autocast, as `pldr train` does, and
 casts the weights to bf16 for decode and prefill).
 `engine` measures the aggregate decode throughput of `pldr.Engine` with `batch` running
@@ -209,11 +211,13 @@ def run_one(spec: BenchSpec) -> BenchResult:
         warm = lambda: run_engine(4)  # noqa: E731
         tokens = spec.batch * (spec.new_tokens - 1)
     elif spec.what == "prefill":
-        x = ids(1, spec.prefill_len)
+        from ..inference.generate import prefill, start
 
-        def job():
+        rows = ids(1, spec.prefill_len).tolist()
+
+        def job():  # what generation does with a prompt: fill a fresh kv_g cache, last logits
             with torch.no_grad():
-                model(x)
+                prefill(model, start(model, rows, "kv_g", 1))
         warm, tokens = job, spec.prefill_len
     elif spec.what == "gemv":
         # a float32 matrix as large as the weights a decode step reads, times a vector
