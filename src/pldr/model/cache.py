@@ -207,6 +207,13 @@ class InferenceCache:
         self.live[slot] = True
         self._set(slot, fresh=True, given=False, given_A_LM=False)
 
+    def clear(self, slot: int) -> None:
+        """Zero every tensor of `slot` (keys, values, A, G parts): after a request whose
+        values turned NaN, since a masked-out NaN value still poisons attention (0 * NaN)."""
+        for t in (self.k, self.v, self.A, self.G_LM, self.A_LM, self.A_G, self.A_P):
+            if t is not None:
+                t[:, slot].zero_()
+
     def release(self, slot: int) -> None:
         """Mark `slot` idle: decode steps still run it (static shapes) but nothing it
         computes is used, and its lengths stop moving. Its G_LM stays (see `set_G_LM`)."""
