@@ -98,7 +98,7 @@ def test_resuming_an_earlier_checkpoint_into_its_run_is_refused(tok, tmp_path):
     train(cfg(tok, out, max_steps=4, save_every=1, keep_checkpoints=0))
     before = snapshot(out)
     first = list_checkpoints(out)[0]
-    with pytest.raises(CheckpointError, match="--truncate-later-steps"):
+    with pytest.raises(CheckpointError, match="--fork-to NEW_DIR .* --truncate-later-steps"):
         train(cfg(tok, out, max_steps=4, resume=str(first)))
     assert snapshot(out) == before  # nothing rewritten
 
@@ -118,6 +118,55 @@ def test_resuming_an_earlier_checkpoint_into_its_run_is_refused(tok, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+FIGURES = ("loss", "ce", "accuracy", "step_loss", "lr", "tokens")
+
+
+def figures(records: list[dict]) -> list[tuple]:
+    """What a resumed run must log exactly as an uninterrupted one (not the timings)."""
+    return [(r["step"], r["split"], *(r.get(k) for k in FIGURES)) for r in records]
+
+
+def test_fork_to_branches_into_a_new_folder_with_the_history(tok, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=4, save_every=2, keep_checkpoints=0))
+    before = snapshot(out)
+    second = out / "checkpoints" / "step-00000002"
+    # the reference: continuing in place from step 2 (a copy of the run, rewound)
+    in_place = tmp_path / "in_place"
+    shutil.copytree(out, in_place)
+    train(cfg(tok, in_place, max_steps=4, resume=str(in_place / second.relative_to(out)),
+              truncate_later_steps=True))
+
+    fork = tmp_path / "fork"
+    args = ["train", "--resume", str(second), "--fork-to", str(fork), "--no-progress"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert snapshot(out) == before  # the original run, byte for byte
+    original = read_metrics(out)
+    forked = read_metrics(fork)
+    # the history up to the checkpoint is copied as it was logged, then the fork continues
+    assert forked[:2] == [r for r in original if r["step"] <= 2]
+    assert figures(forked) == figures(read_metrics(in_place)) == figures(original)
+    saved = json.loads((fork / "train_config.json").read_text())
+    assert saved["out"] == str(fork) and saved["resume"] == str(second)
+    assert [c.name for c in list_checkpoints(fork)] == ["step-00000004"]
+    assert (fork / "final" / "model.safetensors").is_file()
+    # the fork is a run of its own: it continues with --resume auto, --fork-to not remembered
+    assert cli_main(["train", "--resume", "auto", "--out", str(fork), "--max-steps", "5",
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(fork, "train")] == [1, 2, 3, 4, 5]
+    assert snapshot(out) == before
+    # a second fork into a folder that holds a run, into the run itself, or without --resume
+    for bad, message in ((["--resume", str(second), "--fork-to", str(fork)], "already holds"),
+                         (["--resume", str(second), "--fork-to", str(out)], "own run"),
+                         (["--fork-to", str(tmp_path / "new"), "--out", str(tmp_path / "x")],
+                          "--resume")):
+        capsys.readouterr()
+        assert cli_main(["train", *bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert snapshot(out) == before and not (tmp_path / "new").exists()
+
+
 def test_cli_truncate_flag_is_not_remembered(tok, tmp_path):
     out = tmp_path / "run"
     train(cfg(tok, out, max_steps=2, save_every=1, keep_checkpoints=0))
@@ -131,19 +180,28 @@ def test_cli_truncate_flag_is_not_remembered(tok, tmp_path):
     assert config_from_flags({"resume": "auto", "out": str(out)}).truncate_later_steps is False
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip", "flip-config"])
 def test_damaged_last_checkpoint_names_the_previous_one(tok, tmp_path, damage):
     out = tmp_path / "run"
     train(cfg(tok, out, max_steps=3, save_every=1))
     last = list_checkpoints(out)[-1]
     shard = next(p for p in last.iterdir() if p.suffix == ".distcp")
+    if damage == "flip-config":
+        shard = last / "config.json"
+    data = bytearray(shard.read_bytes())
     if damage == "truncate":
-        shard.write_bytes(shard.read_bytes()[:100])
-    else:
+        shard.write_bytes(data[:100])
+    elif damage == "delete":
         shard.unlink()
+    else:  # one byte altered, the size unchanged: only the checksum can tell
+        at = len(data) // 2 if damage == "flip" else data.index(b'"d_model"') + 2
+        data[at] ^= 0x01
+        shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as err:
         train(cfg(tok, out, max_steps=3, resume="auto"))
     assert "step-00000002" in str(err.value) and "step-00000003" in str(err.value)
+    if damage.startswith("flip"):
+        assert shard.name in str(err.value) and "sha256" in str(err.value)
     # the checkpoint it names resumes
     previous = list_checkpoints(out)[-2]
     shutil.rmtree(last)

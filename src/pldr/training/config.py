@@ -89,6 +89,11 @@ class TrainConfig:
         False, "with --resume of an earlier checkpoint of a run that went on: delete that "
         "run's later checkpoints and final model and train on from the checkpoint (default: "
         "refuse; or give a new --out to branch)")
+    fork_to: str | None = setting(
+        None, "with --resume: branch into this new run folder instead of continuing in the "
+        "checkpoint's run, which stays untouched; the new run starts with that run's history up "
+        "to the checkpoint (metrics.jsonl, TensorBoard events) (default: no fork)",
+        metavar="NEW_DIR")
     dtype: str = setting("float32", "bfloat16: autocast (and FSDP mixed precision) with fp32 "
                          "weights", choices=SUPPORTED_DTYPES)
     dag_coeffs: tuple[float, float, float] = setting(
