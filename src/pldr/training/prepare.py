@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from ..config import PLDRConfig
 from ..devices import parse_dtype
 from ..errors import CheckpointError, ConfigError, DataError, import_extra
-from ..model.model import PLDRModel
+from ..model.model import PLDRModel, parameter_count
 from ..model.pretrained import CONFIG_FILE, TOKENIZER_FILE
 from . import distributed as ptd
 from .checkpointing import (
@@ -138,6 +139,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         raise CheckpointError(f"the model of checkpoint {str(resume_dir)!r} does not match "
                               "--model / --tokenizer; resume with the settings of the run (or "
                               "omit them to reuse its own)")
+    _check_memory(config, cfg, micro, context_length, dist)
     train_loader, val_loader = _loaders(cfg, tokenizer, context_length, train_split, val_split,
                                         train_docs, dist, progress)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
@@ -176,6 +178,23 @@ def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path,
                               "folder")
     _check_leftovers(new, cfg.tokenizer)
     return cfg.replace(out=str(new), resume=str(resume_dir)), new, source
+
+
+def _check_memory(config: PLDRConfig, cfg: TrainConfig, micro: int, context_length: int,
+                  dist: ptd.DistInfo) -> None:
+    """A run that cannot fit in memory is a one-line error before any allocation or write:
+    weights, gradients and AdamW state (sharded over the ranks) and the activations of one
+    forward of `micro` rows; on CPU the ranks of this machine share its RAM."""
+    from ..model.memory import check_fits, training_memory
+
+    need = training_memory(config, parameter_count(config), micro, context_length,
+                           shards=dist.world_size,
+                           autocast_bytes=2 if cfg.dtype == "bfloat16" else 4)
+    if dist.device.type == "cpu":
+        need = need.scaled(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    check_fits(need, dist.device, "lower --micro-batch-size (rows per forward) or "
+               "--context-length, or train a smaller --model (d_model, num_layers, vocab_size)",
+               "training this model")
 
 
 def is_run_dir(out: Path) -> bool:
