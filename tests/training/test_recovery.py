@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pldr import CheckpointError, PLDRConfig
 from pldr.cli import main as cli_main
@@ -222,3 +223,98 @@ def test_a_failed_resume_leaves_the_run_folder_as_it_was(tok, tmp_path):
     with pytest.raises(CheckpointError, match="step-00000001"):
         train(cfg(tok, out, max_steps=4, resume=str(last)))
     assert snapshot(out) == before
+
+
+# Runs `pldr train` (argv[2:]) in a child process that dies by SIGKILL at a chosen moment;
+# nothing of training changes. argv[1]: "step:K" dies right after optimizer step K; "save:N"
+# dies inside the N-th checkpoint save, once the DCP shards are written and before the
+# trainer state; "slow:S" only sleeps S seconds after every step, so a kill from outside
+# after a random delay lands mid-run.
+KILLER = """
+import os, signal, sys, time
+import pldr.training.distributed as ptd
+import pldr.training.trainer as trainer
+from pldr.cli import main
+
+mode, value = sys.argv[1].split(":")
+step_of = trainer.Trainer._train_step
+
+def train_step(self, micro):
+    out = step_of(self, micro)
+    if mode == "step" and self.step == int(value):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "slow":
+        time.sleep(float(value))
+    return out
+
+saves, save_of = [0], ptd.save_sharded
+
+def save_sharded(*args):
+    save_of(*args)
+    saves[0] += 1
+    if mode == "save" and saves[0] == int(value):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.Trainer._train_step, ptd.save_sharded = train_step, save_sharded
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_9_at_random_moments_then_resume_reproduces_the_run(tok, tmp_path):
+    """kill -9 before the first checkpoint, during a save and at a seeded random moment;
+    after each the same command (no checkpoint yet) or --resume auto continues, and the run
+    logs exactly the figures and ends with exactly the weights of a run never killed."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    steps, every = 12, 3
+    reference = train(cfg(tok, tmp_path / "ref", max_steps=steps, save_every=every))
+    out = tmp_path / "run"
+    model_json = tmp_path / "model.json"
+    PLDRConfig.preset("tiny").replace(**SMALL).to_json(model_json)
+    command = ["train", "--model", str(model_json), "--tokenizer", tok["tokenizer"],
+               "--out", str(out), "--data", "builtin", "--split", "train[:10%]",
+               "--val-split", "none", "--max-steps", str(steps), "--batch-size", "4",
+               "--context-length", "32", "--lr", "1e-3", "--warmup-steps", "0",
+               "--log-every", "1", "--save-every", str(every), "--cache-dir", tok["cache"],
+               "--no-progress", "--no-tensorboard"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    rng = random.Random(17)
+    moments = [f"step:{rng.randint(1, every - 1)}",       # before the first checkpoint
+               f"save:{rng.randint(1, 2)}",                # during a save
+               "slow:0.1"]                                 # after a random delay
+    kills = []
+    for moment in moments:
+        # what a user does next: the same command, or --resume auto once a checkpoint exists
+        resume = ["--resume", "auto"] if list_checkpoints(out) else []
+        proc = subprocess.Popen([sys.executable, "-c", KILLER, moment, *command, *resume],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if moment.startswith("slow:"):
+            # the child rewrites or appends metrics.jsonl once it trains: then a random delay
+            metrics = out / "metrics.jsonl"
+            seen = metrics.read_bytes() if metrics.exists() else b""
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline and \
+                    (metrics.read_bytes() if metrics.exists() else b"") == seen:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))
+            assert proc.poll() is None, "the run ended before the kill"
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        kills.append((moment, [c.name for c in list_checkpoints(out)],
+                      sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))))
+    resume = ["--resume", "auto"] if list_checkpoints(out) else []
+    assert cli_main(command + resume) == 0
+    assert kills[0][1] == []  # the first kill came before any checkpoint
+    assert kills[1][2] != []  # the second one cut a save short
+    assert figures(read_metrics(out)) == figures(reference.records)
+    got, want = load_file(out / "final" / "model.safetensors"), \
+        load_file(reference.final_dir / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
