@@ -126,7 +126,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         if s is not None:
             parse_split(s)
 
-    dist = ptd.init_distributed(cfg.device)
+    dist = ptd.init_distributed(cfg.device, timeout_s=cfg.dist_timeout)
     progress = dist.is_main and (cfg.progress if cfg.progress is not None
                                  else sys.stderr.isatty())
     tokenizer, train_docs = _tokenizer(cfg, base, resume_dir, out, train_split, dist)
