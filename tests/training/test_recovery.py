@@ -318,3 +318,21 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_run(tok, tmp_path):
     got, want = load_file(out / "final" / "model.safetensors"), \
         load_file(reference.final_dir / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_copy_history_takes_the_records_up_to_the_step(tmp_path, tensorboard):
+    from pldr.training.metrics import copy_history
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "tb").mkdir(parents=True)
+    (src / "tb" / "events.out").write_bytes(b"events")
+    lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    (src / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "spl')  # cut by a kill
+    before = snapshot(src)
+    dst.mkdir()
+    (dst / "metrics.jsonl").write_text("a leftover\n")
+    copy_history(src, dst, 2, tensorboard)
+    assert [r["step"] for r in read_metrics(dst)] == [1, 2]
+    assert (dst / "tb" / "events.out").exists() == tensorboard
+    assert snapshot(src) == before

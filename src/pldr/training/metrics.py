@@ -143,16 +143,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def copy_history(src: Path, dst: Path, step: int) -> None:
-    """A fork's start: the records of run `src` up to `step` into `dst`'s metrics.jsonl and
-    its TensorBoard events into `dst`/tb (later events are purged when the fork's writer
-    opens at `step`). `src` is only read."""
+def copy_history(src: Path, dst: Path, step: int, tensorboard: bool) -> None:
+    """A fork's start: the records of run `src` up to `step` into `dst`'s metrics.jsonl and,
+    when the fork writes TensorBoard events, `src`'s into `dst`/tb (later events are purged
+    when the fork's writer opens at `step`). `src` is only read."""
     if (src / METRICS_FILE).is_file():
         atomic_write_text(dst / METRICS_FILE, (src / METRICS_FILE).read_text(encoding="utf-8"))
         _truncate_metrics(dst / METRICS_FILE, step)
     elif (dst / METRICS_FILE).exists():
         (dst / METRICS_FILE).unlink()  # a leftover of an earlier attempt
-    if (src / TENSORBOARD_DIR).is_dir():
+    if tensorboard and (src / TENSORBOARD_DIR).is_dir():
         shutil.rmtree(dst / TENSORBOARD_DIR, ignore_errors=True)
         shutil.copytree(src / TENSORBOARD_DIR, dst / TENSORBOARD_DIR)
 

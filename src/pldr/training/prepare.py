@@ -160,10 +160,11 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                fork_of=fork_of)
 
 
-def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path, Path]:
+def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path, Path | None]:
     """--fork-to NEW_DIR: the settings with NEW_DIR as the run folder, the folder, and the
-    run folder the checkpoint belongs to (whose history the fork starts with). NEW_DIR must
-    not hold a run; leftovers of a fork that failed before its first checkpoint are pldr's."""
+    run folder the checkpoint belongs to (whose history the fork starts with; None for a
+    checkpoint outside a run's checkpoints/). NEW_DIR must not hold a run; leftovers of a
+    fork that failed before its first checkpoint are pldr's."""
     if resume_dir is None:
         raise ConfigError("--fork-to NEW_DIR branches from a checkpoint: give --resume CKPT "
                           "(or --resume auto with the run's --out) as well")
@@ -177,7 +178,8 @@ def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path,
                               f"it with --resume auto --out {str(new)!r}, or choose another "
                               "folder")
     _check_leftovers(new, cfg.tokenizer)
-    return cfg.replace(out=str(new), resume=str(resume_dir)), new, source
+    history = source if resume_dir.parent.name == CHECKPOINTS else None
+    return cfg.replace(out=str(new), resume=str(resume_dir)), new, history
 
 
 def _check_memory(config: PLDRConfig, cfg: TrainConfig, micro: int, context_length: int,
@@ -302,7 +304,8 @@ def make_run_folder(run: PreparedRun) -> None:
         (run.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         remove_partial_saves(run.out)
         if run.fork_of is not None:
-            copy_history(run.fork_of, run.out, int(read_trainer_state(run.resume_dir)["step"]))
+            copy_history(run.fork_of, run.out, int(read_trainer_state(run.resume_dir)["step"]),
+                         run.tensorboard)
         if run.resume_dir is None or not (run.out / TOKENIZER_FILE).is_file():
             run.tokenizer.save(run.out / TOKENIZER_FILE)
         write_json(run.out / TRAIN_CONFIG_FILE,
