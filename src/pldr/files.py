@@ -106,5 +106,6 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-__all__ = ["sha256_of", "atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir", "give_default_mode",
+__all__ = ["sha256_of", "atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir",
+           "give_default_mode",
            "temp_sibling", "is_temp_name"]

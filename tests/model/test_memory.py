@@ -72,7 +72,8 @@ def test_check_fits_names_the_estimate_the_memory_and_the_knob(monkeypatch):
 
 def test_large_configs_that_fit_are_allowed():
     big = PLDRConfig.preset("pldr-110m")
-    check_fits(training_memory(big, parameter_count(big), 1, 64), torch.device("cpu"), "-", "training")
+    check_fits(training_memory(big, parameter_count(big), 1, 64), torch.device("cpu"), "-",
+               "training")
     assert Engine(PLDRModel(TINY).eval(), max_batch=64).max_batch == 64
 
 

@@ -3,13 +3,14 @@ is one error naming the estimate, what the device has and the setting to change,
 of an allocation failure deep in torch (or the machine swapping to a halt).
 
     need = training_memory(config, parameter_count(config), rows=16, seq_len=1024)
-    check_fits(need, device, "lower --batch-size or --context-length")
+    check_fits(need, device, "lower --batch-size or --context-length", "training")
 
 Parameters are counted exactly (`model.parameter_count` builds the model on the meta
-device: no memory, no init); the inference cache exactly as `InferenceCache` allocates it; training activations
-are a rough upper bound (per token and layer a few d_model-wide tensors, the FFN, the
-attention scores, and the logits with their softmax and gradient). Set
-PLDR_NO_MEMORY_CHECK=1 to skip the check.
+device: no memory, no init); the inference cache exactly as `InferenceCache` allocates
+it; training activations are a rough upper bound (per token and layer a few d_model-wide
+tensors, the FFN, the attention scores, and the logits with their softmax and gradient;
+1.2-1.5x the measured peak on pldr-110m layers). Set PLDR_NO_MEMORY_CHECK=1 to skip the
+check.
 """
 
 from __future__ import annotations

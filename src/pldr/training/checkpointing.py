@@ -317,4 +317,5 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 __all__ = ["CHECKPOINTS", "FINAL", "TRAINER_STATE", "CheckpointManager", "checkpoint_name",
            "list_checkpoints", "later_checkpoints", "checkpoint_step", "find_resume_checkpoint",
-           "read_trainer_state", "verify_checkpoint", "remove_partial_saves", "dcp_to_pretrained", "write_json"]
+           "read_trainer_state", "verify_checkpoint", "remove_partial_saves",
+           "dcp_to_pretrained", "write_json"]
