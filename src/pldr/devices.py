@@ -64,5 +64,32 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int | N
     return device
 
 
-__all__ = ["parse_dtype", "resolve_device", "load_dtype", "DTYPES", "SUPPORTED_DTYPES",
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """Bytes that can still be allocated on `device` and where that figure comes from, or
+    None when it cannot be known. CUDA: the free memory torch.cuda.mem_get_info reports;
+    CPU: /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when lower
+    (a container)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {device}"
+    if device.type != "cpu":
+        return None
+    found = None
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                found = (int(line.split()[1]) * 1024, "available RAM (MemAvailable)")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max", encoding="ascii").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current", encoding="ascii").read())
+        if limit != "max" and (found is None or int(limit) - used < found[0]):
+            found = (max(0, int(limit) - used), "left under the container's memory limit")
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+__all__ = ["available_memory", "parse_dtype", "resolve_device", "load_dtype", "DTYPES", "SUPPORTED_DTYPES",
            "INFERENCE_DTYPES"]

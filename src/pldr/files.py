@@ -10,6 +10,7 @@ checkpoint, train) can use it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -96,5 +97,15 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir", "give_default_mode",
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 4 MiB blocks (the checksum of our manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["sha256_of", "atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir",
+           "give_default_mode",
            "temp_sibling", "is_temp_name"]

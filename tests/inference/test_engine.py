@@ -209,3 +209,38 @@ def test_cli_G_LM_loads_an_original_v510G_pth_and_wins_in_a_directory(model, tmp
     assert _cli_ids(["--model", str(tmp_path / "dir")], capsys) != want
     assert _cli_ids(["--model", str(tmp_path / "dir"), "--G-LM",
                      str(tmp_path / "G.safetensors")], capsys) == want
+
+
+def test_nan_logits_end_that_request_only_and_free_its_slot():
+    """A token whose embedding is NaN makes the logits of every request holding it NaN:
+    that request ends with finish_reason "error" and its error, its slot is cleared and
+    reused, and the requests beside it and after it get what `generate` gives them alone."""
+    from pldr.inference.sampling import NonFiniteLogitsError
+
+    model = fixture_model()
+    with torch.no_grad():
+        model.decoder.embedding.weight[77] = float("nan")
+    greedy = dict(temperature=0, eos_id=-1)
+    engine = Engine(model, max_batch=2)
+    good = engine.submit(PROMPTS[0], 6, **greedy)
+    bad = engine.submit([5, 77, 9], 6, **greedy)
+    for _ in range(3):
+        engine.step()
+    assert bad.done and bad.finish_reason == "error" and bad.tokens == []
+    assert isinstance(bad.error, NonFiniteLogitsError) and "NaN or inf" in str(bad.error)
+    assert bad.slot is None and not good.done
+    # the failed slot is reused: its NaN keys and values were cleared
+    after = engine.submit(PROMPTS[1], 5, **greedy)
+    sampled = engine.submit(PROMPTS[2], 5, temperature=0.9, seed=3, eos_id=-1)
+    engine.run()
+    assert good.tokens == _alone(model, PROMPTS[0], 6, greedy)
+    assert after.tokens == _alone(model, PROMPTS[1], 5, greedy)
+    assert sampled.tokens == _alone(model, PROMPTS[2], 5, dict(temperature=0.9, seed=3,
+                                                                 eos_id=-1))
+    # a request that goes bad mid-way (decode, not prefill) ends the same way
+    late = engine.submit([5, 6, 7], 4, **greedy)
+    engine.step()
+    with torch.no_grad():
+        model.final_layer.bias[0] = float("nan")
+    engine.run()
+    assert late.finish_reason == "error" and len(late.tokens) == 1 and not engine.has_work

@@ -347,3 +347,32 @@ def test_cli_refuses_bad_flags(model_dir, capsys):
     assert main(["serve", "--model", str(model_dir), "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error:") for e in err)
+
+
+def test_nan_logits_fail_that_request_only(model_dir, tmp_path):
+    """A model whose embedding of one token is NaN: a request holding that token gets a 500
+    in OpenAI's error shape, and the server goes on serving the others, also in its slot."""
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.decoder.embedding.weight[50] = float("nan")
+    tok = Tokenizer.load(model_dir / "tokenizer.model")
+    model.save_pretrained(tmp_path / "model", tokenizer=tok)  # served as "model"
+    good = tok.encode("Hello world", eos=False)
+    assert 50 not in good
+    want = generate(model, [good], 5, temperature=0)[0]
+    server = Server(tmp_path / "model", "--max-batch", "1")
+    try:
+        for _ in range(2):
+            r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+                "model": "model", "prompt": [7, 50, 9], "max_tokens": 5, "temperature": 0})
+            assert r.status_code == 500
+            error = r.json()["error"]
+            assert error["type"] == "server_error" and error["code"] == "model_error"
+            assert "NaN or inf logits" in error["message"]
+            r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+                "model": "model", "prompt": good, "max_tokens": 5, "temperature": 0})
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["text"] == tok.decode(want)
+        assert httpx.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
+    finally:
+        assert server.stop() is not None

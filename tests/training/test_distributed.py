@@ -250,3 +250,77 @@ def test_resume_across_world_sizes_1_2_1_is_exact(runs, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# A torchrun worker: `pldr train` (argv[1:]) whose rank 1 dies by SIGKILL right after step 4,
+# writing the time of death to $KILL_STAMP first; nothing of training changes.
+KILL_RANK_1 = """
+import os, signal, sys, time
+import pldr.training.trainer as trainer
+from pldr.cli import main
+
+step_of = trainer.Trainer._train_step
+
+def train_step(self, micro):
+    out = step_of(self, micro)
+    if os.environ["RANK"] == "1" and self.step == 4:
+        with open(os.environ["KILL_STAMP"], "w") as f:
+            f.write(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+trainer.Trainer._train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_killed_mid_run_ends_the_job_then_resume_auto_reproduces(runs, tmp_path):
+    """SIGKILL of rank 1 in the middle of a 2-rank run: the job ends within seconds (torchrun
+    stops rank 0; a rank 0 that sees the lost peer first says so in one line), and the same
+    command with --resume auto continues from the last checkpoint to the losses of the run
+    that was never interrupted."""
+    import time
+
+    out = tmp_path / "run"
+    script, stamp = tmp_path / "kill_rank_1.py", tmp_path / "killed_at"
+    script.write_text(KILL_RANK_1)
+    args = ["train", "--model", runs["model_json"], "--tokenizer", runs["tokenizer"],
+            "--data", runs["data"], "--out", str(out), "--no-progress", "--no-tensorboard",
+            "--dist-timeout", "30"]
+    for key, value in FLAGS.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               PLDR_CACHE_DIR=runs["cache"], KILL_STAMP=str(stamp))
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    # a monitor interval of 5 s mostly lets rank 0 meet the dead peer itself (gloo reports it
+    # after about 4 s) before torchrun stops it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "--monitor-interval=5", str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    ended = time.time()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and stamp.exists(), log[-3000:]
+    assert ended - float(stamp.read_text()) < 60, "the job hung after a rank died"
+    assert "exitcode  : -9" in log and "SIGKILL" in log  # torchrun names the dead rank
+    assert "this is a bug in pldr" not in log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == [] or (len(errors) == 1 and "another process of this run" in errors[0]
+                            and "--resume auto" in errors[0]), errors
+    assert [c.name for c in list_checkpoints(out)] == ["step-00000003"]
+
+    run_torchrun(runs, out, "--resume", "auto")
+    for split, key in (("train", "loss"), ("train", "global_loss"), ("val", "loss")):
+        got, want = by_step(out, split, key), by_step(runs["two"], split, key)
+        assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-6), (split, key)
+
+
+def test_peer_failures_are_told_from_bugs():
+    from pldr.training.distributed import peer_failure
+
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read "
+                        "error [127.0.0.1]:53446: Connection reset by peer. This is typically "
+                        "caused by a remote worker hanging")
+    assert peer_failure(gloo) == "Read error [127.0.0.1]:53446: Connection reset by peer"
+    assert peer_failure(RuntimeError("ProcessGroupGloo timed out after 30s")) is not None
+    assert peer_failure(RuntimeError("shape mismatch")) is None
+    assert peer_failure(ValueError("Connection reset by peer")) is None

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pldr import CheckpointError, PLDRConfig
 from pldr.cli import main as cli_main
@@ -98,7 +99,7 @@ def test_resuming_an_earlier_checkpoint_into_its_run_is_refused(tok, tmp_path):
     train(cfg(tok, out, max_steps=4, save_every=1, keep_checkpoints=0))
     before = snapshot(out)
     first = list_checkpoints(out)[0]
-    with pytest.raises(CheckpointError, match="--truncate-later-steps"):
+    with pytest.raises(CheckpointError, match="--fork-to NEW_DIR .* --truncate-later-steps"):
         train(cfg(tok, out, max_steps=4, resume=str(first)))
     assert snapshot(out) == before  # nothing rewritten
 
@@ -118,6 +119,55 @@ def test_resuming_an_earlier_checkpoint_into_its_run_is_refused(tok, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+FIGURES = ("loss", "ce", "accuracy", "step_loss", "lr", "tokens")
+
+
+def figures(records: list[dict]) -> list[tuple]:
+    """What a resumed run must log exactly as an uninterrupted one (not the timings)."""
+    return [(r["step"], r["split"], *(r.get(k) for k in FIGURES)) for r in records]
+
+
+def test_fork_to_branches_into_a_new_folder_with_the_history(tok, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(cfg(tok, out, max_steps=4, save_every=2, keep_checkpoints=0))
+    before = snapshot(out)
+    second = out / "checkpoints" / "step-00000002"
+    # the reference: continuing in place from step 2 (a copy of the run, rewound)
+    in_place = tmp_path / "in_place"
+    shutil.copytree(out, in_place)
+    train(cfg(tok, in_place, max_steps=4, resume=str(in_place / second.relative_to(out)),
+              truncate_later_steps=True))
+
+    fork = tmp_path / "fork"
+    args = ["train", "--resume", str(second), "--fork-to", str(fork), "--no-progress"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert snapshot(out) == before  # the original run, byte for byte
+    original = read_metrics(out)
+    forked = read_metrics(fork)
+    # the history up to the checkpoint is copied as it was logged, then the fork continues
+    assert forked[:2] == [r for r in original if r["step"] <= 2]
+    assert figures(forked) == figures(read_metrics(in_place)) == figures(original)
+    saved = json.loads((fork / "train_config.json").read_text())
+    assert saved["out"] == str(fork) and saved["resume"] == str(second)
+    assert [c.name for c in list_checkpoints(fork)] == ["step-00000004"]
+    assert (fork / "final" / "model.safetensors").is_file()
+    # the fork is a run of its own: it continues with --resume auto, --fork-to not remembered
+    assert cli_main(["train", "--resume", "auto", "--out", str(fork), "--max-steps", "5",
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(fork, "train")] == [1, 2, 3, 4, 5]
+    assert snapshot(out) == before
+    # a second fork into a folder that holds a run, into the run itself, or without --resume
+    for bad, message in ((["--resume", str(second), "--fork-to", str(fork)], "already holds"),
+                         (["--resume", str(second), "--fork-to", str(out)], "own run"),
+                         (["--fork-to", str(tmp_path / "new"), "--out", str(tmp_path / "x")],
+                          "--resume")):
+        capsys.readouterr()
+        assert cli_main(["train", *bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert snapshot(out) == before and not (tmp_path / "new").exists()
+
+
 def test_cli_truncate_flag_is_not_remembered(tok, tmp_path):
     out = tmp_path / "run"
     train(cfg(tok, out, max_steps=2, save_every=1, keep_checkpoints=0))
@@ -131,19 +181,28 @@ def test_cli_truncate_flag_is_not_remembered(tok, tmp_path):
     assert config_from_flags({"resume": "auto", "out": str(out)}).truncate_later_steps is False
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip", "flip-config"])
 def test_damaged_last_checkpoint_names_the_previous_one(tok, tmp_path, damage):
     out = tmp_path / "run"
     train(cfg(tok, out, max_steps=3, save_every=1))
     last = list_checkpoints(out)[-1]
     shard = next(p for p in last.iterdir() if p.suffix == ".distcp")
+    if damage == "flip-config":
+        shard = last / "config.json"
+    data = bytearray(shard.read_bytes())
     if damage == "truncate":
-        shard.write_bytes(shard.read_bytes()[:100])
-    else:
+        shard.write_bytes(data[:100])
+    elif damage == "delete":
         shard.unlink()
+    else:  # one byte altered, the size unchanged: only the checksum can tell
+        at = len(data) // 2 if damage == "flip" else data.index(b'"d_model"') + 2
+        data[at] ^= 0x01
+        shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as err:
         train(cfg(tok, out, max_steps=3, resume="auto"))
     assert "step-00000002" in str(err.value) and "step-00000003" in str(err.value)
+    if damage.startswith("flip"):
+        assert shard.name in str(err.value) and "sha256" in str(err.value)
     # the checkpoint it names resumes
     previous = list_checkpoints(out)[-2]
     shutil.rmtree(last)
@@ -164,3 +223,116 @@ def test_a_failed_resume_leaves_the_run_folder_as_it_was(tok, tmp_path):
     with pytest.raises(CheckpointError, match="step-00000001"):
         train(cfg(tok, out, max_steps=4, resume=str(last)))
     assert snapshot(out) == before
+
+
+# Runs `pldr train` (argv[2:]) in a child process that dies by SIGKILL at a chosen moment;
+# nothing of training changes. argv[1]: "step:K" dies right after optimizer step K; "save:N"
+# dies inside the N-th checkpoint save, once the DCP shards are written and before the
+# trainer state; "slow:S" only sleeps S seconds after every step, so a kill from outside
+# after a random delay lands mid-run.
+KILLER = """
+import os, signal, sys, time
+import pldr.training.distributed as ptd
+import pldr.training.trainer as trainer
+from pldr.cli import main
+
+mode, value = sys.argv[1].split(":")
+step_of = trainer.Trainer._train_step
+
+def train_step(self, micro):
+    out = step_of(self, micro)
+    if mode == "step" and self.step == int(value):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "slow":
+        time.sleep(float(value))
+    return out
+
+saves, save_of = [0], ptd.save_sharded
+
+def save_sharded(*args):
+    save_of(*args)
+    saves[0] += 1
+    if mode == "save" and saves[0] == int(value):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.Trainer._train_step, ptd.save_sharded = train_step, save_sharded
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_9_at_random_moments_then_resume_reproduces_the_run(tok, tmp_path):
+    """kill -9 before the first checkpoint, during a save and at a seeded random moment;
+    after each the same command (no checkpoint yet) or --resume auto continues, and the run
+    logs exactly the figures and ends with exactly the weights of a run never killed."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    steps, every = 12, 3
+    reference = train(cfg(tok, tmp_path / "ref", max_steps=steps, save_every=every))
+    out = tmp_path / "run"
+    model_json = tmp_path / "model.json"
+    PLDRConfig.preset("tiny").replace(**SMALL).to_json(model_json)
+    command = ["train", "--model", str(model_json), "--tokenizer", tok["tokenizer"],
+               "--out", str(out), "--data", "builtin", "--split", "train[:10%]",
+               "--val-split", "none", "--max-steps", str(steps), "--batch-size", "4",
+               "--context-length", "32", "--lr", "1e-3", "--warmup-steps", "0",
+               "--log-every", "1", "--save-every", str(every), "--cache-dir", tok["cache"],
+               "--no-progress", "--no-tensorboard"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    rng = random.Random(17)
+    moments = [f"step:{rng.randint(1, every - 1)}",       # before the first checkpoint
+               f"save:{rng.randint(1, 2)}",                # during a save
+               "slow:0.1"]                                 # after a random delay
+    kills = []
+    for moment in moments:
+        # what a user does next: the same command, or --resume auto once a checkpoint exists
+        resume = ["--resume", "auto"] if list_checkpoints(out) else []
+        proc = subprocess.Popen([sys.executable, "-c", KILLER, moment, *command, *resume],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if moment.startswith("slow:"):
+            # the child rewrites or appends metrics.jsonl once it trains: then a random delay
+            metrics = out / "metrics.jsonl"
+            seen = metrics.read_bytes() if metrics.exists() else b""
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline and \
+                    (metrics.read_bytes() if metrics.exists() else b"") == seen:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))
+            assert proc.poll() is None, "the run ended before the kill"
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        kills.append((moment, [c.name for c in list_checkpoints(out)],
+                      sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))))
+    resume = ["--resume", "auto"] if list_checkpoints(out) else []
+    assert cli_main(command + resume) == 0
+    assert kills[0][1] == []  # the first kill came before any checkpoint
+    assert kills[1][2] != []  # the second one cut a save short
+    assert figures(read_metrics(out)) == figures(reference.records)
+    got, want = load_file(out / "final" / "model.safetensors"), \
+        load_file(reference.final_dir / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_copy_history_takes_the_records_up_to_the_step(tmp_path, tensorboard):
+    from pldr.training.metrics import copy_history
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "tb").mkdir(parents=True)
+    (src / "tb" / "events.out").write_bytes(b"events")
+    lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    (src / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "spl')  # cut by a kill
+    before = snapshot(src)
+    dst.mkdir()
+    (dst / "metrics.jsonl").write_text("a leftover\n")
+    copy_history(src, dst, 2, tensorboard)
+    assert [r["step"] for r in read_metrics(dst)] == [1, 2]
+    assert (dst / "tb" / "events.out").exists() == tensorboard
+    assert snapshot(src) == before

@@ -215,6 +215,12 @@ def _place(model: PLDRModel, device: Any, dtype: Any) -> PLDRModel:
     dtype = parse_dtype(dtype)
     if device is not None:
         device = resolve_device(device, error=CheckpointError)
+    if device is not None and device.type == "cuda":  # CPU: the weights are read already
+        from ..model.memory import MemoryEstimate, check_fits
+
+        size = torch.empty((), dtype=dtype or model.dtype).element_size()
+        check_fits(MemoryEstimate((("weights", model.num_parameters() * size),)), device,
+                   "use a smaller --dtype (bfloat16, int8) or --device cpu", "the model")
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if kwargs:
         model.to(**kwargs)

@@ -96,7 +96,8 @@ def config_from_flags(flags: dict[str, Any], config_file: str | None = None) -> 
     if given.get("resume"):
         ckpt = find_resume_checkpoint(given["resume"], Path(given.get("out", base.out)))
         saved = dict(read_trainer_state(ckpt).get("train_config", {}))
-        saved.pop("truncate_later_steps", None)  # a choice of one command line only
+        for once in ("truncate_later_steps", "fork_to"):  # choices of one command line only
+            saved.pop(once, None)
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**check_settings({k: v for k, v in saved.items() if k in names},
                                             f"{ckpt}'s saved settings"))

@@ -10,7 +10,9 @@ fixed-size buffers; idle slots compute garbage that nothing reads), then admits 
 requests into free slots, prefilling each alone so that its A and G_LM come from its own
 prompt (or from its given G_LM), and then samples one token for every running request, each
 with its own settings and seeded stream. Reading the sampled tokens is the one host-device
-sync of a step. A request's tokens therefore equal `pldr.generate` on its prompt alone,
+sync of a step. A request whose logits turn NaN or inf ends with finish_reason "error" and
+the `NonFiniteLogitsError` in `req.error`; its slot is cleared and freed, and the others run
+on. A request's tokens therefore equal `pldr.generate` on its prompt alone,
 whatever runs beside it: rows never mix in attention, in A or in G_LM.
 
 With `compile=True` the decode call runs under `torch.compile` (`mode="reduce-overhead"`,
@@ -32,7 +34,8 @@ from ..errors import PLDRError, PLDRTypeError
 from ..model.cache import InferenceCache, stack_per_layer
 from ..model.model import PLDRModel
 from .checks import check_eos_id, check_max_new_tokens, positions_needed, prepare_prompts
-from .sampling import GREEDY, SamplingConfig, check_seed, check_tokens, sample, sample_row
+from .sampling import (BAD_ROW, GREEDY, NON_FINITE_MESSAGE, NonFiniteLogitsError,
+                       SamplingConfig, check_seed, sample, sample_row)
 
 log = logging.getLogger("pldr")
 
@@ -52,7 +55,8 @@ class Request:
     id: int = 0
     tokens: list[int] = field(default_factory=list)  # new ids so far
     done: bool = False
-    finish_reason: str | None = None  # "eos", "length" or "cancelled"
+    finish_reason: str | None = None  # "eos", "length", "cancelled" or "error"
+    error: PLDRError | None = None    # why it ended with "error" (NaN or inf logits)
     slot: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -147,7 +151,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Advance every running request by one token and admit queued requests into free
         slots (each prefilled alone, producing its first token). Returns the requests that
-        received a token, in slot order."""
+        received a token or ended with an error, in slot order (ended ones first)."""
         running = self.running
         logits = self._decode(self.model, self.cache, self._last) if running else None  # [B, V]
         admitted = []
@@ -161,8 +165,10 @@ class Engine:
         picks = _pick_tokens(running, logits, admitted)                               # [N]
         self._last[torch.tensor([r.slot for r, _ in got], device=picks.device)] = picks
         tokens = picks.tolist()  # the one host-device sync of a step
-        check_tokens(tokens)
         for (req, _), tok in zip(got, tokens):
+            if tok == BAD_ROW:
+                self._fail(req)
+                continue
             req.tokens.append(tok)
             if tok == req.eos_id:
                 self._finish(req, "eos")
@@ -187,6 +193,17 @@ class Engine:
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.model.device)
         out = self.model(ids, cache=self.cache, slots=[slot], logits_to_keep=1)
         return out.logits[0, -1]
+
+    def _fail(self, req: Request) -> None:
+        """End `req`, whose logits are not finite, with its error; its slot's cached keys and
+        values are zeroed, so no NaN of it reaches the next request in that slot, and its
+        last id becomes a valid one (the slot is still decoded while idle)."""
+        req.error = NonFiniteLogitsError(NON_FINITE_MESSAGE)
+        log.warning("request %d: %s", req.id, req.error)
+        if req.slot is not None:
+            self.cache.clear(req.slot)
+            self._last[req.slot] = 0  # not BAD_ROW: idle slots are still decoded
+        self._finish(req, "error")
 
     def _finish(self, req: Request, reason: str) -> None:
         req.done, req.finish_reason = True, reason

@@ -143,6 +143,9 @@ def _stream_engine(model, rows, max_new_tokens, cache, sampling, G_LM, eos, seed
     while engine.has_work:
         before = [len(r.tokens) for r in reqs]
         engine.step()
+        failed = next((r.error for r in reqs if r.error is not None), None)
+        if failed is not None:  # a static batch fails as a whole, as the re-run modes do
+            raise failed
         yield [r.tokens[-1] if len(r.tokens) > n else None for r, n in zip(reqs, before)]
 
 

@@ -25,12 +25,15 @@ class NonFiniteLogitsError(PLDRError):
     """The model produced NaN or inf logits: its weights or G_LM are not finite."""
 
 
+NON_FINITE_MESSAGE = ("the model produced NaN or inf logits, so no token can be picked; its "
+                      "weights or G_LM hold non-finite values: check the model with `pldr info` "
+                      "and any --G-LM file")
+
+
 def check_tokens(tokens: Sequence[int]) -> None:
     """Raise if a sampled row came from non-finite logits (see `BAD_ROW`)."""
     if BAD_ROW in tokens:
-        raise NonFiniteLogitsError(
-            "the model produced NaN or inf logits, so no token can be picked; its weights or "
-            "G_LM hold non-finite values: check the model with `pldr info` and any --G-LM file")
+        raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
 
 
 @dataclass(frozen=True)

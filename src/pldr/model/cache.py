@@ -40,6 +40,13 @@ class InferenceCache:
             raise PLDRError(f"a cache of {max_len} positions exceeds max_seq_len="
                             f"{config.max_seq_len}; shorten the prompt or max_new_tokens")
         L, H, dk = config.num_layers, config.num_heads, config.dk
+        from .memory import cache_memory, check_fits  # memory builds models: import late
+
+        check_fits(cache_memory(config, slots, max_len, kv, dtype),
+                   torch.device(device if device is not None else "cpu"),
+                   "lower the batch (--max-batch for serve) or the positions it holds "
+                   "(--max-len, max_new_tokens)", f"an inference cache of {slots} rows x "
+                   f"{max_len if kv else 0} positions")
         kw = dict(device=device, dtype=dtype)
         self.config, self.slots, self.keep_G = config, slots, keep_G
         self.max_len = max_len if kv else 0
@@ -206,6 +213,13 @@ class InferenceCache:
         self.active[slot] = 1
         self.live[slot] = True
         self._set(slot, fresh=True, given=False, given_A_LM=False)
+
+    def clear(self, slot: int) -> None:
+        """Zero every tensor of `slot` (keys, values, A, G parts): after a request whose
+        values turned NaN, since a masked-out NaN value still poisons attention (0 * NaN)."""
+        for t in (self.k, self.v, self.A, self.G_LM, self.A_LM, self.A_G, self.A_P):
+            if t is not None:
+                t[:, slot].zero_()
 
     def release(self, slot: int) -> None:
         """Mark `slot` idle: decode steps still run it (static shapes) but nothing it

@@ -298,3 +298,11 @@ def to_v510G(model: PLDRModel, G_LM: Tensor | Sequence[Tensor]) -> PLDRModel:
         shared[f"decoder.dec_layers.{i}.mha1.G_LM"] = G[i]
     g_model.load_state_dict(shared, strict=True, assign=True)
     return g_model.train(model.training)
+
+
+def parameter_count(config: PLDRConfig) -> int:
+    """Elements of the parameters and buffers of a model of `config`, exactly, without
+    memory: the model is built on the meta device (for the memory estimate before a run)."""
+    with torch.device("meta"):
+        model = PLDRModel(config)
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))

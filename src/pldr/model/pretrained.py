@@ -7,7 +7,6 @@ needs nothing above the model package; `pldr.checkpoint` reads these directories
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from ..config import PLDRConfig
 from ..errors import CheckpointError, PLDRTypeError
-from ..files import atomic_write_text, give_default_mode, replace_dir, temp_sibling
+from ..files import atomic_write_text, give_default_mode, replace_dir, sha256_of, temp_sibling
 
 if TYPE_CHECKING:
     from .model import PLDRModel
@@ -93,17 +92,9 @@ def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, 
     write_manifest(directory)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """manifest.json: the size and sha256 of each model file in `directory`."""
-    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
              for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (directory / name).is_file()}
     atomic_write_text(directory / MANIFEST_FILE, json.dumps(
         {"format": MANIFEST_FORMAT, "version": 1, "files": files}, indent=1) + "\n")
@@ -132,7 +123,7 @@ def verify_manifest(directory: Path) -> None:
         if size != want.get("bytes"):
             raise CheckpointError(f"{str(f)!r} has {size} bytes but was saved with "
                                   f"{want.get('bytes')}: it is truncated or altered; restore it")
-        if _sha256(f) != want.get("sha256"):
+        if sha256_of(f) != want.get("sha256"):
             raise CheckpointError(f"{str(f)!r} does not match its saved checksum: it is "
                                   "corrupt or altered; restore it")
 

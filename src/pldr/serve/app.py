@@ -300,8 +300,11 @@ async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetric
 
 
 def _raise_refusal(job: Job) -> None:
-    """A request the engine refused (its checks are the last word) is the client's 400."""
+    """A request the engine refused (its checks are the last word) is the client's 400; one
+    the model failed on (NaN logits) is the server's 500, for that request only."""
     if job.error is not None:
+        if job.request is not None and job.request.error is not None:
+            raise RequestError(500, str(job.error), None, "model_error")
         raise RequestError(400, str(job.error), "prompt")
 
 

@@ -40,7 +40,7 @@ class Job:
     request: Any = None                # the engine's request, set by the engine thread
     sent: int = 0                      # ids already delivered
     cancelled: bool = False
-    error: Exception | None = None     # the engine refused the request
+    error: Exception | None = None     # the engine refused the request, or it failed
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -163,6 +163,7 @@ class EngineRunner:
                 job.last_token_at = now
                 job.sent = len(tokens)
             if job.request.done:
+                job.error = job.error or job.request.error  # the model failed on it
                 job.deliver(new, True)
                 self._finish(job)
             elif new:

@@ -4,7 +4,8 @@ many; and the final export, a model directory (safetensors).
     OUT/checkpoints/step-00000100/   .metadata + __R_0.distcp (model and optimizer, DCP)
                                      config.json, tokenizer.model (the model's, so the folder
                                      converts to a model directory on its own)
-                                     trainer_state.json (step, data position, metrics; last)
+                                     trainer_state.json (step, data position, metrics, and
+                                     the manifest: size and sha256 of every other file; last)
     OUT/final/                       config.json + model.safetensors + tokenizer.model
 
 A checkpoint is written under `.tmp-step-N` and renamed when complete, so a kill at any
@@ -30,7 +31,7 @@ from torch import nn
 from ..config import PLDRConfig
 from ..devices import parse_dtype
 from ..errors import CheckpointError
-from ..files import atomic_write_text, is_temp_name, replace_dir
+from ..files import atomic_write_text, is_temp_name, replace_dir, sha256_of
 from ..model.model import PLDRModel
 from ..model.pretrained import CONFIG_FILE, TOKENIZER_FILE, save_pretrained
 from . import distributed as ptd
@@ -102,32 +103,40 @@ def checkpoint_step(ckpt: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _file_sizes(folder: Path) -> dict[str, int]:
-    """name -> size of the files of a checkpoint folder (its manifest, in trainer_state)."""
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != TRAINER_STATE}
+def _file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """name -> {"bytes", "sha256"} of the files of a checkpoint folder (its manifest, kept
+    in trainer_state.json), as a model directory's manifest.json holds them."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != TRAINER_STATE}
 
 
-def _check_sizes(ckpt: Path, sizes: Any) -> None:
-    """Name the first file of `ckpt` that is missing or has another size than when saved,
-    before any tensor is read."""
-    if not isinstance(sizes, dict):
+def _check_files(ckpt: Path, files: Any, checksums: bool) -> None:
+    """Name the first file of `ckpt` that is missing, has another size or (with
+    `checksums`) another sha256 than when saved, before any tensor is read. Entries that
+    are a plain size come from checkpoints of before the checksums (sizes only)."""
+    if not isinstance(files, dict):
         return  # a checkpoint of before the manifest
-    for name, size in sizes.items():
+    for name, want in files.items():
+        size, digest = (want, None) if isinstance(want, int) else (
+            want.get("bytes"), want.get("sha256")) if isinstance(want, dict) else (None, None)
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{str(ckpt)!r} lacks {name}, written when it was saved")
         if path.stat().st_size != size:
             raise CheckpointError(f"{str(path)!r} has {path.stat().st_size} bytes, not the "
                                   f"{size} it was saved with: it is truncated or altered")
+        if checksums and digest is not None and sha256_of(path) != digest:
+            raise CheckpointError(f"{str(path)!r} does not match the sha256 it was saved "
+                                  "with: it is corrupt or altered")
 
 
-def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+def read_trainer_state(ckpt: Path, checksums: bool = False) -> dict[str, Any]:
     """trainer_state.json of a checkpoint this version can resume; the sizes of its files
-    are checked against the manifest the save wrote."""
+    (and with `checksums`, their sha256: this reads every byte, so it is done once, right
+    before the tensors are loaded) are checked against the manifest the save wrote."""
     try:
         state = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {str(ckpt / TRAINER_STATE)!r}: {e}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{str(ckpt)!r} is not a checkpoint written by `pldr train`")
@@ -135,8 +144,23 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(ckpt)!r} is a checkpoint of an older pldr (version "
                               f"{state.get('version')}); this version resumes Distributed "
                               "Checkpoints only: start the run again")
-    _check_sizes(ckpt, state.get("files"))
+    _check_files(ckpt, state.get("files"), checksums)
     return state
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """`read_trainer_state` with every file's sha256 checked (done once per resume, before
+    any file of the checkpoint is used); a damaged checkpoint names the previous one."""
+    try:
+        return read_trainer_state(ckpt, checksums=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; " + _previous_hint(_earlier(ckpt))) from None
+
+
+def _earlier(ckpt: Path) -> list[Path]:
+    """The complete checkpoints of `ckpt`'s run before it, oldest first."""
+    return [c for c in list_checkpoints(ckpt.parent.parent)
+            if (checkpoint_step(c) or 0) < (checkpoint_step(ckpt) or 0)]
 
 
 def later_checkpoints(out: Path, step: int) -> list[Path]:
@@ -186,7 +210,7 @@ class CheckpointManager:
             self.tokenizer.save(tmp / TOKENIZER_FILE)
             write_json(tmp / TRAINER_STATE, {"format": STATE_FORMAT, "version": STATE_VERSION,
                                              "step": step, "world_size": self.dist.world_size,
-                                             **state, "files": _file_sizes(tmp)})
+                                             **state, "files": _file_manifest(tmp)})
             replace_dir(tmp, final)
             self._prune()
         ptd.barrier(self.dist)
@@ -200,9 +224,7 @@ class CheckpointManager:
             state = read_trainer_state(ckpt)
             _read_dcp(model, optimizer, ckpt)
         except CheckpointError as e:
-            earlier = [c for c in list_checkpoints(ckpt.parent.parent)
-                       if (checkpoint_step(c) or 0) < (checkpoint_step(ckpt) or 0)]
-            raise CheckpointError(f"{e}; " + _previous_hint(earlier)) from None
+            raise CheckpointError(f"{e}; " + _previous_hint(_earlier(ckpt))) from None
         self.last, self.last_step = ckpt, int(state["step"])
         self.resumed = ckpt
         return state
@@ -295,4 +317,5 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 __all__ = ["CHECKPOINTS", "FINAL", "TRAINER_STATE", "CheckpointManager", "checkpoint_name",
            "list_checkpoints", "later_checkpoints", "checkpoint_step", "find_resume_checkpoint",
-           "read_trainer_state", "remove_partial_saves", "dcp_to_pretrained", "write_json"]
+           "read_trainer_state", "verify_checkpoint", "remove_partial_saves",
+           "dcp_to_pretrained", "write_json"]

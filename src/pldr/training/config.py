@@ -89,12 +89,20 @@ class TrainConfig:
         False, "with --resume of an earlier checkpoint of a run that went on: delete that "
         "run's later checkpoints and final model and train on from the checkpoint (default: "
         "refuse; or give a new --out to branch)")
+    fork_to: str | None = setting(
+        None, "with --resume: branch into this new run folder instead of continuing in the "
+        "checkpoint's run, which stays untouched; the new run starts with that run's history up "
+        "to the checkpoint (metrics.jsonl, TensorBoard events) (default: no fork)",
+        metavar="NEW_DIR")
     dtype: str = setting("float32", "bfloat16: autocast (and FSDP mixed precision) with fp32 "
                          "weights", choices=SUPPORTED_DTYPES)
     dag_coeffs: tuple[float, float, float] = setting(
         (0.0, 0.0, 0.0), "DAG regularisation coefficients of A_LM, A_P and G_LM (DAG values "
         "are logged anyway)", metavar="cA,cAp,cG")
     device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda if available)")
+    dist_timeout: int = setting(
+        1800, "under torchrun: seconds a process waits for the others in a collective before "
+        "the run fails (a process that dies ends the job at once: torchrun stops the others)")
     keep_checkpoints: int = setting(3, "keep the last N checkpoints, 0 keeps all")
     progress: bool | None = setting(None, "tqdm progress bar (default: when stderr is a "
                                     "terminal)")
@@ -133,7 +141,8 @@ class TrainConfig:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"--{flag_name(name)} must be an integer >= {low}, got {v!r}")
-        for name in ("batch_size", "grad_accum", "batch_agg_count", "log_every"):
+        for name in ("batch_size", "grad_accum", "batch_agg_count", "log_every",
+                     "dist_timeout"):
             integer(name, 1)
         for name in ("save_every", "eval_every", "warmup_steps", "keep_checkpoints", "seed"):
             integer(name, 0)

@@ -20,6 +20,7 @@ The model itself stays a single-device module; everything parallel lives here.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,6 +85,23 @@ def init_distributed(device: str | torch.device | None = None,
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+# what gloo and NCCL say when another rank died, closed its connection or stopped answering
+_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                 "Timed out", "timed out", "Timeout", "NCCL communicator was aborted",
+                 "ProcessGroupGloo", "ProcessGroupNCCL")
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """The first line of `e` when it is a collective that failed because another process of
+    the group died or hung (gloo/NCCL errors, a process-group timeout), else None."""
+    if not (isinstance(e, getattr(dist, "DistError", ())) or (
+            isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_FAILURE))):
+        return None
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", text)  # gloo's source location
+    return " ".join(text.split(". ")[0].split())[:200]
 
 
 def destroy_distributed(synchronize: bool = True) -> None:
@@ -228,4 +246,4 @@ def check_dcp_dir(directory: str | os.PathLike) -> Path:
 __all__ = ["DistInfo", "init_distributed", "destroy_distributed", "resolve_device",
            "env_world_size", "shard_model", "set_gradient_sync", "full_model_state",
            "save_sharded", "load_sharded",
-           "check_dcp_dir", "all_reduce_sum", "broadcast_object", "barrier"]
+           "check_dcp_dir", "all_reduce_sum", "broadcast_object", "barrier", "peer_failure"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
+def copy_history(src: Path, dst: Path, step: int, tensorboard: bool) -> None:
+    """A fork's start: the records of run `src` up to `step` into `dst`'s metrics.jsonl and,
+    when the fork writes TensorBoard events, `src`'s into `dst`/tb (later events are purged
+    when the fork's writer opens at `step`). `src` is only read."""
+    if (src / METRICS_FILE).is_file():
+        atomic_write_text(dst / METRICS_FILE, (src / METRICS_FILE).read_text(encoding="utf-8"))
+        _truncate_metrics(dst / METRICS_FILE, step)
+    elif (dst / METRICS_FILE).exists():
+        (dst / METRICS_FILE).unlink()  # a leftover of an earlier attempt
+    if tensorboard and (src / TENSORBOARD_DIR).is_dir():
+        shutil.rmtree(dst / TENSORBOARD_DIR, ignore_errors=True)
+        shutil.copytree(src / TENSORBOARD_DIR, dst / TENSORBOARD_DIR)
+
+
 def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl (or of OUT/metrics.jsonl when given a run folder)."""
     path = Path(path)
@@ -153,4 +168,4 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
 
 
 __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "DAG_KEYS", "MeanTracker", "TrainMetrics",
-           "MetricsLog", "read_metrics"]
+           "MetricsLog", "copy_history", "read_metrics"]

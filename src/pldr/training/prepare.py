@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from ..config import PLDRConfig
 from ..devices import parse_dtype
 from ..errors import CheckpointError, ConfigError, DataError, import_extra
-from ..model.model import PLDRModel
+from ..model.model import PLDRModel, parameter_count
 from ..model.pretrained import CONFIG_FILE, TOKENIZER_FILE
 from . import distributed as ptd
 from .checkpointing import (
@@ -33,10 +34,11 @@ from .checkpointing import (
     list_checkpoints,
     read_trainer_state,
     remove_partial_saves,
+    verify_checkpoint,
     write_json,
 )
 from .config import TrainConfig
-from .metrics import METRICS_FILE, TENSORBOARD_DIR
+from .metrics import METRICS_FILE, TENSORBOARD_DIR, copy_history
 
 log = logging.getLogger("pldr")
 
@@ -67,6 +69,7 @@ class PreparedRun:
     tensorboard: bool
     progress: bool
     resume_dir: Path | None
+    fork_of: Path | None = None   # with --fork-to: the run folder whose history is copied
 
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
@@ -84,6 +87,25 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     if local_rows % micro:
         raise ConfigError(f"--micro-batch-size {micro} must divide the rows of each process, "
                           f"batch_size / processes = {local_rows}")
+    resume_dir = find_resume_checkpoint(cfg.resume, out)
+    fork_of = None
+    if cfg.fork_to is not None:
+        cfg, out, fork_of = _fork(cfg, resume_dir)
+    if resume_dir is not None:
+        # a checkpoint this version resumes, every file as saved (sha256), before any is read
+        step = int(verify_checkpoint(resume_dir)["step"])
+        later = later_checkpoints(out, step)
+        if later and not cfg.truncate_later_steps:
+            raise CheckpointError(
+                f"--out {str(out)!r} already went on past step {step} (up to "
+                f"{later[-1].name}); resuming {str(resume_dir)!r} there would overwrite that "
+                "branch: give --fork-to NEW_DIR to branch into a new run folder, or "
+                "--truncate-later-steps to delete the later checkpoints and final model")
+    elif is_run_dir(out):
+        raise CheckpointError(f"--out {str(out)!r} already holds a training run; pass "
+                              "--resume auto to continue it, or choose another --out")
+    else:
+        _check_leftovers(out, cfg.tokenizer)
     base = PLDRConfig.resolve(cfg.model, "--model")
     if base.variant != "v510" and any(cfg.dag_coeffs):
         raise ConfigError("--dag-coeffs regularise A_LM, A_P and G_LM of a v510 model; a "
@@ -92,21 +114,6 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     if context_length > base.max_seq_len:
         raise ConfigError(f"--context-length {context_length} is longer than the model's "
                           f"max_seq_len {base.max_seq_len}; lower it")
-    resume_dir = find_resume_checkpoint(cfg.resume, out)
-    if resume_dir is not None:
-        step = int(read_trainer_state(resume_dir)["step"])  # a checkpoint this version resumes
-        later = later_checkpoints(out, step)
-        if later and not cfg.truncate_later_steps:
-            raise CheckpointError(
-                f"--out {str(out)!r} already went on past step {step} (up to "
-                f"{later[-1].name}); resuming {str(resume_dir)!r} there would overwrite that "
-                "branch: give a new --out to branch into, or --truncate-later-steps to delete "
-                "the later checkpoints and final model")
-    elif is_run_dir(out):
-        raise CheckpointError(f"--out {str(out)!r} already holds a training run; pass "
-                              "--resume auto to continue it, or choose another --out")
-    else:
-        _check_leftovers(out, cfg.tokenizer)
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
         raise DataError(f"--tokenizer {cfg.tokenizer!r} does not exist")
     tensorboard = _tensorboard(cfg.tensorboard)
@@ -119,7 +126,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         if s is not None:
             parse_split(s)
 
-    dist = ptd.init_distributed(cfg.device)
+    dist = ptd.init_distributed(cfg.device, timeout_s=cfg.dist_timeout)
     progress = dist.is_main and (cfg.progress if cfg.progress is not None
                                  else sys.stderr.isatty())
     tokenizer, train_docs = _tokenizer(cfg, base, resume_dir, out, train_split, dist)
@@ -132,6 +139,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         raise CheckpointError(f"the model of checkpoint {str(resume_dir)!r} does not match "
                               "--model / --tokenizer; resume with the settings of the run (or "
                               "omit them to reuse its own)")
+    _check_memory(config, cfg, micro, context_length, dist)
     train_loader, val_loader = _loaders(cfg, tokenizer, context_length, train_split, val_split,
                                         train_docs, dist, progress)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
@@ -148,7 +156,47 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                val_loader=val_loader, total_steps=total,
                lr_total_steps=cfg.lr_total_steps or total, micro_batch_size=micro,
                amp_dtype=parse_dtype(cfg.dtype) if cfg.dtype != "float32" else None,
-               tensorboard=tensorboard, progress=progress, resume_dir=resume_dir)
+               tensorboard=tensorboard, progress=progress, resume_dir=resume_dir,
+               fork_of=fork_of)
+
+
+def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path, Path | None]:
+    """--fork-to NEW_DIR: the settings with NEW_DIR as the run folder, the folder, and the
+    run folder the checkpoint belongs to (whose history the fork starts with; None for a
+    checkpoint outside a run's checkpoints/). NEW_DIR must not hold a run; leftovers of a
+    fork that failed before its first checkpoint are pldr's."""
+    if resume_dir is None:
+        raise ConfigError("--fork-to NEW_DIR branches from a checkpoint: give --resume CKPT "
+                          "(or --resume auto with the run's --out) as well")
+    new = Path(cfg.fork_to)
+    source = resume_dir.parent.parent
+    if new.resolve() == source.resolve():
+        raise ConfigError(f"--fork-to {str(new)!r} is the checkpoint's own run; give a new "
+                          "folder (or --truncate-later-steps to rewind that run in place)")
+    if is_run_dir(new):
+        raise CheckpointError(f"--fork-to {str(new)!r} already holds a training run; continue "
+                              f"it with --resume auto --out {str(new)!r}, or choose another "
+                              "folder")
+    _check_leftovers(new, cfg.tokenizer)
+    history = source if resume_dir.parent.name == CHECKPOINTS else None
+    return cfg.replace(out=str(new), resume=str(resume_dir)), new, history
+
+
+def _check_memory(config: PLDRConfig, cfg: TrainConfig, micro: int, context_length: int,
+                  dist: ptd.DistInfo) -> None:
+    """A run that cannot fit in memory is a one-line error before any allocation or write:
+    weights, gradients and AdamW state (sharded over the ranks) and the activations of one
+    forward of `micro` rows; on CPU the ranks of this machine share its RAM."""
+    from ..model.memory import check_fits, training_memory
+
+    need = training_memory(config, parameter_count(config), micro, context_length,
+                           shards=dist.world_size,
+                           autocast_bytes=2 if cfg.dtype == "bfloat16" else 4)
+    if dist.device.type == "cpu":
+        need = need.scaled(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    check_fits(need, dist.device, "lower --micro-batch-size (rows per forward) or "
+               "--context-length, or train a smaller --model (d_model, num_layers, vocab_size)",
+               "training this model")
 
 
 def is_run_dir(out: Path) -> bool:
@@ -255,6 +303,9 @@ def make_run_folder(run: PreparedRun) -> None:
     if run.dist.is_main:
         (run.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         remove_partial_saves(run.out)
+        if run.fork_of is not None:
+            copy_history(run.fork_of, run.out, int(read_trainer_state(run.resume_dir)["step"]),
+                         run.tensorboard)
         if run.resume_dir is None or not (run.out / TOKENIZER_FILE).is_file():
             run.tokenizer.save(run.out / TOKENIZER_FILE)
         write_json(run.out / TRAIN_CONFIG_FILE,

@@ -163,6 +163,13 @@ class Trainer:
                 if self.step != self.checkpoints.last_step:
                     self._save()
             return self._result(final_dir=self.checkpoints.export_final(self.model))
+        except RuntimeError as e:
+            reason = ptd.peer_failure(e) if self.dist.enabled else None
+            if reason is None:
+                raise
+            raise TrainingError(f"rank {self.dist.rank}: another process of this run failed or "
+                                f"stopped answering during step {self.step + 1} ({reason}); "
+                                + self._resume_hint() + " (the same torchrun command)") from None
         finally:
             bar.close()
             self.log.close()
