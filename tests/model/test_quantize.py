@@ -70,16 +70,23 @@ def test_bf16_linear_computes_what_a_bf16_linear_does():
     assert packed.nbytes == 2 * 20 * 49
 
 
-def test_pack_bf16_keeps_the_same_layers_float_as_int8():
-    model = fixture_model().bfloat16()
-    pack_bf16(model)
+def test_pack_bf16_packs_every_linear_and_computes_the_same_logits():
+    plain = fixture_model().bfloat16().eval()
+    model = pack_bf16(copy.deepcopy(plain))
     kinds = {name: type(m).__name__ for name, m in model.named_modules()}
     assert kinds["final_layer"] == "BF16Linear"
     assert kinds["decoder.dec_layers.0.ffn.gluw1"] == "BF16Linear"
-    assert kinds["decoder.dec_layers.0.mha1.wq"] == "Linear"
+    assert kinds["decoder.dec_layers.0.mha1.wq"] == "BF16Linear"
+    assert kinds["decoder.dec_layers.0.mha1.reslayerAs.0.denseAs.0.gluw1"] == "BF16Linear"
+    assert "Linear" not in kinds.values()
     ids = torch.tensor([generation()["prompt"]])
     with torch.no_grad():
-        assert model(ids).logits.dtype == torch.bfloat16
+        got, want = model(ids).logits, plain(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+    prompts = [generation()["prompt"]]
+    assert (generate(model, prompts, 8, temperature=0, eos_id=-1)
+            == generate(plain, prompts, 8, temperature=0, eos_id=-1))
 
 
 def test_bfloat16_falls_back_to_float32_on_a_cpu_without_native_bf16(monkeypatch, caplog):

@@ -15,13 +15,13 @@ so both kinds of layer call kernels that work on weights packed once at load tim
   activations, `reduce_range`, on CPUs without VNNI, whose 16-bit pair sums would otherwise
   saturate). Products accumulate in int32; the output is float32.
 - `BF16Linear` (`--dtype bfloat16` on a CPU with native bf16): bf16 weights reordered once
-  into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied by
-  `torch.ops.mkldnn._linear_pointwise`; same numbers as F.linear in bf16.
+  into oneDNN's blocked layout for batch 1 (`torch.ops.mkldnn._reorder_linear_weight`) and
+  multiplied by `torch.ops.mkldnn._linear_pointwise` (float32 accumulation, as F.linear).
 
-LayerNorms, the embedding, the power-law parameters, the query projection and the metric
-learner's small dk x dk GLUs (which shape A, and from it G_LM) keep their weights
-(`KEEP_FLOAT`). Both swaps are in place, for inference only (no gradients); they replace
-every other `nn.Linear` by path, so they compose with however the layers are arranged.
+LayerNorms, the embedding and the power-law parameters keep their weights; int8 also keeps
+the query projection and the metric learner's small dk x dk GLUs (which shape A, and from it
+G_LM) float (`KEEP_FLOAT`). Both swaps are in place, for inference only (no gradients); they
+replace `nn.Linear` modules by path, so they compose with however the layers are arranged.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ class BF16Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().to(torch.bfloat16)                # [out, in]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        # laid out for one row at a time (decoding); measured no slower for 16 or 64 rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         self.bias = (None if linear.bias is None
                      else linear.bias.detach().to(torch.bfloat16).contiguous())
 
@@ -157,13 +158,14 @@ class BF16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed"
 
 
-def _swap_linears(model: nn.Module, make) -> int:
-    """Replace every nn.Linear of `model` outside KEEP_FLOAT by make(linear), in place."""
+def _swap_linears(model: nn.Module, make, keep: tuple[str, ...] = ()) -> int:
+    """Replace every nn.Linear of `model` whose path has no part in `keep` by make(linear),
+    in place."""
     replaced = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             path = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not set(path.split(".")) & set(KEEP_FLOAT):
+            if isinstance(child, nn.Linear) and not set(path.split(".")) & set(keep):
                 setattr(module, child_name, make(child))
                 replaced += 1
     return replaced
@@ -182,14 +184,15 @@ def quantize_int8(model: nn.Module, reduce_range: bool | None = None) -> nn.Modu
     Needs a CPU model; the model is put in eval mode. `reduce_range`: see
     `Int8Linear.from_linear`."""
     _require_cpu(model, "int8 weights", "int8")
-    n = _swap_linears(model, lambda lin: Int8Linear.from_linear(lin, reduce_range))
+    n = _swap_linears(model, lambda lin: Int8Linear.from_linear(lin, reduce_range), KEEP_FLOAT)
     log.debug("int8: quantised %d linear layers (FBGEMM dynamic, activations per call)", n)
     return model.eval().requires_grad_(False)
 
 
 def pack_bf16(model: nn.Module) -> nn.Module:
-    """Replace `model`'s large nn.Linear layers by `BF16Linear`, in place; returns `model`
-    (a bfloat16 CPU model, in eval mode)."""
+    """Replace every nn.Linear of `model` by `BF16Linear`, in place; returns `model` (a
+    bfloat16 CPU model, in eval mode). The query projection and the metric learner are
+    packed too: packing changes the layout, not the numbers."""
     _require_cpu(model, "packed bf16 weights", "bfloat16")
     n = _swap_linears(model, BF16Linear)
     log.debug("bf16: packed %d linear layers for oneDNN", n)
