@@ -51,6 +51,13 @@ def test_int8_linear_computes_with_its_dequantized_weight_and_rounded_input(redu
         assert (q(x) - lin(x)).abs().max() > 1e-4   # the rounding is real
         # a row's rounding does not depend on the scale of the others
         assert_same(q(x)[:, 2], q(x[:, 2:]).squeeze(1), "rows independent of each other's size")
+        # a single row (batch-1 decoding) is rounded over its own range, without scaling
+        row = x[1, 1:2]                                                  # [1, 48]
+        scale, zero = torch._choose_qparams_per_tensor(row, reduce_range)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rounded = torch.quantize_per_tensor(row, scale, zero, torch.quint8).dequantize()
+        assert_same(q(row), rounded @ q.dequantized().T + lin.bias, "single row")
     # per-row rounding error at most half a step of that row's scale
     _, scales = q.unpacked()
     err = (q.dequantized() - lin.weight.detach()).abs()

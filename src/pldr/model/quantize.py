@@ -10,8 +10,9 @@ so both kinds of layer call kernels that work on weights packed once at load tim
   linear (`torch.ops.quantized.linear_dynamic`). That kernel also rounds the *activations*,
   so int8 is not weight-only: it is W8A8 with dynamic activations. The kernel rounds its
   input [N, in] to uint8 with one scale and zero point for the whole call (from its min and
-  max); each row is first divided by its max|x| (and the output multiplied back), so the
-  rounding step of a row is at most 2 max|x_row| / 255, whatever the other rows hold (7-bit
+  max); with several rows each is first divided by its max|x| (and the output multiplied
+  back), so the rounding step of a row is at most 2 max|x_row| / 255, whatever the other
+  rows hold (a single row, batch-1 decoding, is rounded over its own range as it is; 7-bit
   activations, `reduce_range`, on CPUs without VNNI, whose 16-bit pair sums would otherwise
   saturate). Products accumulate in int32; the output is float32.
 - `BF16Linear` (`--dtype bfloat16` on a CPU with native bf16): bf16 weights reordered once
@@ -99,9 +100,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()                        # [N, in]
-        row_max = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [N, 1]
-        y = torch.ops.quantized.linear_dynamic(x2 / row_max, self.packed, self.reduce_range)
-        y = y * row_max if self.bias is None else torch.addcmul(self.bias, y, row_max)
+        if x2.shape[0] == 1:  # one row (batch-1 decoding) has its own range: no scaling
+            y = torch.ops.quantized.linear_dynamic(x2, self.packed, self.reduce_range)
+            y = y if self.bias is None else y + self.bias
+        else:
+            row_max = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [N, 1]
+            y = torch.ops.quantized.linear_dynamic(x2 / row_max, self.packed, self.reduce_range)
+            y = y * row_max if self.bias is None else torch.addcmul(self.bias, y, row_max)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., out]
 
     def unpacked(self) -> tuple[Tensor, Tensor]:
