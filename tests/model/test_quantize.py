@@ -212,3 +212,14 @@ def test_generate_cli_refuses_int8_on_cuda(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "m"), "--ids", "5,6", "--dtype", "int8",
                  "--device", "cuda"]) == 2
     assert "--dtype int8 runs on CPU only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_compiled_decoding_runs_the_packed_layers(dtype):
+    # torch.compile cannot lower oneDNN's op on a packed weight: BF16Linear runs eagerly
+    # between the compiled graphs, and the tokens are those of eager decoding
+    model = fixture_model()
+    model = for_decoding(model.bfloat16() if dtype == "bfloat16" else model, dtype)
+    prompts = [generation()["prompt"]]
+    want = generate(model, prompts, 6, temperature=0, eos_id=-1)
+    assert generate(model, prompts, 6, temperature=0, eos_id=-1, compile=True) == want

@@ -149,6 +149,9 @@ class BF16Linear(nn.Module):
         self.bias = (None if linear.bias is None
                      else linear.bias.detach().to(torch.bfloat16).contiguous())
 
+    # inductor cannot lower this op on an opaque packed weight: compiled callers
+    # (generate/Engine with compile=True) run it eagerly between their graphs
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
