@@ -6,6 +6,9 @@ setup and the CLI all resolve "cuda" / "bfloat16" here, so they accept the same 
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from .errors import PLDRError, PLDRTypeError
@@ -19,10 +22,41 @@ SUPPORTED_DTYPES = ("float32", "bfloat16")
 INFERENCE_DTYPES = SUPPORTED_DTYPES + ("int8",)
 
 
-def load_dtype(name: str) -> str:
-    """The float dtype to load weights in for an inference `--dtype`: int8 loads float32 and
-    is quantised after loading; the others load as themselves."""
-    return "float32" if name == "int8" else name
+log = logging.getLogger("pldr")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16); without,
+    bf16 matmuls are emulated and slower than float32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def load_dtype(name: str, device: str | torch.device | None = None) -> str:
+    """The float dtype to load weights in for an inference `--dtype` on `device`: int8 loads
+    float32 and is quantised after loading; bfloat16 on a CPU without native bf16 falls back
+    to float32 (with a warning), since it would decode slower than float32 there; the others
+    load as themselves."""
+    if name == "int8":
+        return "float32"
+    if (parse_dtype(name) == torch.bfloat16 and device is not None
+            and torch.device(device).type == "cpu" and not native_bf16()):
+        log.warning("this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): decoding "
+                    "in float32 instead, which is faster here")
+        return "float32"
+    return name
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -91,5 +125,6 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
     return found
 
 
-__all__ = ["available_memory", "parse_dtype", "resolve_device", "load_dtype", "DTYPES", "SUPPORTED_DTYPES",
+__all__ = ["available_memory", "parse_dtype", "resolve_device", "load_dtype", "cpu_flags", "native_bf16",
+           "DTYPES", "SUPPORTED_DTYPES",
            "INFERENCE_DTYPES"]

@@ -94,3 +94,17 @@ def test_decode_bytes_per_token_counts_weights_and_caches():
     linear = sum(m.weight.numel() + m.bias.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "reslayerAs" not in n)
     assert decode_bytes_per_token(model, 0) > 4 * linear
+
+
+def test_decode_bytes_per_token_counts_packed_int8_and_bf16_weights():
+    from pldr import PLDRConfig, PLDRModel
+    from pldr.bench.measure import decode_bytes_per_token
+    from pldr.model.quantize import pack_bf16, quantize_int8
+
+    config = PLDRConfig.resolve("tiny", "--model")
+    fp32 = decode_bytes_per_token(PLDRModel(config).eval(), 0)
+    int8 = decode_bytes_per_token(quantize_int8(PLDRModel(config)), 0)
+    bf16 = decode_bytes_per_token(pack_bf16(PLDRModel(config).bfloat16()), 0)
+    final = config.vocab_size * config.d_model                  # the int8 final layer alone
+    assert final < int8 < 0.5 * fp32
+    assert bf16 == pytest.approx(fp32 / 2, rel=0.01)

@@ -1,8 +1,11 @@
-"""Weight-only int8 (model/quantize.py): what is quantised, the kernel's arithmetic, and how
-close int8 decoding stays to float32 on a small model trained briefly on the built-in corpus."""
+"""Low-precision layers (model/quantize.py): what is quantised, the kernels' arithmetic, how
+close int8 decoding stays to float32 on a small model trained briefly on the built-in corpus,
+and the bf16 fallback on CPUs without native bf16."""
 
 import copy
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -14,22 +17,109 @@ from pldr.data import load_documents
 from pldr.errors import PLDRError
 from pldr.inference.generate import generate
 from pldr.model.losses import loss_with_dag
-from pldr.model.quantize import Int8Linear, quantize_int8, weight_bytes
+from pldr import devices
+from pldr.model.quantize import (
+    BF16Linear,
+    Int8Linear,
+    for_decoding,
+    pack_bf16,
+    quantize_int8,
+    weight_bytes,
+)
 
 T = 64  # training and evaluation window
 
 
-def test_int8_linear_computes_with_its_dequantized_weight():
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_linear_computes_with_its_dequantized_weight_and_rounded_input(reduce_range):
     torch.manual_seed(0)
     lin = nn.Linear(48, 20)
-    q = Int8Linear.from_linear(lin)
-    x = torch.randn(2, 3, 48)
-    want = x @ q.dequantized().T + lin.bias.detach()
-    assert_same(q(x), want, "int8 matmul")
+    q = Int8Linear.from_linear(lin, reduce_range)
+    x = torch.randn(2, 3, 48) * torch.tensor([1.0, 100.0, 0.01])[None, :, None]
+    # the input rounded as the kernel rounds it: rows scaled to max|x| = 1, then one uint8
+    # scale and zero point for the call
+    scaled, row_max = q.scaled_input(x)
+    assert_same(scaled.abs().amax(dim=1), torch.ones(6), "rows scaled")
+    scale, zero = torch._choose_qparams_per_tensor(scaled, reduce_range)
+    assert scale <= 2 / (127 if reduce_range else 255) + 1e-6   # at most 2 max|x_row| / 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rounded = torch.quantize_per_tensor(scaled, scale, zero, torch.quint8).dequantize()
+    with torch.no_grad():
+        want = (rounded * row_max).view(2, 3, 48) @ q.dequantized().T + lin.bias
+        assert_same(q(x), want, "int8 matmul")
+        assert (q(x) - lin(x)).abs().max() > 1e-4   # the rounding is real
+        # a row's rounding does not depend on the scale of the others
+        assert_same(q(x)[:, 2], q(x[:, 2:]).squeeze(1), "rows independent of each other's size")
+        # a single row (batch-1 decoding) is rounded over its own range, without scaling
+        row = x[1, 1:2]                                                  # [1, 48]
+        scale, zero = torch._choose_qparams_per_tensor(row, reduce_range)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rounded = torch.quantize_per_tensor(row, scale, zero, torch.quint8).dequantize()
+        assert_same(q(row), rounded @ q.dequantized().T + lin.bias, "single row")
     # per-row rounding error at most half a step of that row's scale
+    _, scales = q.unpacked()
     err = (q.dequantized() - lin.weight.detach()).abs()
-    assert (err <= q.scales[:, None] / 2 + 1e-7).all()
-    assert q.weight_int8.dtype == torch.int8 and q(x).shape == (2, 3, 20)
+    assert (err <= scales[:, None] / 2 + 1e-7).all()
+    assert q.unpacked()[0].dtype == torch.int8 and q(x).shape == (2, 3, 20)
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bf16_linear_computes_what_a_bf16_linear_does():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 20).bfloat16().requires_grad_(False)
+    packed = BF16Linear(lin)
+    x = torch.randn(2, 3, 48).bfloat16()
+    got = packed(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 20)
+    torch.testing.assert_close(got, lin(x), rtol=1e-2, atol=1e-2)  # bf16 accumulation order
+    assert packed.nbytes == 2 * 20 * 49
+
+
+def test_pack_bf16_packs_every_linear_and_computes_the_same_logits():
+    plain = fixture_model().bfloat16().eval()
+    model = pack_bf16(copy.deepcopy(plain))
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["final_layer"] == "BF16Linear"
+    assert kinds["decoder.dec_layers.0.ffn.gluw1"] == "BF16Linear"
+    assert kinds["decoder.dec_layers.0.mha1.wq"] == "BF16Linear"
+    assert kinds["decoder.dec_layers.0.mha1.reslayerAs.0.denseAs.0.gluw1"] == "BF16Linear"
+    assert "Linear" not in kinds.values()
+    ids = torch.tensor([generation()["prompt"]])
+    with torch.no_grad():
+        got, want = model(ids).logits, plain(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+    prompts = [generation()["prompt"]]
+    assert (generate(model, prompts, 8, temperature=0, eos_id=-1)
+            == generate(plain, prompts, 8, temperature=0, eos_id=-1))
+
+
+def test_bfloat16_falls_back_to_float32_on_a_cpu_without_native_bf16(monkeypatch, caplog):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    with caplog.at_level(logging.WARNING, logger="pldr"):
+        assert devices.load_dtype("bfloat16", "cpu") == "float32"
+    assert "no native bfloat16" in caplog.text
+    assert devices.load_dtype("bfloat16", None) == "bfloat16"   # not known to be a CPU
+    assert devices.load_dtype("int8", "cpu") == "float32"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert devices.load_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert devices.native_bf16()
+
+
+def test_for_decoding_packs_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import pldr.model.quantize as quantize
+
+    monkeypatch.setattr(quantize, "native_bf16", lambda: False)
+    model = for_decoding(fixture_model().bfloat16(), "bfloat16")
+    assert type(model.final_layer).__name__ == "Linear"
+    monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    model = for_decoding(fixture_model().bfloat16(), "bfloat16")
+    assert type(model.final_layer).__name__ == "BF16Linear"
+    assert type(for_decoding(fixture_model(), "int8").final_layer).__name__ == "Int8Linear"
+    assert type(for_decoding(fixture_model(), "float32").final_layer).__name__ == "Linear"
 
 
 def test_quantize_keeps_queries_metric_learner_norms_and_embedding_float():
@@ -85,10 +175,12 @@ def _perplexity(model, held) -> float:
         return loss_with_dag(model(held[:, :-1]).logits, held[:, 1:], None).loss.exp().item()
 
 
-def test_int8_greedy_tokens_agree_with_float32_on_the_fixture_prompts(trained):
+# both activation widths the kernel is run with: 8-bit (VNNI CPUs) and 7-bit (the others)
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_greedy_tokens_agree_with_float32_on_the_fixture_prompts(trained, reduce_range):
     model, _ = trained
     prompts = [generation()["prompt"]] + inputs()["tokens"].tolist()
-    q = quantize_int8(copy.deepcopy(model))
+    q = quantize_int8(copy.deepcopy(model), reduce_range)
     for cache in ("kv_g", "no_cache"):
         want = generate(model, prompts, 32, cache=cache, temperature=0, eos_id=-1)
         got = generate(q, prompts, 32, cache=cache, temperature=0, eos_id=-1)
@@ -96,11 +188,12 @@ def test_int8_greedy_tokens_agree_with_float32_on_the_fixture_prompts(trained):
         assert same >= 0.9 * 32 * len(prompts), (cache, want, got)
 
 
-def test_int8_perplexity_rises_under_one_percent(trained):
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_perplexity_rises_under_one_percent(trained, reduce_range):
     model, held = trained
     base = _perplexity(model, held)
     assert base < 100  # trained: well below the 300 of a uniform guess
-    got = _perplexity(quantize_int8(copy.deepcopy(model)), held)
+    got = _perplexity(quantize_int8(copy.deepcopy(model), reduce_range), held)
     assert got < 1.01 * base, (base, got)
 
 
@@ -119,3 +212,14 @@ def test_generate_cli_refuses_int8_on_cuda(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "m"), "--ids", "5,6", "--dtype", "int8",
                  "--device", "cuda"]) == 2
     assert "--dtype int8 runs on CPU only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_compiled_decoding_runs_the_packed_layers(dtype):
+    # torch.compile cannot lower oneDNN's op on a packed weight: BF16Linear runs eagerly
+    # between the compiled graphs, and the tokens are those of eager decoding
+    model = fixture_model()
+    model = for_decoding(model.bfloat16() if dtype == "bfloat16" else model, dtype)
+    prompts = [generation()["prompt"]]
+    want = generate(model, prompts, 6, temperature=0, eos_id=-1)
+    assert generate(model, prompts, 6, temperature=0, eos_id=-1, compile=True) == want

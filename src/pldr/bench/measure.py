@@ -74,18 +74,19 @@ class BenchResult:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, the SIMD flags that matter for torch, threads, load and versions."""
-    flags, model = set(), platform.processor()
+    from ..devices import cpu_flags
+
+    flags, model = cpu_flags(), platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and not model:
+                if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile",
+              "amx_int8")
     return {
         "cpu": model, "cpu_flags": [f for f in wanted if f in flags], "nproc": os.cpu_count(),
         "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
@@ -110,19 +111,20 @@ def _current_rss_mb() -> float:
 
 
 def _build_model(spec: BenchSpec):
-    """The benchmarked model: random weights from seed 0, or a saved directory."""
+    """The benchmarked model: random weights from seed 0, or a saved directory, prepared for
+    decoding as `pldr generate` prepares it (`for_decoding`: int8 quantised, bf16 packed or,
+    on a CPU without native bf16, float32 with a warning)."""
     from ..checkpoint.load import load_model
     from ..config import PLDRConfig
-    from ..devices import parse_dtype
+    from ..devices import load_dtype, parse_dtype
     from ..model.model import PLDRModel
+    from ..model.quantize import for_decoding
 
-    from ..model.quantize import quantize_int8
-
-    int8 = spec.dtype == "int8"
-    if int8 and spec.what == "train":
+    if spec.dtype == "int8" and spec.what == "train":
         raise PLDRError("int8 weights are for inference; train with float32 or bfloat16")
     # training keeps float32 weights and runs bf16 under autocast, as `pldr train --dtype`
-    dtype = torch.float32 if spec.what == "train" or int8 else parse_dtype(spec.dtype)
+    train = spec.what == "train"
+    dtype = torch.float32 if train else parse_dtype(load_dtype(spec.dtype, spec.device))
     if os.path.isdir(spec.model):
         model = load_model(spec.model, device=spec.device, dtype=dtype)
     else:
@@ -133,22 +135,25 @@ def _build_model(spec: BenchSpec):
         with torch.device(spec.device):
             model = PLDRModel(config)
         model = model.to(dtype=dtype).eval()
-    return quantize_int8(model) if int8 else model
+    return model if train else for_decoding(model, spec.dtype)
 
 
 def decode_bytes_per_token(model: torch.nn.Module, max_len: int) -> int:
     """Bytes one batch-1 kv_g decode step reads: every weight except the embedding table (one
     row) and the metric learner (the G-cache fixes its output), plus the KV buffers of
     `max_len` positions and the cached G_LM, at the model's dtype."""
+    from ..model.quantize import module_bytes
+
     cfg = model.config
     weights = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "reslayerAs" in name or "plgatt_layer" in name or "G_LM" in name:
+    for name, m in model.named_modules():
+        if "reslayerAs" in name or "plgatt_layer" in name:
             continue
-        if name.startswith("decoder.embedding."):
-            weights += t.shape[-1] * t.element_size()
+        if name == "decoder.embedding":
+            weights += m.weight.shape[-1] * m.weight.element_size()
             continue
-        weights += t.numel() * t.element_size()
+        fixed_G = dict(m.named_buffers(recurse=False)).get("G_LM")   # counted as the G cache
+        weights += module_bytes(m) - (0 if fixed_G is None else fixed_G.nbytes)
     elem = model.decoder.embedding.weight.element_size()
     kv = 2 * cfg.num_layers * max_len * cfg.d_model * elem          # k and v, [L, 1, H, S, dk]
     G = cfg.num_layers * cfg.num_heads * cfg.dk * cfg.dk * elem     # G_LM, [L, 1, H, dk, dk]

@@ -32,21 +32,20 @@ def add_model_args(p: argparse.ArgumentParser, *, G_LM_help: str, dtypes: tuple[
 def load_model_args(args: argparse.Namespace):
     """(model, G_LM) from the flags of `add_model_args`, for the inference commands
     (generate, serve): a given --G-LM wins in every variant; --dtype int8 loads float32
-    weights on the CPU and quantises them."""
+    weights on the CPU and quantises them; bfloat16 on a CPU packs its weights for oneDNN, or
+    falls back to float32 (with a warning) where the CPU has no native bf16."""
     from ..checkpoint.load import load_for_inference
     from ..devices import load_dtype, resolve_device
     from ..errors import PLDRError
-    from ..model.quantize import quantize_int8
+    from ..model.quantize import for_decoding
 
     if args.dtype == "int8" and args.device not in (None, "cpu"):
         raise PLDRError(f"--dtype int8 runs on CPU only, not --device {args.device}; use "
                         "--device cpu or --dtype float32/bfloat16")
     device = resolve_device("cpu" if args.dtype == "int8" else args.device)
     model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
-                                     device=device, dtype=load_dtype(args.dtype))
-    if args.dtype == "int8":
-        quantize_int8(model)
-    return model, G_LM
+                                     device=device, dtype=load_dtype(args.dtype, device))
+    return for_decoding(model, args.dtype), G_LM
 
 
 def load_tokenizer_arg(args: argparse.Namespace, needed_for: str | None):
