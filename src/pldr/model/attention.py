@@ -78,10 +78,7 @@ ROPE_FUNCTIONS = {"interleaved": apply_rope, "half": apply_rope_half}  # by conf
 # ----- building blocks -------------------------------------------------------------------------
 
 class GLU(nn.Module):
-    """SwiGLU unit: gluw3(silu(gluw1 x) * gluw2 x), in -> hidden -> out, all with bias.
-
-    With gradients (and no autocast) it runs `_SwiGLUFunction`, which keeps two hidden-size
-    tensors for backward instead of four; the values and gradients are the same."""
+    """SwiGLU unit: gluw3(silu(gluw1 x) * gluw2 x), in -> hidden -> out, all with bias."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
@@ -90,41 +87,7 @@ class GLU(nn.Module):
         self.gluw3 = nn.Linear(d_hidden, d_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        w1, w2, w3 = self.gluw1, self.gluw2, self.gluw3
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            y = _SwiGLUFunction.apply(x.reshape(-1, x.shape[-1]), w1.weight, w1.bias,
-                                      w2.weight, w2.bias, w3.weight, w3.bias)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return w3(F.silu(w1(x)) * w2(x))
-
-
-class _SwiGLUFunction(torch.autograd.Function):
-    """x [N, d_in] -> (silu(x W1^T + b1) * (x W2^T + b2)) W3^T + b3 [N, d_out].
-
-    Autograd of the plain expression keeps x, h1, silu(h1), h2 and their product (four
-    [N, d_hidden] tensors); this keeps x, h1 and h2 and recomputes the two cheap elementwise
-    ones in backward. In the metric learner (N = B*H*dk rows, 80 units in the 110M model)
-    that halves the largest part of the training activations."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
-                b3: Tensor) -> Tensor:
-        h1 = torch.addmm(b1, x, w1.t())                                  # [N, F]
-        h2 = torch.addmm(b2, x, w2.t())                                  # [N, F]
-        ctx.save_for_backward(x, h1, h2, w1, w2, w3)
-        return torch.addmm(b3, F.silu(h1) * h2, w3.t())                  # [N, d_out]
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:          # g [N, d_out]
-        x, h1, h2, w1, w2, w3 = ctx.saved_tensors
-        sig = torch.sigmoid(h1)
-        s = h1 * sig                                                     # silu(h1)
-        g_p = g @ w3                                                     # [N, F]
-        g_w3 = g.t() @ (s * h2)
-        g_h2 = g_p * s
-        g_h1 = g_p.mul_(h2).mul_(sig * (1 + h1 * (1 - sig)))             # silu'(h1)
-        g_x = torch.addmm(g_h1 @ w1, g_h2, w2)                           # [N, d_in]
-        return (g_x, g_h1.t() @ x, g_h1.sum(0), g_h2.t() @ x, g_h2.sum(0), g_w3, g.sum(0))
+        return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
 
 
 class ResidualMetricUnit(nn.Module):
