@@ -40,12 +40,12 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(dtype, var
     ckpt.set_activation_checkpointing(True)
     assert all(layer.checkpointed for layer in ckpt.decoder.dec_layers)
     ids = batch()
-    lo_p, logits_p = forward_backward(plain, ids, pad_id=0, dag_coeffs=dag, ce_weight=0.7,
+    lo_p, pred_p = forward_backward(plain, ids, pad_id=0, dag_coeffs=dag, ce_weight=0.7,
                                       dag_weight=0.5, with_deductive=True)
-    lo_c, logits_c = forward_backward(ckpt, ids, pad_id=0, dag_coeffs=dag, ce_weight=0.7,
+    lo_c, pred_c = forward_backward(ckpt, ids, pad_id=0, dag_coeffs=dag, ce_weight=0.7,
                                       dag_weight=0.5, with_deductive=True)
     assert_same(lo_c.loss.detach(), lo_p.loss.detach(), "loss")
-    assert_same(logits_c.detach(), logits_p.detach(), "logits")
+    assert pred_c.shape == ids[:, 1:].shape and torch.equal(pred_c, pred_p)
     for key in lo_p.dag:
         assert_same(lo_c.dag[key].detach(), lo_p.dag[key].detach(), f"dag {key}")
     grads = dict(plain.named_parameters())
@@ -100,30 +100,31 @@ def test_checkpointing_runs_only_for_uncached_calls_with_gradients(monkeypatch):
     assert len(calls) == model.config.num_layers
 
 
-# float32 over one step only: Adam divides by sqrt(v), so later steps amplify the float32
-# rounding of tiny gradients (the same happens between any two summation orders)
-@pytest.mark.parametrize("dtype,steps", [(torch.float64, 3), (torch.float32, 1)])
-def test_fused_adamw_takes_the_per_tensor_loops_steps(dtype, steps):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_adamw_takes_the_per_tensor_loops_steps(dtype):
+    """Three updates from the same gradients (so that float rounding cannot make the two
+    runs' gradients drift apart, which Adam's division by sqrt(v) would amplify)."""
     model = small_model(dtype)
     ref = copy.deepcopy(model)
     opt = make_optimizer(model, lr=1e-2, weight_decay=0.1)
     assert opt.defaults["fused"] is True
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5,
                                 weight_decay=0.1, foreach=False)
-    for step in range(steps):
-        ids, lr = batch(), 1e-2 / (step + 1)
-        forward_backward(model, ids, pad_id=0)
+    refs = dict(ref.named_parameters())
+    for step in range(3):
+        lr = 1e-2 / (step + 1)
+        forward_backward(model, batch(), pad_id=0)
+        for name, p in model.named_parameters():
+            refs[name].grad = p.grad.clone()
         update(model, opt, lr)
-        forward_backward(ref, ids, pad_id=0)  # the original's update, written out
-        torch.nn.utils.clip_grad_value_(ref.parameters(), 1.0)
+        torch.nn.utils.clip_grad_value_(ref.parameters(), 1.0)  # the original's update
         for group in ref_opt.param_groups:
             group["lr"] = lr
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
-    refs = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        assert p.grad is None
-        assert_same(p.detach(), refs[name].detach(), name)
+        for name, p in model.named_parameters():
+            assert p.grad is None
+            assert_same(p.detach(), refs[name].detach(), f"step {step + 1}: {name}")
 
 
 def test_bench_train_runs_the_shared_step(monkeypatch):

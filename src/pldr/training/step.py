@@ -2,7 +2,7 @@
 `pldr bench --what train`, so the benchmark times the code that trains.
 
     optimizer = make_optimizer(model, lr, weight_decay)       AdamW, fused kernel where it runs
-    lo, logits = forward_backward(model, ids, ...)            per forward: loss, then backward
+    lo, predicted = forward_backward(model, ids, ...)         per forward: loss, then backward
     update(model, optimizer, lr)                              clip by value, AdamW step, zero grads
 
 The trainer adds what a run needs around these (gradient sync, the global loss weights,
@@ -48,15 +48,19 @@ def forward_backward(model: nn.Module, ids: Tensor, *, pad_id: int,
     accumulated gradients equal those of the whole global batch; 1 and 1: the plain loss).
 
     `with_deductive` computes the deductive outputs (and so the DAG values) even where no DAG
-    term is in the loss, for logging. Returns the loss parts and the logits [b, T, V]."""
+    term is in the loss, for logging. Returns the loss parts and the predicted ids [b, T]
+    (the logits' argmax, for the accuracy): nothing here holds the logits [b, T, V] through
+    the backward, so they are freed as soon as the loss's backward has run."""
     x, y = ids[:, :-1], ids[:, 1:]                                      # [b, T] each
     autocast = (nullcontext() if amp_dtype is None
                 else torch.autocast(device_type=ids.device.type, dtype=amp_dtype))
     with autocast:
         out = model(x, return_deductive=with_deductive or any(dag_coeffs))  # logits [b, T, V]
     lo = loss_with_dag(out.logits, y, out.deductive, dag_coeffs, pad_id)
+    predicted = out.logits.detach().argmax(-1)                          # [b, T]
+    del out
     (lo.ce * ce_weight + (lo.loss - lo.ce) * dag_weight).backward()
-    return lo, out.logits
+    return lo, predicted
 
 
 def clip_gradients(params: Iterable[Tensor]) -> None:

@@ -259,12 +259,11 @@ class Trainer:
         for i, ids in enumerate(pieces):
             ids = ids.to(self.device, non_blocking=True)
             ptd.set_gradient_sync(self.model, i == M - 1)
-            lo, logits = forward_backward(
+            lo, predicted = forward_backward(
                 self.model, ids, pad_id=pad, dag_coeffs=cfg.dag_coeffs,
                 ce_weight=counts[i] * W / n_global if n_global else 0.0, dag_weight=1 / M,
                 with_deductive=dag, amp_dtype=self.prepared.amp_dtype)
-            stats.add_batch(lo, logits, ids[:, 1:], counts[i], pad)
-            del logits
+            stats.add_batch(lo, predicted, ids[:, 1:], counts[i], pad)
         stats.stop = float(self.stop_flag.is_set())
         total = stats.all_reduce(self.dist)
         values = total.figures(cfg.dag_coeffs)
@@ -345,7 +344,7 @@ class Trainer:
             with self._autocast():
                 out = self.model(x, return_deductive=True)
             lo = loss_with_dag(out.logits, y, out.deductive, (0.0, 0.0, 0.0), pad)
-            stats.add_batch(lo, out.logits, y, n, pad)
+            stats.add_batch(lo, out.logits.argmax(-1), y, n, pad)
         total = stats.all_reduce(self.dist)
         self.model.train()
         record = {"step": self.step, "split": "val", "epoch": self.metrics.epoch_index,
