@@ -205,7 +205,7 @@ def test_keyboard_interrupt_mid_step_resumes_exactly(shared, tmp_path):
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "loss_with_dag", flaky)
+        mp.setattr(step_module, "loss_with_dag", flaky)
         stopped = quiet_train(small_cfg(shared, out))
     assert stopped.interrupted and stopped.step == 7
     quiet_train(small_cfg(shared, out, resume="auto"))
