@@ -24,6 +24,20 @@ def test_bench_records_results_and_machine(tmp_path, capsys):
     assert "decode kv_g" in capsys.readouterr().out
 
 
+def test_bench_train_with_activation_checkpointing_adds_a_run_and_its_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--what", "train", "--activation-checkpointing",
+                 "--repeats", "1", "--train-batch", "1", "--train-len", "16",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["spec"]["activation_checkpointing"] for r in data["results"]] == [False, True]
+    ratios = data["ratios"]
+    for key in ("train float32 checkpointed / plain tokens/s",
+                "train float32 checkpointed / plain peak RSS"):
+        assert ratios[key] > 0, ratios
+    assert "train checkpointed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--what", "fly"], "--what 'fly' is unknown"),
     (["--cache", "kv"], "--cache 'kv' is unknown"),

@@ -100,3 +100,41 @@ def test_no_real_target_gives_zero_not_nan():
     targets = torch.zeros(1, 3, dtype=torch.long)
     assert masked_loss(logits, targets).item() == 0.0
     assert masked_accuracy(logits, targets).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_entropy_rows_equals_torch_cross_entropy_forward_and_backward(dtype):
+    """The memory-lean cross-entropy gives F.cross_entropy's values and gradients."""
+    import torch.nn.functional as F
+    from fixture_utils import assert_same
+    from pldr.model.losses import cross_entropy_rows
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 101, generator=gen, dtype=dtype) * 4).requires_grad_()
+    targets = torch.randint(0, 101, (37,), generator=gen)
+    targets[:3] = targets[3]  # repeated targets
+    upstream = torch.randn(37, generator=gen, dtype=dtype)
+    got = cross_entropy_rows(logits, targets)
+    (got_grad,) = torch.autograd.grad(got, logits, upstream)
+    want = F.cross_entropy(logits, targets, reduction="none")
+    (want_grad,) = torch.autograd.grad(want, logits, upstream)
+    assert_same(got.detach(), want.detach(), "ce")
+    assert_same(got_grad, want_grad, "grad")
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(cross_entropy_rows, (logits[:5, :7].detach()
+                                                             .requires_grad_(), targets[:5] % 7))
+
+
+def test_masked_loss_gradient_equals_the_unfused_formula_in_float64():
+    import torch.nn.functional as F
+    from fixture_utils import assert_same
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 50, generator=gen, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(1, 50, (2, 9), generator=gen)
+    targets[0, :4] = 0
+    (got,) = torch.autograd.grad(masked_loss(logits, targets), logits)
+    keep = (targets != 0).double().flatten()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    (want,) = torch.autograd.grad((ce * keep).sum() / keep.sum(), logits)
+    assert_same(got, want, "masked loss gradient")

@@ -149,6 +149,19 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs):
     assert val_two.keys() == val_one.keys() and val_two == pytest.approx(val_one, rel=1e-4)
 
 
+def test_activation_checkpointing_under_fsdp_gives_the_same_run(runs, tmp_path):
+    """Each sharded layer recomputed in backward: the same losses, DAG values and weights."""
+    ac = tmp_path / "ac"
+    run_torchrun(runs, ac, "--activation-checkpointing", "--max-steps", "3",
+                 "--eval-every", "0", "--save-every", "0")
+    for key in ("loss", "dag_G"):
+        got, want = by_step(ac, key=key), by_step(runs["two"], key=key)
+        assert sorted(got) == [1, 2, 3]
+        assert got == pytest.approx({s: want[s] for s in got}, rel=1e-6, abs=1e-9), key
+    saved = json.loads((ac / "train_config.json").read_text())
+    assert saved["activation_checkpointing"] is True
+
+
 def test_dcp_checkpoint_resumes_on_two_ranks(runs, tmp_path):
     resumed = tmp_path / "resumed"
     run_torchrun(runs, resumed, "--resume", str(ckpt(runs["two"], 3)))

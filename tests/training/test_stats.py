@@ -30,9 +30,9 @@ def test_batches_add_up_and_figures_weight_by_tokens():
     lo = SimpleNamespace(ce=torch.tensor(2.0), dag={"A": torch.tensor(0.1),
                                                     "A_P": torch.tensor(4.0),
                                                     "G": torch.tensor(0.3)})
-    stats.add_batch(lo, logits, y, 3, pad)
+    stats.add_batch(lo, logits.argmax(-1), y, 3, pad)
     lo2 = SimpleNamespace(ce=torch.tensor(1.0), dag={})    # no DAG values this batch
-    stats.add_batch(lo2, logits[:1, :1], y[:1, :1], 1, pad)
+    stats.add_batch(lo2, logits[:1, :1].argmax(-1), y[:1, :1], 1, pad)
     total = stats.all_reduce(DistInfo())                   # one process: the sums as floats
     assert isinstance(total.ce_sum, float) and total.tokens == 4 and total.hits == 3
     fig = total.figures((0.0, 0.0, 2.0))

@@ -194,9 +194,9 @@ def test_keyboard_interrupt_mid_step_resumes_exactly(shared, tmp_path):
     full = quiet_train(small_cfg(shared, tmp_path / "full"))
     out = tmp_path / "run"
     calls = {"n": 0}
-    import pldr.training.trainer as train_module
+    import pldr.training.step as step_module  # the training step's loss (trainer and bench)
 
-    original = train_module.loss_with_dag
+    original = step_module.loss_with_dag
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -205,7 +205,7 @@ def test_keyboard_interrupt_mid_step_resumes_exactly(shared, tmp_path):
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "loss_with_dag", flaky)
+        mp.setattr(step_module, "loss_with_dag", flaky)
         stopped = quiet_train(small_cfg(shared, out))
     assert stopped.interrupted and stopped.step == 7
     quiet_train(small_cfg(shared, out, resume="auto"))
@@ -336,9 +336,9 @@ def test_dag_values_are_logged_at_every_report(shared, tmp_path):
 
 def test_nan_loss_stops_with_error_and_keeps_last_checkpoint(shared, tmp_path, monkeypatch,
                                                             capsys):
-    import pldr.training.trainer as train_module
+    import pldr.training.step as step_module  # the training step's loss (trainer and bench)
 
-    original = train_module.loss_with_dag
+    original = step_module.loss_with_dag
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -349,7 +349,7 @@ def test_nan_loss_stops_with_error_and_keeps_last_checkpoint(shared, tmp_path, m
             out.loss = out.ce
         return out
 
-    monkeypatch.setattr(train_module, "loss_with_dag", poisoned)
+    monkeypatch.setattr(step_module, "loss_with_dag", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="nan at step 5"):
         quiet_train(small_cfg(shared, out, save_every=2))

@@ -59,6 +59,7 @@ class BenchSpec:
     repeats: int = 3
     batch: int = 1                # engine: running requests
     compile: bool = False         # decode (kv modes) and engine: torch.compile the step
+    activation_checkpointing: bool = False  # train: recompute each decoder layer in backward
 
 
 @dataclass
@@ -239,25 +240,19 @@ def run_one(spec: BenchSpec) -> BenchResult:
                 torch.mv(W, v)
         warm, tokens = job, GEMV_ITERS
     elif spec.what == "train":
-        from ..model.losses import loss_with_dag
+        from ..training.step import forward_backward, make_optimizer, update
 
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5,
-                                weight_decay=0.1)
+        if spec.activation_checkpointing:
+            model.set_activation_checkpointing(True)
+        opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
         batch = ids(spec.train_batch, spec.train_len + 1)
+        amp = None if parse_dtype(spec.dtype) == torch.float32 else torch.bfloat16
 
-        low = parse_dtype(spec.dtype) != torch.float32
-        device_type = torch.device(spec.device).type
-
-        def job():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=low):
-                out = model(batch[:, :-1])  # as the original's step: no DAG values
-                res = loss_with_dag(out.logits, batch[:, 1:], None)
-            res.loss.backward()
-            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-            opt.step()
-            res.loss.item()
+        def job():  # the step of `pldr train` (training/step.py), as the original's: no DAG
+            lo, _ = forward_backward(model, batch, pad_id=model.config.pad_id, amp_dtype=amp)
+            update(model, opt, lr=1e-3)
+            lo.loss.item()
         warm, tokens = job, spec.train_batch * spec.train_len
     else:
         raise PLDRError(f"unknown measurement {spec.what!r}; choose from {', '.join(MEASUREMENTS)}")
@@ -305,6 +300,8 @@ def format_table(results: list[BenchResult]) -> str:
             name = f"engine {s.cache} x{s.batch}"
         if s.compile:
             name += " compiled"
+        if s.activation_checkpointing:
+            name += " checkpointed"
         model = s.model + (f" ({s.variant})" if s.variant else "") + f" {s.dtype}"
         rows.append((name, model, f"{r.median_s:.3f}", f"{r.tokens_per_s:.1f}",
                      f"{r.peak_rss_mb:.0f}"))
@@ -314,13 +311,22 @@ def format_table(results: list[BenchResult]) -> str:
 
 def summarise(results: list[BenchResult]) -> dict[str, float]:
     """Ratios within one run: the engine's aggregate decode throughput with N requests over
-    one request, and compiled over eager (decode and engine), keyed by what they compare."""
+    one request, compiled over eager (decode and engine) and activation-checkpointed training
+    over plain (tokens/s and peak RSS), keyed by what they compare."""
     def key(r: BenchResult) -> tuple:
         s = r.spec
         return (s.what, s.cache, s.variant, s.dtype, s.batch if s.what == "engine" else 1,
                 s.compile)
-    by = {key(r): r.tokens_per_s for r in results}
+    by = {key(r): r.tokens_per_s for r in results if not r.spec.activation_checkpointing}
     out = {}
+    plain = {key(r): r for r in results if r.spec.what == "train"
+             and not r.spec.activation_checkpointing}
+    for r in results:
+        p = plain.get(key(r))
+        if r.spec.activation_checkpointing and p is not None:
+            tag = "train" + (f" {r.spec.variant}" if r.spec.variant else "") + f" {r.spec.dtype}"
+            out[f"{tag} checkpointed / plain tokens/s"] = r.tokens_per_s / p.tokens_per_s
+            out[f"{tag} checkpointed / plain peak RSS"] = r.peak_rss_mb / p.peak_rss_mb
     for (what, cache, variant, dtype, batch, comp), tps in by.items():
         tag = f"{what} {cache}" + (f" {variant}" if variant else "") + f" {dtype}"
         one = by.get((what, cache, variant, dtype, 1, comp))

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="engine: comma-separated numbers of running requests (default 1,16)")
     p.add_argument("--compile", action="store_true",
                    help="also measure decode (kv modes) and engine under torch.compile")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="also measure train with each decoder layer recomputed in backward "
+                   "(less memory, more compute; `pldr train --activation-checkpointing`)")
     p.add_argument("--cache", default="kv_g,kv_only,g_only,no_cache",
                    help="comma-separated cache modes for decode")
     p.add_argument("--compare-G", action="store_true",
@@ -128,8 +131,11 @@ def run(args: argparse.Namespace) -> int:
                     for comp in ([False, True] if args.compile and kv and w in ("decode", "engine")
                                  else [False]):
                         for b in (batches if w == "engine" else [1]):
-                            specs.append(BenchSpec(what=w, cache=c, variant=variant, dtype=dtype,
-                                                   batch=b, compile=comp, **common))
+                            for ac in ([False, True] if args.activation_checkpointing
+                                       and w == "train" else [False]):
+                                specs.append(BenchSpec(what=w, cache=c, variant=variant,
+                                                       dtype=dtype, batch=b, compile=comp,
+                                                       activation_checkpointing=ac, **common))
     info = machine_info()
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} nproc: {info['nproc']} "
           f"torch {info['torch']} threads {info['torch_threads']} load {info['loadavg']}",

@@ -16,13 +16,42 @@ from torch import Tensor
 from ..errors import PLDRError
 
 
+class _CrossEntropyRows(torch.autograd.Function):
+    """Per-row cross-entropy of logits [N, V] against targets [N] that keeps no [N, V] tensor
+    of its own: the forward saves the logits (which the caller holds anyway) and the row
+    log-sum-exps [N]; the backward builds softmax - one_hot in a single [N, V] buffer.
+    F.cross_entropy keeps log_softmax [N, V] and its backward makes two more [N, V] tensors
+    (the one-hot gradient and the softmax gradient): with a 32000-word vocabulary that is
+    ~130 MB each per 1024 tokens."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, dim=-1)                                 # [N]
+        ctx.save_for_backward(logits, lse, targets)
+        return lse - logits.gather(1, targets[:, None])[:, 0]                 # [N]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:                   # grad [N]
+        logits, lse, targets = ctx.saved_tensors
+        out = torch.sub(logits, lse[:, None]).exp_().mul_(grad[:, None])      # softmax * g
+        out.scatter_add_(1, targets[:, None], -grad[:, None])                 # - one_hot * g
+        return out, None
+
+
+def cross_entropy_rows(logits: Tensor, targets: Tensor) -> Tensor:
+    """F.cross_entropy(logits, targets, reduction="none") for logits [N, V] and targets [N],
+    with less memory (see `_CrossEntropyRows`); the same values and gradients."""
+    return _CrossEntropyRows.apply(logits, targets)
+
+
 def masked_loss(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:
     """Cross-entropy averaged over target positions whose id is not `pad_id`.
 
-    logits [B, T, V], targets [B, T]. With no real target at all the result is 0 (the
-    original would divide by zero)."""
+    logits [B, T, V], targets [B, T]; computed in float32 for narrower logits (float64 in
+    float64). With no real target at all the result is 0 (the original would divide by zero)."""
     keep = (targets != pad_id).to(logits.dtype if logits.is_floating_point() else torch.float32)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays
+    ce = cross_entropy_rows(logits.flatten(0, 1).to(wide), targets.flatten())  # [B*T]
     return (ce * keep.flatten()).sum() / keep.sum().clamp(min=1)
 
 

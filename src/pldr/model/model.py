@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import PLDRConfig
 from ..errors import PLDRError, PLDRTypeError
@@ -70,9 +71,18 @@ class DecoderLayer(nn.Module):
         self.ffn = GLU(D, config.dff, D)
         self.layernorm1 = nn.LayerNorm(D, eps=eps)
         self.layernorm2 = nn.LayerNorm(D, eps=eps)
+        self.checkpointed = False  # recompute in backward (PLDRModel.set_activation_checkpointing)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
                 call: AttentionCall) -> tuple[Tensor, LayerDeductive]:
+        if self.checkpointed and call.cache is None and torch.is_grad_enabled():
+            # keeps only this layer's inputs; its activations are recomputed in backward,
+            # inside the layer (so under FSDP2 the recompute needs no second unshard)
+            return checkpoint(self._forward, x, cos, sin, call, use_reentrant=False)
+        return self._forward(x, cos, sin, call)
+
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                 call: AttentionCall) -> tuple[Tensor, LayerDeductive]:
         attn, ded = self.mha1(x, cos, sin, call)
         h = self.layernorm1(attn + x)
         return self.layernorm2(self.ffn(h) + h), ded
@@ -234,6 +244,14 @@ class PLDRModel(nn.Module):
         return B, T, n_pad > 0 and attention_mask is None
 
     # ----- helpers ---------------------------------------------------------------------------
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's activations in backward instead of keeping them
+        (torch.utils.checkpoint, non-reentrant): training memory holds one layer's
+        activations at a time, for about one more forward of compute. Uncached calls with
+        gradients only; the results and gradients are those of the plain forward."""
+        for layer in self.decoder.dec_layers:
+            layer.checkpointed = bool(enabled)
 
     def rope_tables(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
         """float32 cos and sin tables [max_seq_len, dk/2] on `device`, built once per device."""

@@ -96,6 +96,9 @@ class TrainConfig:
         metavar="NEW_DIR")
     dtype: str = setting("float32", "bfloat16: autocast (and FSDP mixed precision) with fp32 "
                          "weights", choices=SUPPORTED_DTYPES)
+    activation_checkpointing: bool = setting(
+        False, "recompute each decoder layer's activations in backward instead of keeping "
+        "them: less memory for about one more forward of compute per step")
     dag_coeffs: tuple[float, float, float] = setting(
         (0.0, 0.0, 0.0), "DAG regularisation coefficients of A_LM, A_P and G_LM (DAG values "
         "are logged anyway)", metavar="cA,cAp,cG")
@@ -167,6 +170,9 @@ class TrainConfig:
                 or c < 0 for c in self.dag_coeffs):
             raise ConfigError(f"--dag-coeffs must be three numbers >= 0 (cA,cAp,cG), got "
                               f"{self.dag_coeffs!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError("--activation-checkpointing must be true or false, got "
+                              f"{self.activation_checkpointing!r}")
         if not isinstance(self.model, (str, PLDRConfig)):
             raise ConfigError(f"model must be a preset name, a config path or a PLDRConfig, got "
                               f"{type(self.model).__name__}")

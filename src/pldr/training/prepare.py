@@ -39,6 +39,7 @@ from .checkpointing import (
 )
 from .config import TrainConfig
 from .metrics import METRICS_FILE, TENSORBOARD_DIR, copy_history
+from .step import make_optimizer
 
 log = logging.getLogger("pldr")
 
@@ -46,8 +47,6 @@ TRAIN_CONFIG_FILE = "train_config.json"
 # every entry a run writes into OUT (what `pldr demo` may remove again)
 RUN_ENTRIES = (TOKENIZER_FILE, TRAIN_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS,
                FINAL)
-ADAMW_BETAS = (0.9, 0.95)
-ADAMW_EPS = 1e-5
 
 
 @dataclass
@@ -331,10 +330,10 @@ def build_model(config: PLDRConfig, device: torch.device, seed: int) -> PLDRMode
 def build_training(run: PreparedRun) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model (sharded with FSDP2 on several processes) in train mode, and its AdamW."""
     model = build_model(run.config, run.dist.device, run.cfg.seed)
+    model.set_activation_checkpointing(run.cfg.activation_checkpointing)
     if run.dist.enabled:
         ptd.shard_model(model, run.amp_dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.cfg.lr, betas=ADAMW_BETAS,
-                                  eps=ADAMW_EPS, weight_decay=run.cfg.weight_decay)
+    optimizer = make_optimizer(model, run.cfg.lr, run.cfg.weight_decay)
     return model.train(), optimizer
 
 

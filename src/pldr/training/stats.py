@@ -29,13 +29,14 @@ class StepStats:
     stop: Any = 0.0         # > 0 when some process was asked to stop (SIGINT / SIGTERM)
 
     @torch.no_grad()
-    def add_batch(self, lo: Any, logits: Tensor, y: Tensor, n_targets: int, pad: int) -> None:
-        """Add one batch: `lo` is its `loss_with_dag` output, logits [b, T, V], targets y
-        [b, T] of which `n_targets` are not `pad` (counted by the caller, before the copy to
-        the device)."""
+    def add_batch(self, lo: Any, predicted: Tensor, y: Tensor, n_targets: int, pad: int) -> None:
+        """Add one batch: `lo` is its `loss_with_dag` output, predicted the argmax ids [b, T]
+        of its logits (taken before backward, so the logits need not outlive the loss),
+        targets y [b, T] of which `n_targets` are not `pad` (counted by the caller, before the
+        copy to the device)."""
         self.ce_sum = self.ce_sum + lo.ce.double() * n_targets
         self.tokens = self.tokens + n_targets
-        self.hits = self.hits + ((logits.argmax(-1) == y) & (y != pad)).sum().double()
+        self.hits = self.hits + ((predicted == y) & (y != pad)).sum().double()
         if lo.dag:
             for key, name in DAG_KEYS:
                 setattr(self, name, getattr(self, name) + lo.dag[key].double())

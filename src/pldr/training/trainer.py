@@ -49,10 +49,10 @@ from .metrics import DAG_KEYS, METRICS_FILE, MetricsLog, TrainMetrics
 from .prepare import PreparedRun, build_training, make_run_folder, prepare_run
 from .schedule import lr_at
 from .stats import StepStats
+from .step import forward_backward, update
 
 log = logging.getLogger("pldr")
 
-CLIP_VALUE = 1.0
 
 
 class TrainingError(PLDRError):
@@ -265,14 +265,12 @@ class Trainer:
         dag = any(cfg.dag_coeffs) or self._report_due(self.step + 1)
         for i, ids in enumerate(pieces):
             ids = ids.to(self.device, non_blocking=True)
-            x, y = ids[:, :-1], ids[:, 1:]                                 # [b, T] each
             ptd.set_gradient_sync(self.model, i == M - 1)
-            with self._autocast():
-                out = self.model(x, return_deductive=dag)                  # logits [b, T, V]
-            lo = loss_with_dag(out.logits, y, out.deductive, cfg.dag_coeffs, pad)
-            weight = counts[i] * W / n_global if n_global else 0.0
-            (lo.ce * weight + (lo.loss - lo.ce) / M).backward()
-            stats.add_batch(lo, out.logits, y, counts[i], pad)
+            lo, predicted = forward_backward(
+                self.model, ids, pad_id=pad, dag_coeffs=cfg.dag_coeffs,
+                ce_weight=counts[i] * W / n_global if n_global else 0.0, dag_weight=1 / M,
+                with_deductive=dag, amp_dtype=self.prepared.amp_dtype)
+            stats.add_batch(lo, predicted, ids[:, 1:], counts[i], pad)
         stats.stop = float(self.stop_flag.is_set())
         total = stats.all_reduce(self.dist)
         values = total.figures(cfg.dag_coeffs)
@@ -284,16 +282,12 @@ class Trainer:
             self._fail(f"the gradients of step {self.step + 1} hold NaN or inf; the step was "
                        "not taken")
         self.probe = pieces[0]
-        torch.nn.utils.clip_grad_value_(self.model.parameters(), CLIP_VALUE)
         lr = lr_at(self.step + 1, cfg.lr, cfg.warmup_steps, self.prepared.lr_total_steps,
                    cfg.lr_alpha)
         values["lr"] = lr
         tokens = cfg.batch_size * self.prepared.context_length * len(micro)
         self.updating = True
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        update(self.model, self.optimizer, lr)
         self.step += 1
         if not self._all_finite(self.model.parameters()):
             self._fail(f"the update of step {self.step} made weights NaN or inf; nothing of it "
@@ -357,7 +351,7 @@ class Trainer:
             with self._autocast():
                 out = self.model(x, return_deductive=True)
             lo = loss_with_dag(out.logits, y, out.deductive, (0.0, 0.0, 0.0), pad)
-            stats.add_batch(lo, out.logits, y, n, pad)
+            stats.add_batch(lo, out.logits.argmax(-1), y, n, pad)
         total = stats.all_reduce(self.dist)
         self.model.train()
         record = {"step": self.step, "split": "val", "epoch": self.metrics.epoch_index,
