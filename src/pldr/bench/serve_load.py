@@ -37,6 +37,7 @@ class ServeBenchSpec:
     max_tokens: int = 32
     rss_requests: tuple[int, ...] = (100, 1000)  # tiny only: measured on the tiny shape
     max_batch: int = 16
+    threads: int | None = None     # the server's torch threads (None: its default)
 
 
 def _free_port() -> int:
@@ -73,12 +74,13 @@ def _rss_mb(pid: int) -> float:
 
 
 class _Server:
-    def __init__(self, model_dir: Path, max_batch: int):
+    def __init__(self, model_dir: Path, max_batch: int, threads: int | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pldr", "serve", "--model", str(model_dir), "--port",
-             str(self.port), "--max-batch", str(max_batch), "--max-queue", "100000"],
+             str(self.port), "--max-batch", str(max_batch), "--max-queue", "100000"]
+            + ([] if threads is None else ["--threads", str(threads)]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -191,7 +193,7 @@ def measure_serve(spec: ServeBenchSpec, progress=print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pldr-bench-serve-") as tmp:
         progress(f"serve {spec.model}: building a random model and its tokenizer")
         model_dir = _model_dir(spec.model, Path(tmp))
-        server = _Server(model_dir, spec.max_batch)
+        server = _Server(model_dir, spec.max_batch, spec.threads)
         try:
             vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
             draw = lambda n: [[rng.randrange(6, vocab) for _ in range(spec.prompt_len)]  # noqa: E731
