@@ -10,11 +10,11 @@ which frees their slots.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -88,6 +88,9 @@ def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings)
     metrics = ServerMetrics(lambda: runner.waiting, lambda: runner.running)
     runner.on_finish = lambda job: _observe(metrics, job)
     created = int(time.time())
+    # completion ids: unique per server (a random run prefix and a counter), without a
+    # urandom call per request as uuid4 makes
+    run_id, counter = secrets.token_hex(8), itertools.count()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -144,7 +147,7 @@ def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings)
         jobs = _submit(runner, prompts, req, settings.G_LM, asyncio.get_running_loop())
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         choices = [Choice(tokenizer, req.stop, config.eos_id) for _ in jobs]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
                 "created": int(time.time()), "model": settings.model_name}
         echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
                   for i in range(len(jobs))]
