@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError(f"--port must lie in [0, 65535], got {args.port}")
     if not args.shutdown_timeout >= 0:
         raise PLDRError("--shutdown-timeout must be >= 0 seconds")
+    import torch
+
+    torch.set_num_threads(args.threads or default_threads())
     try:
         import uvicorn  # noqa: F401  (the serve extra: checked before the model loads)
 
@@ -65,9 +68,6 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("pldr serve needs a tokenizer: pass --tokenizer FILE.model (model "
                         "directories written by pldr carry their own)")
     tokenizer = Tokenizer.load(tok_file)
-    import torch
-
-    torch.set_num_threads(args.threads or default_threads())
     model, G_LM = load_model_args(args)
     engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
     if tokenizer.vocab_size > model.config.vocab_size:
