@@ -169,6 +169,27 @@ def test_raw_stream_ends_with_done(server):
     assert usage["completion_tokens"] >= 1
 
 
+def test_a_stream_of_several_choices_matches_the_plain_texts(server):
+    # 2 prompts x n=2, seeded sampling: the stream interleaves four choices (chunks of one
+    # step may share a write); each choice's pieces still join to its plain text
+    body = {"model": "model", "prompt": ["Hello world", "import os"], "n": 2, "max_tokens": 8,
+            "temperature": 0.9, "seed": 11}
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    want = {c["index"]: (c["text"], c["finish_reason"]) for c in plain["choices"]}
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={**body, "stream": True}) as r:
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    texts: dict[int, str] = {}
+    reasons: dict[int, list] = {}
+    for event in events[:-1]:
+        (choice,) = json.loads(event)["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        reasons.setdefault(choice["index"], []).append(choice["finish_reason"])
+    assert {i: (texts[i], reasons[i][-1]) for i in texts} == want
+    assert all(r[-1] is not None and not any(r[:-1]) for r in reasons.values())
+
+
 def test_32_concurrent_requests_each_equal_generate_alone(server, reference):
     jobs = [(PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)), 4 + (i * 7) % 23)
             for i in range(32)]
@@ -345,8 +366,9 @@ def test_cli_refuses_bad_flags(model_dir, capsys):
 
     assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
     assert main(["serve", "--model", str(model_dir), "--port", "70000"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--threads", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("error:") for e in err)
+    assert len(err) == 3 and all(e.startswith("error:") for e in err)
 
 
 def test_nan_logits_fail_that_request_only(model_dir, tmp_path):

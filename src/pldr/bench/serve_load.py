@@ -11,6 +11,7 @@ that grows per request would show there).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class ServeBenchSpec:
     max_tokens: int = 32
     rss_requests: tuple[int, ...] = (100, 1000)  # tiny only: measured on the tiny shape
     max_batch: int = 16
+    threads: int | None = None     # the server's torch threads (None: its default)
 
 
 def _free_port() -> int:
@@ -72,22 +74,21 @@ def _rss_mb(pid: int) -> float:
 
 
 class _Server:
-    def __init__(self, model_dir: Path, max_batch: int):
-        import httpx2 as httpx
-
-        self.httpx = httpx
+    def __init__(self, model_dir: Path, max_batch: int, threads: int | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pldr", "serve", "--model", str(model_dir), "--port",
-             str(self.port), "--max-batch", str(max_batch), "--max-queue", "100000"],
+             str(self.port), "--max-batch", str(max_batch), "--max-queue", "100000"]
+            + ([] if threads is None else ["--threads", str(threads)]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:  # not listening yet (URLError is an OSError)
                 time.sleep(0.5)
         self.stop()
         raise PLDRError("the benchmark's server did not start within 5 minutes")
@@ -100,36 +101,82 @@ class _Server:
             self.proc.kill()
 
 
-def _one_request(server: _Server, prompt: list[int], max_tokens: int) -> tuple[int, float | None]:
-    """(tokens generated, seconds to the first token), or (-1, None) on failure."""
-    body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def _one_request(port: int, prompt: list[int], max_tokens: int) -> tuple[int, float | None]:
+    """One streamed greedy completion over a fresh connection: (tokens generated, seconds to
+    the first token), or (-1, None) on failure.
+
+    A bare HTTP/1.1 client on asyncio streams, so that the load generator, which shares the
+    machine's cores with the server, spends little per token: it reads the chunked SSE body
+    line by line, notes when the first text chunk arrives and parses only the usage chunk."""
+    body = json.dumps({"model": "model", "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
     start = time.perf_counter()
-    first = None
-    tokens = -1
+    first, tokens = None, -1
     try:
-        with server.httpx.stream("POST", server.url + "/v1/completions", json=body,
-                                 timeout=600) as r:
-            if r.status_code != 200:
-                return -1, None
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and chunk["choices"]:
-                    first = time.perf_counter() - start
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    except server.httpx.HTTPError:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
         return -1, None
+    try:
+        writer.write(head + body)
+        status = await reader.readline()
+        if status.split(b" ", 2)[1:2] != [b"200"]:
+            return -1, None
+        while await reader.readline() not in (b"\r\n", b""):
+            pass  # the headers: uvicorn streams with chunked transfer encoding
+        async for line in _chunked_lines(reader):
+            if not line.startswith(b"data: {"):
+                continue
+            if b'"usage"' in line:
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    tokens = usage["completion_tokens"]
+                    continue
+            if first is None:
+                first = time.perf_counter() - start
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        return -1, None
+    finally:
+        writer.close()
     return tokens, first
+
+
+async def _chunked_lines(reader: asyncio.StreamReader):
+    """The lines of a chunked HTTP body, as bytes without their line end."""
+    pending = b""
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            break
+        pending += await reader.readexactly(size)
+        await reader.readexactly(2)  # the chunk's CRLF
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending
 
 
 def _load(server: _Server, clients: int, prompts: list[list[int]],
           max_tokens: int) -> dict[str, Any]:
+    """`clients` concurrent clients, each sending its next request when its last one ended,
+    until `prompts` are all answered."""
+    async def run() -> list[tuple[int, float | None]]:
+        todo = iter(enumerate(prompts))
+        results: list[tuple[int, float | None]] = [(-1, None)] * len(prompts)
+
+        async def client() -> None:
+            for i, prompt in todo:
+                results[i] = await _one_request(server.port, prompt, max_tokens)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return results
+
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda p: _one_request(server, p, max_tokens), prompts))
+    results = asyncio.run(run())
     wall = time.perf_counter() - start
     ok = [(n, t) for n, t in results if n >= 0 and t is not None]
     ttft = sorted(t for _, t in ok)
@@ -146,7 +193,7 @@ def measure_serve(spec: ServeBenchSpec, progress=print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pldr-bench-serve-") as tmp:
         progress(f"serve {spec.model}: building a random model and its tokenizer")
         model_dir = _model_dir(spec.model, Path(tmp))
-        server = _Server(model_dir, spec.max_batch)
+        server = _Server(model_dir, spec.max_batch, spec.threads)
         try:
             vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
             draw = lambda n: [[rng.randrange(6, vocab) for _ in range(spec.prompt_len)]  # noqa: E731

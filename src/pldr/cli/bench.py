@@ -175,7 +175,7 @@ def _serve_bench(args: argparse.Namespace) -> dict:
         raise PLDRError("--clients, --requests and --rss-requests must be positive")
     spec = ServeBenchSpec(model=args.model, clients=clients, requests=args.requests,
                           prompt_len=args.prompt_len, max_tokens=min(args.new_tokens, 64),
-                          rss_requests=rss)
+                          rss_requests=rss, threads=args.threads)
     result = measure_serve(spec, progress=lambda m: print(m, flush=True))
     print(format_serve(result), flush=True)
     return result

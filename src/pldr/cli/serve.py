@@ -32,19 +32,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM/SIGINT")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--threads", type=int,
+                   help="torch threads for the model (default: the CPU cores less one, at "
+                   "least 1: the event loop needs a core of its own, and model threads that "
+                   "compete with it for cores stall each other)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    for name in ("max_batch", "max_queue", "max_body_bytes"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_queue", "max_body_bytes", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.port <= 65535:
         raise PLDRError(f"--port must lie in [0, 65535], got {args.port}")
     if not args.shutdown_timeout >= 0:
         raise PLDRError("--shutdown-timeout must be >= 0 seconds")
+    import torch
+
+    torch.set_num_threads(args.threads or default_threads())
     try:
         import uvicorn  # noqa: F401  (the serve extra: checked before the model loads)
 
@@ -66,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, engine, tokenizer, settings)
     _run_server(app, args.host, args.port, args.shutdown_timeout)
     return 0
+
+
+def default_threads() -> int:
+    """Torch threads that leave one of this process's cores to the event loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def _run_server(app, host: str, port: int, shutdown_timeout: float) -> None:

@@ -10,11 +10,11 @@ which frees their slots.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -88,6 +88,9 @@ def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings)
     metrics = ServerMetrics(lambda: runner.waiting, lambda: runner.running)
     runner.on_finish = lambda job: _observe(metrics, job)
     created = int(time.time())
+    # completion ids: unique per server (a random run prefix and a counter), without a
+    # urandom call per request as uuid4 makes
+    run_id, counter = secrets.token_hex(8), itertools.count()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -144,7 +147,7 @@ def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings)
         jobs = _submit(runner, prompts, req, settings.G_LM, asyncio.get_running_loop())
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         choices = [Choice(tokenizer, req.stop, config.eos_id) for _ in jobs]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
                 "created": int(time.time()), "model": settings.model_name}
         echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
                   for i in range(len(jobs))]
@@ -258,15 +261,17 @@ def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
 
 def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest, G_LM: Any,
             loop: asyncio.AbstractEventLoop) -> list[Job]:
-    """One engine request per prompt and choice (choice j samples with seed + j)."""
-    jobs = []
+    """One engine request per prompt and choice (choice j samples with seed + j), all
+    delivering into one queue of (choice index, new ids, done)."""
+    jobs: list[Job] = []
+    sink: asyncio.Queue = asyncio.Queue()
     try:
         for ids in prompts:
             for j in range(req.n):
                 seed = None if req.seed is None else (req.seed + j) % (2**63)
                 sampling = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                 seed=seed, G_LM=G_LM)
-                job = Job(list(ids), req.max_tokens, sampling, loop)
+                job = Job(list(ids), req.max_tokens, sampling, loop, sink, len(jobs))
                 if req.max_tokens == 0:
                     job.deliver([], True)  # nothing to generate: never reaches the engine
                 else:
@@ -283,18 +288,21 @@ def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionReque
 async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetrics,
                    jobs: list[Job], choices: list[Choice]) -> bool:
     """Wait for every choice to finish; False (and every job cancelled) if the client left."""
-    for job, choice in zip(jobs, choices):
-        while not choice.done:
-            try:
-                ids, done = await asyncio.wait_for(job.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    _cancel_all(runner, metrics, jobs)
-                    return False
-                continue
-            _raise_refusal(job)
-            choice.add(ids, done)
-        if not job_finished(job):
+    sink = jobs[0].sink
+    while not all(c.done for c in choices):
+        try:
+            i, ids, done = await asyncio.wait_for(sink.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                _cancel_all(runner, metrics, jobs)
+                return False
+            continue
+        job, choice = jobs[i], choices[i]
+        _raise_refusal(job)
+        if choice.done:
+            continue  # a stop string ended it; the engine's last ids are not wanted
+        choice.add(ids, done)
+        if choice.done and not job_finished(job):
             runner.cancel(job)  # a stop string ended it early: free the slot now
     return True
 
@@ -315,57 +323,59 @@ def job_finished(job: Job) -> bool:
 async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics,
                   jobs: list[Job], choices: list[Choice], echoes: list[str], head: dict,
                   req: CompletionRequest, prompts: list[list[int]]) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per new piece of text per choice, then `data: [DONE]`."""
-    merged: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, job: Job) -> None:
-        while True:
-            ids, done = await job.events.get()
-            await merged.put((i, ids, done))
-            if done:
-                return
-
-    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    """Server-sent events: a chunk per new piece of text per choice, then `data: [DONE]`.
+    What has arrived by the time the stream wakes goes out in one write."""
+    sink, events = jobs[0].sink, Events(head)
     finished = 0
     try:
-        for i, echo in enumerate(echoes):
-            if echo:
-                yield _event(head, i, echo, None)
+        out = [events.chunk(i, echo, None) for i, echo in enumerate(echoes) if echo]
+        if out:
+            yield "".join(out)
         while finished < len(jobs):
-            i, ids, done = await merged.get()
-            choice = choices[i]
-            if jobs[i].error is not None:  # headers are sent: end this choice with the reason
-                choice.done, choice.text, choice.stopped = True, "", True
-                finished += 1
-                yield _event(head, i, "", "error")
-                continue
-            if choice.done:
-                continue  # a stop string ended it; the engine's last ids are not wanted
-            choice.add(ids, done)
-            text = choice.new_text()
-            if choice.done:
-                finished += 1
-                if not job_finished(jobs[i]):
-                    runner.cancel(jobs[i])
-                yield _event(head, i, text, choice.finish_reason)
-            elif text:
-                yield _event(head, i, text, None)
-        if req.include_usage:
-            yield "data: " + json.dumps({**head, "choices": [],
-                                         "usage": _usage(prompts, choices)}) + "\n\n"
-        yield "data: [DONE]\n\n"
+            out = []
+            batch = [await sink.get()]
+            while not sink.empty():
+                batch.append(sink.get_nowait())
+            for i, ids, done in batch:
+                choice = choices[i]
+                if jobs[i].error is not None:  # headers are sent: end the choice with it
+                    choice.done, choice.text, choice.stopped = True, "", True
+                    finished += 1
+                    out.append(events.chunk(i, "", "error"))
+                    continue
+                if choice.done:
+                    continue  # a stop string ended it; the engine's last ids are not wanted
+                choice.add(ids, done)
+                text = choice.new_text()
+                if choice.done:
+                    finished += 1
+                    if not job_finished(jobs[i]):
+                        runner.cancel(jobs[i])
+                    out.append(events.chunk(i, text, choice.finish_reason))
+                elif text:
+                    out.append(events.chunk(i, text, None))
+            if finished == len(jobs):
+                if req.include_usage:
+                    out.append("data: " + json.dumps({**head, "choices": [],
+                                                      "usage": _usage(prompts, choices)}) + "\n\n")
+                out.append("data: [DONE]\n\n")
+            if out:
+                yield "".join(out)
     except (asyncio.CancelledError, GeneratorExit):
         _cancel_all(runner, metrics, jobs)
         raise
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
-def _event(head: dict, index: int, text: str, finish_reason: str | None) -> str:
-    chunk = {**head, "choices": [{"text": text, "index": index, "logprobs": None,
-                                  "finish_reason": finish_reason}]}
-    return "data: " + json.dumps(chunk) + "\n\n"
+class Events:
+    """The server-sent event of a stream's chunk, from a prefix rendered once per request
+    (only the text and the finish reason change from one chunk to the next)."""
+
+    def __init__(self, head: dict):
+        self.prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"text": '
+
+    def chunk(self, index: int, text: str, finish_reason: str | None) -> str:
+        return (f'{self.prefix}{json.dumps(text)}, "index": {index}, "logprobs": null, '
+                f'"finish_reason": {json.dumps(finish_reason)}}}]}}\n\n')
 
 
 def _cancel_all(runner: EngineRunner, metrics: ServerMetrics, jobs: list[Job]) -> None:

@@ -3,10 +3,12 @@ to it through a queue of commands, and tokens come back to each request's asynci
 
     handler --submit/cancel--> inbox (thread-safe) --> engine thread: engine.submit / cancel
                                                        engine.step() while anything runs
-    handler <--(new ids, done)-- loop.call_soon_threadsafe <-- after every step
+    handler <--(index, new ids, done)-- one loop.call_soon_threadsafe <-- after every step
 
 The engine is not thread-safe, so only this thread touches it; no handler ever blocks the
-event loop on model work.
+event loop on model work. A step's new ids for every request cross to the event loop in one
+call (one wake-up of the loop per step, not one per request), each into the asyncio queue
+its request reads.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class Job:
     max_new_tokens: int
     sampling: dict[str, Any]           # temperature, top_k, top_p, seed, eos_id
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (new ids, done)
+    sink: asyncio.Queue                # (index, new ids, done); shared by a request's jobs
+    index: int = 0                     # which choice of its request this job is
     request: Any = None                # the engine's request, set by the engine thread
     sent: int = 0                      # ids already delivered
     cancelled: bool = False
@@ -46,7 +49,14 @@ class Job:
     last_token_at: float | None = None
 
     def deliver(self, ids: list[int], done: bool) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (ids, done))
+        """Hand `ids` to the request from any thread."""
+        self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, ids, done))
+
+
+def _hand_over(batch: list[tuple[Job, list[int], bool]]) -> None:
+    """On the event loop: put one step's ids into their requests' queues."""
+    for job, ids, done in batch:
+        job.sink.put_nowait((job.index, ids, done))
 
 
 class EngineRunner:
@@ -153,21 +163,26 @@ class EngineRunner:
                 job.cancelled = True  # still in the inbox: never submitted
 
     def _publish(self) -> None:
-        """Hand every job the ids the last step made; retire the finished ones."""
+        """Hand every job the ids the last step made, all of them in one call per event
+        loop; retire the finished ones."""
         now = time.perf_counter()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[int], bool]]] = {}
         for job in list(self._live):
             tokens = job.request.tokens
-            new = list(tokens[job.sent:])
+            new = tokens[job.sent:]
             if new:
                 job.first_token_at = job.first_token_at or now
                 job.last_token_at = now
                 job.sent = len(tokens)
-            if job.request.done:
+            done = job.request.done
+            if done:
                 job.error = job.error or job.request.error  # the model failed on it
-                job.deliver(new, True)
+            if new or done:
+                batches.setdefault(job.loop, []).append((job, new, done))
+            if done:
                 self._finish(job)
-            elif new:
-                job.deliver(new, False)
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_hand_over, batch)
 
     def _finish(self, job: Job) -> None:
         with self._lock:
