@@ -15,7 +15,7 @@ from torch import nn
 from pldr.cli import main
 from pldr.data import load_documents
 from pldr.errors import PLDRError
-from pldr.inference.generate import generate
+from pldr.inference.generate import decode_step, generate, prefill, start
 from pldr.model.losses import loss_with_dag
 from pldr import devices
 from pldr.model.quantize import (
@@ -175,17 +175,36 @@ def _perplexity(model, held) -> float:
         return loss_with_dag(model(held[:, :-1]).logits, held[:, 1:], None).loss.exp().item()
 
 
+def _forced_agreement(model, prompts, want, cache: str) -> int:
+    """How many of float32's greedy tokens `want` (32 per prompt) `model` picks itself when
+    fed float32's continuation one token at a time (teacher forcing, through the same prefill
+    and decode steps as generation)."""
+    with torch.no_grad():
+        state = start(model, prompts, cache, 32)
+        logits = prefill(model, state)                                      # [B, V]
+        same = 0
+        for i in range(32):
+            same += sum(int(p) == w[i] for p, w in zip(logits.argmax(-1), want))
+            logits = decode_step(model, state, torch.tensor([w[i] for w in want]))
+    return same
+
+
 # both activation widths the kernel is run with: 8-bit (VNNI CPUs) and 7-bit (the others)
 @pytest.mark.parametrize("reduce_range", [False, True])
 def test_int8_greedy_tokens_agree_with_float32_on_the_fixture_prompts(trained, reduce_range):
+    """int8 picks float32's greedy token at >= 90% of the first 32 positions of the fixture's
+    prompts. Counted along float32's own continuation: free-running, one flip of a near tie
+    (this small byte-level model has many) changes every later token, so the free-running
+    count swung from 64 to 96 of 96 between trainings of a few more or fewer steps, while
+    this count stayed at 92-96."""
     model, _ = trained
     prompts = [generation()["prompt"]] + inputs()["tokens"].tolist()
     q = quantize_int8(copy.deepcopy(model), reduce_range)
     for cache in ("kv_g", "no_cache"):
         want = generate(model, prompts, 32, cache=cache, temperature=0, eos_id=-1)
-        got = generate(q, prompts, 32, cache=cache, temperature=0, eos_id=-1)
-        same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
-        assert same >= 0.9 * 32 * len(prompts), (cache, want, got)
+        same = _forced_agreement(q, prompts, want, cache)
+        assert same >= 0.9 * 32 * len(prompts), (cache, same)
+        assert _forced_agreement(model, prompts, want, cache) == 32 * len(prompts)
 
 
 @pytest.mark.parametrize("reduce_range", [False, True])
