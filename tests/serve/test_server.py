@@ -371,6 +371,22 @@ def test_cli_refuses_bad_flags(model_dir, capsys):
     assert len(err) == 3 and all(e.startswith("error:") for e in err)
 
 
+def test_a_refused_serve_leaves_the_processes_torch_threads_alone(model_dir, tmp_path, capsys):
+    """--threads applies for the server's lifetime only: a serve that fails after loading
+    (here: a tokenizer larger than the model's vocabulary) must not leave this process on
+    other thread counts (it made later in-process results differ from subprocesses')."""
+    from pldr.cli import main
+
+    from pydoc_data.topics import topics
+
+    Tokenizer.train([topics[k] for k in sorted(topics)[:60]], 500, str(tmp_path / "big"))
+    before = torch.get_num_threads()
+    assert main(["serve", "--model", str(model_dir), "--tokenizer", str(tmp_path / "big.model"),
+                 "--threads", "1"]) == 2
+    assert "pieces but the model only" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
+
+
 def test_nan_logits_fail_that_request_only(model_dir, tmp_path):
     """A model whose embedding of one token is NaN: a request holding that token gets a 500
     in OpenAI's error shape, and the server goes on serving the others, also in its slot."""

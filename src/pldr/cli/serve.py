@@ -49,9 +49,6 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError(f"--port must lie in [0, 65535], got {args.port}")
     if not args.shutdown_timeout >= 0:
         raise PLDRError("--shutdown-timeout must be >= 0 seconds")
-    import torch
-
-    torch.set_num_threads(args.threads or default_threads())
     try:
         import uvicorn  # noqa: F401  (the serve extra: checked before the model loads)
 
@@ -71,7 +68,14 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(model_name=name, max_queue=args.max_queue, api_key=args.api_key,
                              max_body_bytes=args.max_body_bytes, G_LM=G_LM)
     app = create_app(model, engine, tokenizer, settings)
-    _run_server(app, args.host, args.port, args.shutdown_timeout)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())  # for the server's lifetime only
+    try:
+        _run_server(app, args.host, args.port, args.shutdown_timeout)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 
