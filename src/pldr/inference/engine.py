@@ -5,8 +5,9 @@
         engine.step()          # admit queued requests into free slots, one token for all
     req.tokens, req.done
 
-A step first runs one decode call over every slot (static shapes: [max_batch, 1] ids over
-fixed-size buffers; idle slots compute garbage that nothing reads), then admits queued
+A step first runs one decode call over the running slots (eager; with `compile=True` over
+every slot, for static shapes: [max_batch, 1] ids over fixed-size buffers, idle slots
+computing garbage that nothing reads), then admits queued
 requests into free slots, prefilling each alone so that its A and G_LM come from its own
 prompt (or from its given G_LM), and then samples one token for every running request, each
 with its own settings and seeded stream. Reading the sampled tokens is the one host-device
@@ -93,6 +94,7 @@ class Engine:
         self._queue: deque[Request] = deque()
         self._ids = itertools.count()
         self._decode = decode_cached
+        self._compiled_step = compile
         if compile:
             self._decode = self._compiled()
 
@@ -153,13 +155,13 @@ class Engine:
         slots (each prefilled alone, producing its first token). Returns the requests that
         received a token or ended with an error, in slot order (ended ones first)."""
         running = self.running
-        logits = self._decode(self.model, self.cache, self._last) if running else None  # [B, V]
+        logits = self._decode_running(running) if running else None  # [N, V]: running[i]
         admitted = []
         for slot in range(self.max_batch):
             if self._slots[slot] is None and self._queue:
                 req = self._queue.popleft()
                 admitted.append((req, self._prefill(req, slot)))                      # [V]
-        got = ([(r, logits[r.slot]) for r in running] + admitted)
+        got = ([(r, logits[i]) for i, r in enumerate(running)] + admitted)
         if not got:
             return []
         picks = _pick_tokens(running, logits, admitted)                               # [N]
@@ -182,6 +184,23 @@ class Engine:
             self.step()
 
     # ----- slots ----------------------------------------------------------------------------
+
+    def _decode_running(self, running: list[Request]) -> Tensor:
+        """The next-token logits [N, V] of the running requests (row i: running[i]).
+
+        Eager, only their slots run, so a lone request in a 16-slot engine pays for one row;
+        compiled, every slot runs (the static shapes that torch.compile and CUDA graphs
+        need) and the running rows are taken out."""
+        slots = [r.slot for r in running]
+        if self._compiled_step:
+            rows = torch.tensor(slots, device=self._last.device)
+            return self._decode(self.model, self.cache, self._last)[rows]
+        if len(slots) == self.max_batch:  # every slot, in slot order
+            return decode_cached(self.model, self.cache, self._last)
+        rows = torch.tensor(slots, device=self._last.device)
+        out = self.model(self._last[rows][:, None], cache=self.cache, slots=slots,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
 
     def _prefill(self, req: Request, slot: int) -> Tensor:
         """Put `req` in `slot` and run its prompt alone; returns its last logits [V]."""
@@ -234,16 +253,17 @@ class Engine:
 
 def _pick_tokens(running: list[Request], logits: Tensor | None,
                  admitted: list[tuple[Request, Tensor]]) -> Tensor:
-    """The next token of every running request (its row of the decode logits [B, V]) and of
-    every admitted one (its prefill logits [V]), in that order -> [N], with no sync.
+    """The next token of every running request (row i of the decode logits [N, V] is
+    running[i]) and of every admitted one (its prefill logits [V]), in that order -> [N + A],
+    with no sync.
 
-    The greedy running requests share one argmax over the whole decode batch (with 16 slots
+    The greedy running requests share one argmax over the decode logits (with 16 requests
     that is one launch per op instead of 16); every other request is picked alone with its
     own settings and seeded stream, exactly as `sample_row` picks it in `pldr.generate`."""
-    shared = (sample(logits, GREEDY)                                                   # [B]
+    shared = (sample(logits, GREEDY)                                                   # [N]
               if logits is not None and any(r.sampling.greedy for r in running) else None)
-    picks = [shared[r.slot] if r.sampling.greedy else
-             sample_row(logits[r.slot], r.sampling, r.generator) for r in running]
+    picks = [shared[i] if r.sampling.greedy else
+             sample_row(logits[i], r.sampling, r.generator) for i, r in enumerate(running)]
     picks += [sample_row(row, r.sampling, r.generator) for r, row in admitted]
     return torch.stack(picks)
 
