@@ -93,10 +93,7 @@ class Engine:
         self._slots: list[Request | None] = [None] * max_batch
         self._queue: deque[Request] = deque()
         self._ids = itertools.count()
-        self._decode = decode_cached
-        self._compiled_step = compile
-        if compile:
-            self._decode = self._compiled()
+        self._compiled_decode = self._compiled() if compile else None  # over every slot
 
     # ----- the API --------------------------------------------------------------------------
 
@@ -192,12 +189,11 @@ class Engine:
         compiled, every slot runs (the static shapes that torch.compile and CUDA graphs
         need) and the running rows are taken out."""
         slots = [r.slot for r in running]
-        if self._compiled_step:
-            rows = torch.tensor(slots, device=self._last.device)
-            return self._decode(self.model, self.cache, self._last)[rows]
-        if len(slots) == self.max_batch:  # every slot, in slot order
-            return decode_cached(self.model, self.cache, self._last)
         rows = torch.tensor(slots, device=self._last.device)
+        if self._compiled_decode is not None:  # every slot (static shapes), then the running
+            return self._compiled_decode(self.model, self.cache, self._last)[rows]
+        if len(slots) == self.max_batch:       # every slot, in slot order
+            return decode_cached(self.model, self.cache, self._last)
         out = self.model(self._last[rows][:, None], cache=self.cache, slots=slots,
                          logits_to_keep=1)
         return out.logits[:, -1]
@@ -216,12 +212,12 @@ class Engine:
     def _fail(self, req: Request) -> None:
         """End `req`, whose logits are not finite, with its error; its slot's cached keys and
         values are zeroed, so no NaN of it reaches the next request in that slot, and its
-        last id becomes a valid one (the slot is still decoded while idle)."""
+        last id becomes a valid one (a compiled step still decodes the slot while idle)."""
         req.error = NonFiniteLogitsError(NON_FINITE_MESSAGE)
         log.warning("request %d: %s", req.id, req.error)
         if req.slot is not None:
             self.cache.clear(req.slot)
-            self._last[req.slot] = 0  # not BAD_ROW: idle slots are still decoded
+            self._last[req.slot] = 0  # not BAD_ROW: a compiled step decodes idle slots
         self._finish(req, "error")
 
     def _finish(self, req: Request, reason: str) -> None:
