@@ -20,6 +20,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 # What generate, serve and bench offer for inference: also int8 weights (model/quantize.py)
 INFERENCE_DTYPES = SUPPORTED_DTYPES + ("int8",)
+# What inspect and extract-G offer: also float64, for deductive outputs at their exact size
+ANALYSIS_DTYPES = ("float32", "float64", "bfloat16")
 
 
 log = logging.getLogger("pldr")
@@ -127,4 +129,4 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
 
 __all__ = ["available_memory", "parse_dtype", "resolve_device", "load_dtype", "cpu_flags", "native_bf16",
            "DTYPES", "SUPPORTED_DTYPES",
-           "INFERENCE_DTYPES"]
+           "INFERENCE_DTYPES", "ANALYSIS_DTYPES"]

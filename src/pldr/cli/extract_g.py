@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..devices import ANALYSIS_DTYPES
 from ..errors import PLDRError
 from .common import add_model_args
 
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "G_LM file that --G-LM, pldr.load_G_LM and v510G models read. A report "
                        "of its spread over the chunks goes to FILE's stem + .report.json.")
     add_model_args(p, G_LM_help="G_LM file for a v510G checkpoint",
-                   dtypes=("float32", "float64", "bfloat16"))
+                   dtypes=ANALYSIS_DTYPES)
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="builtin, a .txt/.jsonl/.parquet/.csv file or folder, or hf:NAME[:CONFIG]")
     p.add_argument("--split", default="train", help="split and slice, e.g. train[:1000] (default train)")

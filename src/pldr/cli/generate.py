@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, G_LM_help="predefined G_LM file used at every step instead of the model's own "
                    "(v510 and v510G; an original v510G .pth needs one)",
                    dtypes=INFERENCE_DTYPES,
-                   dtype_help="float32, bfloat16, or int8 weights (CPU; float activations)")
+                   dtype_help="float32, bfloat16, or int8 (CPU; int8 weights, activations "
+                   "rounded to int8 per call)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="prompt text; repeat for a batch")
     p.add_argument("--ids", action="append", default=[], metavar="5,6,7",

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..devices import ANALYSIS_DTYPES
 from ..errors import PLDRError
 from .common import add_model_args, load_tokenizer_arg
-
-DTYPES = ("float32", "float64", "bfloat16")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="pictures and numbers of the deductive outputs (A, A_LM, A_P, G_LM)",
@@ -18,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "and singular values, and how much the caches change the deductive "
                        "outputs. Writes report.json, PNGs and index.html to --out.")
     add_model_args(p, G_LM_help="G_LM file for a v510G checkpoint",
-                   dtypes=DTYPES,
+                   dtypes=ANALYSIS_DTYPES,
                    dtype_help="float64 shows the cache check at its exact size (about 1e-15)")
     p.add_argument("--text", action="append", default=[], metavar="TEXT",
                    help="an input text (its EOS is dropped, as for a prompt); repeatable")

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "batching. Binds 127.0.0.1 unless told otherwise.")
     add_model_args(p, G_LM_help="predefined G_LM used for every request instead of the model's own",
                    dtypes=INFERENCE_DTYPES,
-                   dtype_help="float32, bfloat16, or int8 weights (CPU; float activations)")
+                   dtype_help="float32, bfloat16, or int8 (CPU; int8 weights, activations "
+                   "rounded to int8 per call)")
     p.add_argument("--model-name", help="the id clients send as `model` (default: the folder "
                    "or file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
