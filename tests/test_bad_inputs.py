@@ -115,7 +115,7 @@ CLI_CASES = [
                               "--max-new-tokens", "-1"], "--max-new-tokens"),
     ("gen too long", ["generate", "--model", "{model}", "--ids", "5",
                       "--max-new-tokens", "100000"], "max_seq_len"),
-    ("gen missing model", ["generate", "--model", "{missing}", "--prompt", "hi"], None),
+    ("gen missing model", ["generate", "--model", "{missing}", "--prompt", "hi"], "does not exist"),
     ("gen model is a file", ["generate", "--model", "{junk}", "--prompt", "hi"], None),
     ("gen json as model", ["generate", "--model", "{number}", "--prompt", "hi"], None),
     ("gen evil G_LM", GEN + ["--ids", "5,6", "--G-LM", "{evil}"], None),
@@ -178,7 +178,7 @@ CLI_CASES = [
     ("demo steps 0", ["demo", "--out", "{out}", "--steps", "0"], None),
     ("demo bad device", ["demo", "--out", "{out}", "--steps", "1", "--device", "xpu"], None),
     # serve (argument level only: nothing binds)
-    ("serve missing model", ["serve", "--model", "{missing}"], None),
+    ("serve missing model", ["serve", "--model", "{missing}"], "does not exist"),
     ("serve bad port", ["serve", "--model", "{model}", "--port", "70000"], None),
     ("serve max batch 0", ["serve", "--model", "{model}", "--max-batch", "0"], None),
     ("serve port text", ["serve", "--model", "{model}", "--port", "http"], "--port"),
@@ -187,7 +187,7 @@ CLI_CASES = [
     ("eval batch 0", ["eval", "--model", "{model}", "--tasks", "x", "--batch-size", "0"], None),
     # inspect
     ("inspect missing model", ["inspect", "--model", "{missing}", "--text", "hi", "--out",
-                               "{out}"], None),
+                               "{out}"], "does not exist"),
     ("inspect id outside", ["inspect", "--model", "{model}", "--ids", "99999", "--out",
                             "{out}"], None),
     ("inspect bad layers", ["inspect", "--model", "{model}", "--ids", "5,6", "--layers", "7-9",

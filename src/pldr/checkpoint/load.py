@@ -92,12 +92,18 @@ def load_for_inference(path: str | os.PathLike,
     return model, None if G_LM is None else list(stack_per_layer(G_LM, config, "G_LM"))
 
 
-def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, Tensor], PLDRConfig]:
-    """The state dict of `path` (prefixes stripped, on CPU) and the config it goes with, its
-    variant set from the keys. Reads only tensors; builds no model."""
+def require_existing(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or a CheckpointError naming it when nothing is there."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
+    return path
+
+
+def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, Tensor], PLDRConfig]:
+    """The state dict of `path` (prefixes stripped, on CPU) and the config it goes with, its
+    variant set from the keys. Reads only tensors; builds no model."""
+    path = require_existing(path)
     if path.is_dir():
         if (path / DCP_METADATA).is_file() and not (path / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{str(path)!r} is a resumable training checkpoint "

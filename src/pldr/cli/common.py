@@ -54,9 +54,11 @@ def load_tokenizer_arg(args: argparse.Namespace, needed_for: str | None):
     ("text prompts", "pldr serve"), which makes a missing tokenizer a one-line error."""
     from pathlib import Path
 
+    from ..checkpoint.load import require_existing
     from ..data.tokenizer import Tokenizer
     from ..errors import PLDRError
 
+    require_existing(args.model)  # a missing --model is named as such, not as "no tokenizer"
     source = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
     tok_file = Tokenizer.find(source) if source is not None else None
     if tok_file is None:
