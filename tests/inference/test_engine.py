@@ -117,6 +117,7 @@ def test_a_list_of_seeds_gives_each_prompt_its_own_stream(model):
         generate(model, [PROMPTS[1], PROMPTS[2]], 4, seed=[1])
 
 
+@pytest.mark.parity
 def test_compiled_decode_gives_the_same_tokens_as_eager(model):
     # one small case: torch.compile costs ~20 s cold on CPU
     kw = dict(temperature=0, eos_id=-1)

@@ -233,6 +233,7 @@ def test_generate_cli_refuses_int8_on_cuda(tmp_path, capsys):
     assert "--dtype int8 runs on CPU only" in capsys.readouterr().err
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_compiled_decoding_runs_the_packed_layers(dtype):
     # torch.compile cannot lower oneDNN's op on a packed weight: BF16Linear runs eagerly
