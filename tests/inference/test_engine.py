@@ -147,7 +147,13 @@ def test_uncached_unpadded_calls_are_causal_and_cached_ones_masked(model, monkey
         seen.clear()
         cache = InferenceCache.for_mode(model.config, "kv_g", 1, 12)
         model(ids, cache=cache)
-        model(ids[:, :1], cache=cache)  # one query over 12 keys: is_causal would be wrong
+        model(ids[:, :1], cache=cache)  # one query over 9 keys: is_causal would be wrong
+        # a cached call attends over the positions its slots hold, not the whole buffer
+        assert seen == [(False, False, 8, 8)] * 2 + [(False, False, 1, 9)] * 2
+        seen.clear()
+        static = InferenceCache.for_mode(model.config, "kv_g", 1, 12, static=True)
+        model(ids, cache=static)
+        model(ids[:, :1], cache=static)  # static shapes (compile): every call over all 12
         assert seen == [(False, False, 8, 12)] * 2 + [(False, False, 1, 12)] * 2
 
 

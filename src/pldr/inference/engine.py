@@ -5,9 +5,10 @@
         engine.step()          # admit queued requests into free slots, one token for all
     req.tokens, req.done
 
-A step first runs one decode call over the running slots (eager; with `compile=True` over
-every slot, for static shapes: [max_batch, 1] ids over fixed-size buffers, idle slots
-computing garbage that nothing reads), then admits queued
+A step first runs one decode call over the running slots, attending over the positions they
+hold (eager; with `compile=True` over every slot and all max_len positions, for static
+shapes: [max_batch, 1] ids over fixed-size buffers, idle slots computing garbage that
+nothing reads), then admits queued
 requests into free slots, prefilling each alone so that its A and G_LM come from its own
 prompt (or from its given G_LM), and then samples one token for every running request, each
 with its own settings and seeded stream. Reading the sampled tokens is the one host-device
@@ -83,7 +84,7 @@ class Engine:
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
         with torch.no_grad():
             self.cache = InferenceCache.for_mode(cfg, cache, max_batch, max_len,
-                                                 model.device, model.dtype)
+                                                 model.device, model.dtype, static=compile)
             for s in range(max_batch):
                 self.cache.release(s)
             self._own_G = self._model_G_LM()

@@ -236,7 +236,8 @@ class PowerLawAttention(nn.Module):
         k = self.rope(heads(self.wk(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
         v = heads(self.wv(x)).transpose(1, 2)                        # [B, H, T, dk]
         if call.cache is not None and call.cache.has_kv:
-            k, v = call.cache.update(self.layer_idx, k, v, call.rows, call.where)  # [B, H, S, dk]
+            k, v = call.cache.update(self.layer_idx, k, v, call.rows, call.where,
+                                     call.span)                        # [B, H, span, dk]
         ded = self.energy_curvature(q, call)
         q_bent = q @ ded.G_LM.to(q.dtype)                              # [B, H, T, dk]
         out = attend(q_bent, k, v, call.mask)
@@ -264,6 +265,7 @@ class AttentionCall:
     slots: Sequence[int] | None = None  # the cache slots of the rows (None: all)
     rows: Tensor | None = None        # the same as a LongTensor on the device
     where: Tensor | None = None       # [B, T] cache positions of the new tokens
+    span: int = 0                     # cache positions the call attends over (KV calls)
     fresh: bool = True                # the first call on these slots (fixes A and G_LM)
 
 

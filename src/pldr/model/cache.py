@@ -14,8 +14,13 @@ Per slot (a row of the batch, or one request of the engine) it holds:
 The cache owns its invariants: `update` writes one layer's keys/values at each slot's own
 length, `advance` moves the lengths after a call, `reset(slot)` empties a slot for a new
 request and `release(slot)` marks it idle. Which slots are fresh (no call since reset), live
-and given a G_LM is host-side state that changes only on those calls, never in a decode step,
-so reading it costs no device sync.
+and given a G_LM, and how many positions each has written, is host-side state that changes
+only on those calls, so reading it costs no device sync.
+
+A call attends over the positions its slots hold (the longest of them plus the new tokens),
+not the whole buffer: an engine of max_len 1024 serving 96-token requests reads a tenth of
+its KV buffers per step. With `static=True` every call attends over all max_len positions
+instead, the fixed shapes a compiled step (torch.compile, CUDA graphs) needs.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class InferenceCache:
     """KV and G state of `slots` rows; see the module docstring."""
 
     def __init__(self, config: PLDRConfig, slots: int, max_len: int, *, kv: bool, keep_G: bool,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 static: bool = False):
         if kv and max_len > config.max_seq_len:
             raise PLDRError(f"a cache of {max_len} positions exceeds max_seq_len="
                             f"{config.max_seq_len}; shorten the prompt or max_new_tokens")
@@ -48,7 +54,7 @@ class InferenceCache:
                    "(--max-len, max_new_tokens)", f"an inference cache of {slots} rows x "
                    f"{max_len if kv else 0} positions")
         kw = dict(device=device, dtype=dtype)
-        self.config, self.slots, self.keep_G = config, slots, keep_G
+        self.config, self.slots, self.keep_G, self.static = config, slots, keep_G, static
         self.max_len = max_len if kv else 0
         # KV part
         self.k = torch.zeros(L, slots, H, max_len, dk, **kw) if kv else None  # [L, B, H, S, dk]
@@ -67,19 +73,20 @@ class InferenceCache:
         self.live = [True] * slots
         self.given_host = [False] * slots
         self.given_A_LM = [False] * slots
+        self.written = [0] * slots  # positions written per slot (`lengths` on the host)
         self._n_fresh, self._n_given, self._n_given_A_LM = slots, 0, 0  # counts of the above
         self._all = torch.arange(slots, device=device)
 
     @classmethod
     def for_mode(cls, config: PLDRConfig, mode: str, slots: int, max_len: int,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> "InferenceCache":
+                 dtype: torch.dtype = torch.float32, static: bool = False) -> "InferenceCache":
         """The cache of a generation mode: a KV part for kv_g/kv_only, and computed G_LMs
         kept for kv_g/g_only (the other modes keep only given ones)."""
         if mode not in CACHE_MODES:
             raise PLDRError(f"unknown cache mode {mode!r}; choose one of {', '.join(CACHE_MODES)}")
         return cls(config, slots, max_len, kv=mode in ("kv_g", "kv_only"),
-                   keep_G=mode in ("kv_g", "g_only"), device=device, dtype=dtype)
+                   keep_G=mode in ("kv_g", "g_only"), device=device, dtype=dtype, static=static)
 
     @property
     def has_kv(self) -> bool:
@@ -114,6 +121,14 @@ class InferenceCache:
                             "prefill fresh slots in a call of their own (slots=[...])")
         return states.pop()
 
+    def span(self, slots: Sequence[int] | None, T: int) -> int:
+        """How many cache positions a call of T new tokens on `slots` attends over: the
+        longest slot's written positions plus T (all max_len when static)."""
+        if self.static:
+            return self.max_len
+        held = max(self.written) if slots is None else max(self.written[s] for s in slots)
+        return min(self.max_len, held + T)
+
     def given_state(self, slots: Sequence[int] | None) -> tuple[bool, bool, bool]:
         """Whether any and all of the call's slots have a given G_LM, and whether every given
         one came with its A_LM."""
@@ -141,15 +156,18 @@ class InferenceCache:
 
     # ----- the KV part ---------------------------------------------------------------------
 
-    def begin(self, rows: Tensor | None, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Set up a cached call of real [B', T] (True = real token) on `rows`.
+    def begin(self, rows: Tensor | None, real: Tensor,
+              span: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Set up a cached call of real [B', T] (True = real token) on `rows`, attending
+        over the first `span` cache positions (`span()`).
 
         Records which new keys are real and returns the cache positions the tokens are
         written to [B', T], their default RoPE positions [B', T] (counted on from `seen`, the
-        slot's real tokens so far, from the call's first real token) and the attention mask [B', 1, T, S] (True = attend): causal
-        in cache positions, pads excluded. A query that would see no key (a pad left of every
-        real token) sees itself, so the softmax stays finite; its output is never used."""
-        T, S = real.shape[1], self.max_len
+        slot's real tokens so far, from the call's first real token) and the attention mask
+        [B', 1, T, span] (True = attend): causal in cache positions, pads excluded. A query
+        that would see no key (a pad left of every real token) sees itself, so the softmax
+        stays finite; its output is never used."""
+        T, S = real.shape[1], span
         lengths = self.lengths if rows is None else self.lengths[rows]
         seen = self.seen if rows is None else self.seen[rows]
         steps = torch.arange(T, device=real.device)
@@ -158,7 +176,8 @@ class InferenceCache:
         self.key_real[row_ix, where] = real
         lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)           # [B', 1]
         positions = seen[:, None] + (steps[None] - lead).clamp(min=0)       # [B', T]
-        key_real = self.key_real if rows is None else self.key_real[rows]    # [B', S]
+        key_real = self.key_real[:, :S]
+        key_real = key_real if rows is None else key_real[rows]              # [B', S]
         k_idx = torch.arange(S, device=real.device)
         mask = (k_idx <= where[..., None]) & key_real[:, None, :]            # [B', T, S]
         lonely = ~mask.any(dim=-1, keepdim=True)
@@ -166,13 +185,15 @@ class InferenceCache:
         return where, positions, mask[:, None]
 
     def update(self, layer: int, k: Tensor, v: Tensor, rows: Tensor | None,
-               where: Tensor) -> tuple[Tensor, Tensor]:
+               where: Tensor, span: int) -> tuple[Tensor, Tensor]:
         """Write one layer's new keys and values k, v [B', H, T, dk] at the cache positions
-        `where` [B', T] of each row; returns all keys and values of the rows [B', H, S, dk]."""
+        `where` [B', T] of each row; returns the keys and values of the rows' first `span`
+        positions [B', H, span, dk] (a view when the call runs every slot)."""
         row_ix = (self._all if rows is None else rows)[:, None]   # [B', 1]
         self.k[layer][row_ix, :, where] = k.transpose(1, 2)       # [B', T, H, dk]
         self.v[layer][row_ix, :, where] = v.transpose(1, 2)
-        return self.take(self.k, layer, rows), self.take(self.v, layer, rows)
+        keys, values = self.k[layer][:, :, :span], self.v[layer][:, :, :span]
+        return (keys, values) if rows is None else (keys[rows], values[rows])
 
     def advance(self, slots: Sequence[int] | None, rows: Tensor | None, real: Tensor) -> None:
         """After a call of real [B', T] on `rows`: move each live slot's lengths on, and
@@ -186,6 +207,9 @@ class InferenceCache:
             else:
                 self.lengths[rows] += T
                 self.seen[rows] += n_real
+            for s in range(self.slots) if slots is None else slots:
+                if slots is not None or self.live[s]:
+                    self.written[s] = min(self.max_len, self.written[s] + T)
         for s in range(self.slots) if slots is None and self._n_fresh else slots or ():
             self._set(s, fresh=False)
 
@@ -207,6 +231,7 @@ class InferenceCache:
     def reset(self, slot: int) -> None:
         """Empty `slot` for a new request: nothing written, no A, no G_LM; fresh and live."""
         self.lengths[slot] = 0
+        self.written[slot] = 0
         self.seen[slot] = 0
         self.key_real[slot] = False
         self.given[slot] = False

@@ -178,7 +178,8 @@ class PLDRModel(nn.Module):
         if cache is not None:
             call.rows, call.fresh = cache.index(slots), cache.is_fresh(slots)
         if kv:
-            call.where, auto_positions, call.mask = cache.begin(call.rows, real)
+            call.span = cache.span(slots, T)
+            call.where, auto_positions, call.mask = cache.begin(call.rows, real, call.span)
         elif real is not None:
             auto_positions = count_positions(real)                         # [B, T]
             call.mask = uncached_mask(real)                                # [B, 1, T, T]
