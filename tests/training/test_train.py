@@ -154,7 +154,7 @@ def test_grad_accum_equals_larger_batch(shared, tmp_path):
 
 
 def test_resume_after_max_steps_logs_same_losses(shared, tmp_path):
-    full = quiet_train(small_cfg(shared, tmp_path / "full", max_steps=12, val_split="train[95%:]",
+    quiet_train(small_cfg(shared, tmp_path / "full", max_steps=12, val_split="train[95%:]",
                                  eval_every=4))
     part = tmp_path / "part"
     first = quiet_train(small_cfg(shared, part, max_steps=6, lr_total_steps=12,
@@ -303,9 +303,9 @@ def test_a_damaged_checkpoint_is_a_one_line_error(shared, tmp_path, capsys):
 
 
 def test_dag_coefficients_enter_the_loss(shared, tmp_path):
-    plain = quiet_train(small_cfg(shared, tmp_path / "plain", max_steps=3))
+    quiet_train(small_cfg(shared, tmp_path / "plain", max_steps=3))
     coeffs = (0.01, 0.002, 0.05)
-    dag = quiet_train(small_cfg(shared, tmp_path / "dag", max_steps=3, dag_coeffs=coeffs))
+    quiet_train(small_cfg(shared, tmp_path / "dag", max_steps=3, dag_coeffs=coeffs))
     p, d = read_metrics(tmp_path / "plain", "train"), read_metrics(tmp_path / "dag", "train")
     for r in p:  # DAG values are logged with zero coefficients too; the loss is the CE
         assert all(r[k] is not None and r[k] >= 0 for k in ("dag_A", "dag_Ap", "dag_G"))
@@ -323,8 +323,8 @@ def test_dag_coefficients_enter_the_loss(shared, tmp_path):
 def test_dag_values_are_logged_at_every_report(shared, tmp_path):
     """Without DAG terms the values are computed on reported steps only; they equal the values
     of a run that reports every step."""
-    every = quiet_train(small_cfg(shared, tmp_path / "every", max_steps=6))
-    sparse = quiet_train(small_cfg(shared, tmp_path / "sparse", max_steps=6, log_every=3))
+    quiet_train(small_cfg(shared, tmp_path / "every", max_steps=6))
+    quiet_train(small_cfg(shared, tmp_path / "sparse", max_steps=6, log_every=3))
     e, s = read_metrics(tmp_path / "every", "train"), read_metrics(tmp_path / "sparse", "train")
     assert [r["step"] for r in s] == [3, 6]
     for r in s:
