@@ -115,7 +115,7 @@ class PLDRCache(Cache):
                                            device, dtype))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.inner.length
+        return max(self.inner.written)  # host-side: no device sync
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.inner.max_len
