@@ -192,7 +192,8 @@ class Tokenizer:
                                 f"{tuple(ids.shape)}; decode each row separately")
             ids = ids.tolist()
         ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        n = self.vocab_size
+        bad = next((i for i in ids if not 0 <= i < n), None)
         if bad is not None:
             raise PLDRError(f"token id {bad} is outside the tokenizer's vocabulary "
                             f"(0..{self.vocab_size - 1}); does the model's vocab_size match "

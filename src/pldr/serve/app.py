@@ -52,10 +52,26 @@ class Choice:
         self.sent = 0
         self.stopped = False  # a stop string or EOS ended it
         self.done = False
+        # incremental decoding: ids[:_read] are in _committed for good; ids from _prefix on
+        # are decoded again as more arrive (one id of context, for SentencePiece's spaces)
+        self._committed, self._prefix, self._read = "", 0, 0
+
+    def _decode(self) -> str:
+        """The text of all ids so far, decoding only the ids since the last whole character
+        (with the id before them as context), so a token costs the same at any length."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read])
+        now = decode(self.ids[self._prefix:])
+        tail = now[len(before):]
+        if tail and not now.endswith("\ufffd"):  # whole characters: commit them
+            self._committed += tail
+            self._prefix, self._read = self._read, len(self.ids)
+            return self._committed
+        return self._committed + tail
 
     def add(self, ids: list[int], done: bool) -> None:
         self.ids += ids
-        text = self.tokenizer.decode(self.ids)
+        text = self._decode()
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if cuts:
             text, self.stopped, done = text[:min(cuts)], True, True
@@ -68,8 +84,8 @@ class Choice:
         end = len(self.text)
         if not self.done:
             end -= max((len(s) - 1 for s in self.stops), default=0)
-            if self.text.endswith("\ufffd"):
-                end = min(end, len(self.text) - 1)
+            # half a character decodes to one U+FFFD per byte so far: hold them all back
+            end = min(end, len(self.text.rstrip("\ufffd")))
         if end <= self.sent:
             return ""
         out, self.sent = self.text[self.sent:end], end
