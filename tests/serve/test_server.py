@@ -414,3 +414,39 @@ def test_nan_logits_fail_that_request_only(model_dir, tmp_path):
         assert httpx.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
     finally:
         assert server.stop() is not None
+
+
+def _engine_process(server_pid: int) -> int:
+    """The pid of the server's engine process (a spawned child; the other child is
+    multiprocessing's resource tracker)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"resource_tracker" not in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"server {server_pid} has no engine process")
+
+
+def test_the_model_runs_in_its_own_process_and_its_death_is_a_503(model_dir):
+    s = Server(model_dir)
+    try:
+        engine = _engine_process(s.proc.pid)
+        ok = httpx.post(s.url + "/v1/completions", timeout=30, json={
+            "model": "model", "prompt": [17, 5, 99], "max_tokens": 3, "temperature": 0})
+        assert ok.status_code == 200
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while httpx.get(s.url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "/health still answers 200"
+            time.sleep(0.1)
+        r = httpx.post(s.url + "/v1/completions", timeout=30, json={
+            "model": "model", "prompt": [17, 5, 99], "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+        assert "restart the server" in r.json()["error"]["message"]
+    finally:
+        assert s.stop() == 0  # the server still drains and exits cleanly

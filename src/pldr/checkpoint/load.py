@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config import PLDRConfig
 from ..devices import parse_dtype, resolve_device
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PLDRError
 from ..model.cache import stack_per_layer
 from ..model.model import PLDRModel
 from ..model.pretrained import (
@@ -90,6 +90,27 @@ def load_for_inference(path: str | os.PathLike,
         G = None
     model = _place(_build(config, state, G), device, dtype).eval()
     return model, None if G_LM is None else list(stack_per_layer(G_LM, config, "G_LM"))
+
+
+def load_for_decoding(path: str | os.PathLike,
+                      config: PLDRConfig | Mapping | str | os.PathLike | None = None, *,
+                      G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
+                      device: str | torch.device | None = None,
+                      dtype: str = "float32") -> tuple[PLDRModel, list[Tensor] | None]:
+    """`load_for_inference` for an inference dtype name (generate's and serve's --dtype):
+    int8 loads float32 weights on the CPU and quantises them; bfloat16 on a CPU packs its
+    weights for oneDNN, or falls back to float32 (with a warning) where the CPU has no
+    native bf16."""
+    from ..devices import load_dtype
+    from ..model.quantize import for_decoding
+
+    if dtype == "int8" and device not in (None, "cpu"):
+        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {device}; use "
+                        "--device cpu or --dtype float32/bfloat16")
+    device = resolve_device("cpu" if dtype == "int8" else device)
+    model, G = load_for_inference(path, config, G_LM=G_LM, device=device,
+                                  dtype=load_dtype(dtype, device))
+    return for_decoding(model, dtype), G
 
 
 def require_existing(path: str | os.PathLike) -> Path:

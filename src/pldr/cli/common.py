@@ -34,18 +34,10 @@ def load_model_args(args: argparse.Namespace):
     (generate, serve): a given --G-LM wins in every variant; --dtype int8 loads float32
     weights on the CPU and quantises them; bfloat16 on a CPU packs its weights for oneDNN, or
     falls back to float32 (with a warning) where the CPU has no native bf16."""
-    from ..checkpoint.load import load_for_inference
-    from ..devices import load_dtype, resolve_device
-    from ..errors import PLDRError
-    from ..model.quantize import for_decoding
+    from ..checkpoint.load import load_for_decoding
 
-    if args.dtype == "int8" and args.device not in (None, "cpu"):
-        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {args.device}; use "
-                        "--device cpu or --dtype float32/bfloat16")
-    device = resolve_device("cpu" if args.dtype == "int8" else args.device)
-    model, G_LM = load_for_inference(args.model, args.config, G_LM=args.G_LM,
-                                     device=device, dtype=load_dtype(args.dtype, device))
-    return for_decoding(model, args.dtype), G_LM
+    return load_for_decoding(args.model, args.config, G_LM=args.G_LM, device=args.device,
+                             dtype=args.dtype)
 
 
 def load_tokenizer_arg(args: argparse.Namespace, needed_for: str | None):

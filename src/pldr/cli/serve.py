@@ -7,7 +7,7 @@ import os
 
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
-from .common import add_model_args, load_model_args, load_tokenizer_arg
+from .common import add_model_args, load_tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,26 +57,25 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
                         "pip install -c constraints.txt -e '.[serve]'") from None
-    from ..inference import Engine
+    from ..serve import EngineRunner, EngineSpec
 
     tokenizer = load_tokenizer_arg(args, "pldr serve and its text prompts")
-    model, G_LM = load_model_args(args)
-    engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise PLDRError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-                        f"{model.config.vocab_size}; pass the model's own tokenizer")
-    name = args.model_name or Path(args.model.rstrip("/")).name
-    settings = ServeSettings(model_name=name, max_queue=args.max_queue, api_key=args.api_key,
-                             max_body_bytes=args.max_body_bytes, G_LM=G_LM)
-    app = create_app(model, engine, tokenizer, settings)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or default_threads())  # for the server's lifetime only
+    spec = EngineSpec(model=args.model, config=args.config, G_LM=args.G_LM, device=args.device,
+                      dtype=args.dtype, max_batch=args.max_batch, compile=args.compile,
+                      threads=args.threads or default_threads())
+    runner = EngineRunner(spec, args.max_queue)
+    runner.start()  # the model loads in the engine process; a failure is one line here
     try:
-        _run_server(app, args.host, args.port, args.shutdown_timeout)
+        if tokenizer.vocab_size > runner.config.vocab_size:
+            raise PLDRError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model "
+                            f"only {runner.config.vocab_size}; pass the model's own tokenizer")
+        name = args.model_name or Path(args.model.rstrip("/")).name
+        settings = ServeSettings(model_name=name, max_queue=args.max_queue,
+                                 api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        _run_server(create_app(runner, tokenizer, settings), args.host, args.port,
+                    args.shutdown_timeout)
     finally:
-        torch.set_num_threads(threads)
+        runner.stop()
     return 0
 
 

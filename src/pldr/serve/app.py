@@ -2,7 +2,7 @@
 `/health` and `/metrics`, over the continuous-batching engine run by `EngineRunner`.
 
 A completion request is checked (schemas.py), encoded, split into one engine request per
-prompt and choice, and answered from the tokens the engine thread hands back: all at once,
+prompt and choice, and answered from the tokens the engine process sends back: all at once,
 or as server-sent events while they are made. A client that goes away cancels its requests,
 which frees their slots.
 """
@@ -38,7 +38,6 @@ class ServeSettings:
     max_queue: int = 256
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
-    G_LM: Any = None  # a predefined G_LM for every request
 
 
 class Choice:
@@ -96,11 +95,10 @@ class Choice:
         return "stop" if self.stopped else "length"
 
 
-def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app serving `engine` (a `pldr.Engine` over `model`) with `tokenizer`."""
-    config = model.config
-    limit = getattr(engine, "max_len", None) or config.max_seq_len
-    runner = EngineRunner(engine, settings.max_queue)
+def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app serving the started engine process `runner` with `tokenizer`; the app
+    stops the process when the server shuts down."""
+    config, limit = runner.config, runner.max_len
     metrics = ServerMetrics(lambda: runner.waiting, lambda: runner.running)
     runner.on_finish = lambda job: _observe(metrics, job)
     created = int(time.time())
@@ -110,9 +108,8 @@ def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runner.start()
         yield
-        runner.stop()
+        runner.stop()  # after uvicorn has drained the running requests
 
     app = FastAPI(title="pldr", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -158,9 +155,12 @@ def create_app(model: Any, engine: Any, tokenizer: Any, settings: ServeSettings)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        if runner.error is not None:
+            raise RequestError(503, f"the engine stopped ({runner.error}); restart the server",
+                               code="engine_stopped")
         req = parse_completion(await _json_body(request), settings.model_name)
         prompts = [_encode(p, tokenizer, config, limit, req.max_tokens) for p in req.prompts]
-        jobs = _submit(runner, prompts, req, settings.G_LM, asyncio.get_running_loop())
+        jobs = _submit(runner, prompts, req, asyncio.get_running_loop())
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         choices = [Choice(tokenizer, req.stop, config.eos_id) for _ in jobs]
         head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
@@ -275,7 +275,7 @@ def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
     return ids
 
 
-def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest, G_LM: Any,
+def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest,
             loop: asyncio.AbstractEventLoop) -> list[Job]:
     """One engine request per prompt and choice (choice j samples with seed + j), all
     delivering into one queue of (choice index, new ids, done)."""
@@ -286,7 +286,7 @@ def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionReque
             for j in range(req.n):
                 seed = None if req.seed is None else (req.seed + j) % (2**63)
                 sampling = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                seed=seed, G_LM=G_LM)
+                                seed=seed)
                 job = Job(list(ids), req.max_tokens, sampling, loop, sink, len(jobs))
                 if req.max_tokens == 0:
                     job.deliver([], True)  # nothing to generate: never reaches the engine
@@ -327,13 +327,13 @@ def _raise_refusal(job: Job) -> None:
     """A request the engine refused (its checks are the last word) is the client's 400; one
     the model failed on (NaN logits) is the server's 500, for that request only."""
     if job.error is not None:
-        if job.request is not None and job.request.error is not None:
+        if job.model_failed:
             raise RequestError(500, str(job.error), None, "model_error")
         raise RequestError(400, str(job.error), "prompt")
 
 
 def job_finished(job: Job) -> bool:
-    return job.request is None or bool(job.request.done)
+    return job.done or job.id < 0  # ended, or never submitted
 
 
 async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics,
@@ -410,7 +410,7 @@ def _usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
 
 
 def _observe(metrics: ServerMetrics, job: Job) -> None:
-    """Per-request figures, recorded on the engine thread when a request ends."""
+    """Per-request figures, recorded when a request ends (on the runner's reader thread)."""
     metrics.generated_tokens.inc(job.sent)
     if job.first_token_at is not None:
         metrics.ttft.observe(job.first_token_at - job.submitted_at)

@@ -1,33 +1,60 @@
-"""The engine thread: one thread owns the `Engine` and runs its steps, the HTTP handlers talk
-to it through a queue of commands, and tokens come back to each request's asyncio queue.
+"""The engine process: one process owns the model and its `Engine` and runs its steps; the
+HTTP server's process talks to it through two pipes, and tokens come back to each request's
+asyncio queue.
 
-    handler --submit/cancel--> inbox (thread-safe) --> engine thread: engine.submit / cancel
-                                                       engine.step() while anything runs
-    handler <--(index, new ids, done)-- one loop.call_soon_threadsafe <-- after every step
+    handler --submit/cancel--> runner --commands pipe--> engine process: engine.submit/cancel
+                                                         engine.step() while anything runs
+    handler <--(index, new ids, done)-- reader thread <--results pipe-- one message per step
 
-The engine is not thread-safe, so only this thread touches it; no handler ever blocks the
-event loop on model work. A step's new ids for every request cross to the event loop in one
-call (one wake-up of the loop per step, not one per request), each into the asyncio queue
-its request reads.
+Why a process and not a thread: a thread shares the interpreter lock with the event loop, so
+the server ran on one core whatever the machine had (server CPU time equalled wall time):
+every socket write of a token waited for the model's Python code, and a small model's step
+waited for the event loop. In its own process the model has a core to itself (as vLLM's
+engine core does) and the event loop the others.
+
+The engine process builds its engine from an `EngineSpec` (the command line's model flags),
+answers `ready` with the model's config or `failed` with a one-line reason, then steps while
+any request runs and blocks on the commands pipe when none does. It ignores SIGINT and
+SIGTERM (the server drains running requests first, then stops it) and exits when the server
+does: a closed pipe ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import queue
+import multiprocessing
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from ..errors import PLDRError
 
 log = logging.getLogger("pldr")
 
+START_TIMEOUT_S = 600.0  # loading and (with --compile) compiling a large model takes a while
+
 
 class QueueFull(Exception):
     """More requests wait for a slot than the server accepts (`--max-queue`)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine process builds its engine from (picklable: the CLI's model flags)."""
+
+    model: str
+    config: str | None = None
+    G_LM: str | None = None          # a predefined G_LM file for every request
+    device: str | None = None
+    dtype: str = "float32"
+    max_batch: int = 16
+    compile: bool = False
+    threads: int = 1                 # torch threads of the engine process
 
 
 @dataclass
@@ -36,20 +63,23 @@ class Job:
 
     prompt: list[int]
     max_new_tokens: int
-    sampling: dict[str, Any]           # temperature, top_k, top_p, seed, eos_id
+    sampling: dict[str, Any]           # temperature, top_k, top_p, seed
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue                # (index, new ids, done); shared by a request's jobs
     index: int = 0                     # which choice of its request this job is
-    request: Any = None                # the engine's request, set by the engine thread
-    sent: int = 0                      # ids already delivered
+    id: int = -1                       # the runner's id for it, set by `submit`
+    sent: int = 0                      # ids delivered so far
+    done: bool = False                 # ended: its last ids are delivered (or never submitted)
     cancelled: bool = False
-    error: Exception | None = None     # the engine refused the request, or it failed
+    error: Exception | None = None     # the engine refused the request, or the model failed
+    model_failed: bool = False         # error is the model's (NaN logits), not the request's
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
 
     def deliver(self, ids: list[int], done: bool) -> None:
         """Hand `ids` to the request from any thread."""
+        self.done = self.done or done
         self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, ids, done))
 
 
@@ -60,132 +90,253 @@ def _hand_over(batch: list[tuple[Job, list[int], bool]]) -> None:
 
 
 class EngineRunner:
-    """Runs `engine` in a daemon thread; `submit` and `cancel` may be called from any thread.
+    """The engine process seen from the server; `submit` and `cancel` may be called from any
+    thread. `start` launches the process and waits until the model is loaded (a load that
+    fails raises its PLDRError here, before the server binds); then `config` (the model's
+    PLDRConfig) and `max_len` are known.
 
-    `on_finish(job)` (optional) is called on the engine thread when a job ends, for metrics."""
+    `on_finish(job)` (optional) is called when a job ends, for metrics."""
 
-    def __init__(self, engine: Any, max_queue: int = 256,
+    def __init__(self, spec: EngineSpec, max_queue: int = 256,
                  on_finish: Callable[[Job], None] | None = None):
-        self.engine = engine
-        self.max_queue = max_queue
-        self.on_finish = on_finish
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._live: list[Job] = []
-        self._pending = 0                 # submitted, not yet picked up by the engine thread
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pldr-engine", daemon=True)
-        self.error: BaseException | None = None
+        self.spec, self.max_queue, self.on_finish = spec, max_queue, on_finish
+        self.config: Any = None
+        self.max_len = 0
+        self.error: str | None = None     # why the engine process stopped, once it has
+        self._live: dict[int, Job] = {}   # submitted, not ended
+        self._ids = itertools.count()
+        self._lock = threading.Lock()     # guards _live
+        self._send_lock = threading.Lock()  # one message at a time down the commands pipe
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._commands: Connection | None = None
+        self._results: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._stopping = False
 
-    # ----- called from the event loop ---------------------------------------------------------
+    # ----- lifetime -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        """Launch the engine process and wait for its model."""
+        from ..config import PLDRConfig
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._inbox.put(None)
-        self._thread.join(timeout)
+        ctx = multiprocessing.get_context("spawn")  # fork is unsafe after torch's threads
+        commands_out, commands_in = ctx.Pipe(duplex=False)
+        results_out, results_in = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=engine_main, name="pldr-engine", daemon=True,
+                                    args=(self.spec, commands_out, results_in))
+        self._process.start()
+        commands_out.close()
+        results_in.close()
+        self._commands, self._results = commands_in, results_out
+        if not results_out.poll(START_TIMEOUT_S):
+            self.stop()
+            raise PLDRError(f"the engine process did not load the model within "
+                            f"{START_TIMEOUT_S:.0f} s")
+        try:
+            kind, *rest = results_out.recv()
+        except EOFError:
+            self.stop()
+            raise PLDRError("the engine process exited while loading the model; see the log "
+                            "above") from None
+        if kind == "failed":
+            self.stop()
+            raise PLDRError(rest[0])
+        config, self.max_len = rest
+        self.config = PLDRConfig.from_dict(config)
+        self._reader = threading.Thread(target=self._read, name="pldr-engine-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine process (after the server has drained its requests)."""
+        self._stopping = True
+        if self._commands is not None:
+            self._send(("stop",))
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    # ----- requests -----------------------------------------------------------------------
 
     @property
     def waiting(self) -> int:
-        """Requests that have no slot yet (queued in the engine or on their way to it)."""
+        """Requests that have no slot yet (no token so far)."""
         with self._lock:
-            queued = sum(1 for j in self._live if j.first_token_at is None)
-            return self._pending + queued
+            return sum(1 for j in self._live.values() if j.first_token_at is None)
 
     @property
     def running(self) -> int:
         """Requests in a slot, producing tokens."""
         with self._lock:
-            return sum(1 for j in self._live if j.first_token_at is not None)
+            return sum(1 for j in self._live.values() if j.first_token_at is not None)
 
     def submit(self, job: Job) -> Job:
         if self.error is not None:
             raise RuntimeError(f"the engine stopped: {self.error}")
         with self._lock:
-            if self.waiting_unlocked() >= self.max_queue:
+            if sum(1 for j in self._live.values() if j.first_token_at is None) >= self.max_queue:
                 raise QueueFull()
-            self._pending += 1
-        self._inbox.put(("submit", job))
+            job.id = next(self._ids)
+            self._live[job.id] = job
+        self._send(("submit", job.id, job.prompt, job.max_new_tokens, job.sampling))
         return job
 
-    def waiting_unlocked(self) -> int:
-        return self._pending + sum(1 for j in self._live if j.first_token_at is None)
-
     def cancel(self, job: Job) -> None:
-        self._inbox.put(("cancel", job))
+        """Stop `job` now (its slot is freed in the engine process's next step)."""
+        job.cancelled = True
+        with self._lock:
+            live = self._live.pop(job.id, None) is not None
+        if live:
+            job.done = True
+            self._send(("cancel", job.id))
+            if self.on_finish is not None:
+                self.on_finish(job)
 
-    # ----- the engine thread -------------------------------------------------------------------
-
-    def _run(self) -> None:
+    def _send(self, message: tuple) -> None:
         try:
-            while not self._stop.is_set():
-                self._drain(block=not self._live)
-                if self._live:
-                    self.engine.step()
-                    self._publish()
-        except BaseException as e:  # noqa: BLE001  the handlers must hear of it, not hang
-            log.exception("engine thread failed")
-            self.error = e
-            for job in list(self._live):
-                job.deliver([], True)
+            with self._send_lock:  # not _lock: a full pipe must not stall the reader
+                self._commands.send(message)
+        except (OSError, ValueError):  # the process is gone; the reader reports why
+            pass
 
-    def _drain(self, block: bool) -> None:
-        """Apply every waiting command; wait for one when nothing runs."""
+    # ----- the reader thread --------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Deliver every step's results, until the engine process ends."""
         while True:
             try:
-                item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
-            except queue.Empty:
+                kind, *rest = self._results.recv()
+            except (EOFError, OSError):
+                if not self._stopping:
+                    self._fail_all("the engine process exited")
                 return
-            block = False
-            if item is None:
+            if kind == "step":
+                self._publish(rest[0])
+            elif kind == "crashed":
+                log.error("engine process failed:\n%s", rest[1])
+                self._fail_all(rest[0])
                 return
-            kind, job = item
-            if kind == "submit":
-                with self._lock:
-                    self._pending -= 1
-                if job.cancelled:
-                    continue
-                try:
-                    job.request = self.engine.submit(job.prompt, job.max_new_tokens,
-                                                     **job.sampling)
-                except PLDRError as e:  # the request's fault: tell its handler, run on
-                    job.error = e
-                    job.deliver([], True)
-                    continue
-                with self._lock:
-                    self._live.append(job)
-            elif job.request is not None and job in self._live:
-                self.engine.cancel(job.request)
-                self._finish(job)
-            else:
-                job.cancelled = True  # still in the inbox: never submitted
 
-    def _publish(self) -> None:
-        """Hand every job the ids the last step made, all of them in one call per event
-        loop; retire the finished ones."""
+    def _publish(self, updates: list[tuple]) -> None:
+        """One step's (job id, new ids, done, error kind, message) for each job that got
+        ids or ended, handed to each event loop in one call."""
         now = time.perf_counter()
         batches: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[int], bool]]] = {}
-        for job in list(self._live):
-            tokens = job.request.tokens
-            new = tokens[job.sent:]
-            if new:
-                job.first_token_at = job.first_token_at or now
-                job.last_token_at = now
-                job.sent = len(tokens)
-            done = job.request.done
-            if done:
-                job.error = job.error or job.request.error  # the model failed on it
-            if new or done:
+        ended = []
+        with self._lock:
+            for job_id, new, done, failure, message in updates:
+                job = self._live.get(job_id)
+                if job is None:
+                    continue  # cancelled meanwhile
+                if new:
+                    job.first_token_at = job.first_token_at or now
+                    job.last_token_at = now
+                    job.sent += len(new)
+                if failure is not None:
+                    job.error = PLDRError(message)
+                    job.model_failed = failure == "model"
+                if done:
+                    job.done = True
+                    del self._live[job_id]
+                    ended.append(job)
                 batches.setdefault(job.loop, []).append((job, new, done))
-            if done:
-                self._finish(job)
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_hand_over, batch)
-
-    def _finish(self, job: Job) -> None:
-        with self._lock:
-            self._live.remove(job)
         if self.on_finish is not None:
-            self.on_finish(job)
+            for job in ended:
+                self.on_finish(job)
+
+    def _fail_all(self, reason: str) -> None:
+        self.error = reason
+        with self._lock:
+            jobs, self._live = list(self._live.values()), {}
+        for job in jobs:
+            job.error = PLDRError(f"the engine stopped: {reason}")
+            job.model_failed = True
+            job.deliver([], True)
+
+
+# ----- the engine process ----------------------------------------------------------------------
+
+def engine_main(spec: EngineSpec, commands: Connection, results: Connection) -> None:
+    """The engine process: build the engine, then step it for the server until told to stop
+    or the server is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server drains first, then stops us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        engine, G_LM = _build(spec)
+    except PLDRError as e:
+        results.send(("failed", str(e)))
+        return
+    except Exception as e:  # noqa: BLE001  a load that fails must reach the CLI as one line
+        results.send(("failed", f"the model could not be loaded: {type(e).__name__}: {e}"))
+        return
+    results.send(("ready", engine.model.config.to_dict(), engine.max_len))
+    try:
+        _serve(engine, G_LM, commands, results)
+    except (EOFError, BrokenPipeError, OSError):
+        return  # the server is gone
+    except Exception as e:  # noqa: BLE001  the server must hear of it, not hang
+        import traceback
+
+        try:
+            results.send(("crashed", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        except OSError:
+            pass
+
+
+def _build(spec: EngineSpec):
+    """(engine, G_LM) as `pldr serve`'s flags say."""
+    import torch
+
+    from ..checkpoint.load import load_for_decoding
+    from ..inference import Engine
+
+    torch.set_num_threads(spec.threads)
+    model, G_LM = load_for_decoding(spec.model, spec.config, G_LM=spec.G_LM,
+                                    device=spec.device, dtype=spec.dtype)
+    return Engine(model, max_batch=spec.max_batch, compile=spec.compile), G_LM
+
+
+def _serve(engine: Any, G_LM: Any, commands: Connection, results: Connection) -> None:
+    """Apply commands, step while anything runs, send each step's news in one message."""
+    running: dict[int, Any] = {}   # job id -> the engine's request
+    sent: dict[int, int] = {}      # job id -> ids reported so far
+    while True:
+        block = not running
+        while commands.poll(None if block else 0):
+            block = False
+            kind, *rest = commands.recv()
+            if kind == "stop":
+                return
+            if kind == "submit":
+                job_id, prompt, max_new_tokens, sampling = rest
+                try:
+                    running[job_id] = engine.submit(prompt, max_new_tokens, G_LM=G_LM,
+                                                    **sampling)
+                    sent[job_id] = 0
+                except PLDRError as e:  # the request's fault: tell its handler, run on
+                    results.send(("step", [(job_id, [], True, "refused", str(e))]))
+            elif kind == "cancel" and rest[0] in running:
+                engine.cancel(running.pop(rest[0]))
+                del sent[rest[0]]
+        if not running:
+            continue
+        engine.step()
+        updates = []
+        for job_id, req in list(running.items()):
+            new = req.tokens[sent[job_id]:]
+            sent[job_id] = len(req.tokens)
+            failure = None if req.error is None else "model"
+            if new or req.done:
+                updates.append((job_id, new, req.done, failure,
+                                None if failure is None else str(req.error)))
+            if req.done:
+                del running[job_id], sent[job_id]
+        if updates:
+            results.send(("step", updates))
