@@ -73,7 +73,8 @@ class InferenceCache:
         self.live = [True] * slots
         self.given_host = [False] * slots
         self.given_A_LM = [False] * slots
-        self.written = [0] * slots  # positions written per slot (`lengths` on the host)
+        self.written = [0] * slots  # positions written per slot (`lengths` on the host;
+        # not kept when static)
         self._n_fresh, self._n_given, self._n_given_A_LM = slots, 0, 0  # counts of the above
         self._all = torch.arange(slots, device=device)
 
@@ -207,9 +208,11 @@ class InferenceCache:
             else:
                 self.lengths[rows] += T
                 self.seen[rows] += n_real
-            for s in range(self.slots) if slots is None else slots:
-                if slots is not None or self.live[s]:
-                    self.written[s] = min(self.max_len, self.written[s] + T)
+            if not self.static:  # (static: `span` never reads it, and a compiled step
+                # must not read or write per-slot host state: dynamo would guard on it)
+                for s in range(self.slots) if slots is None else slots:
+                    if slots is not None or self.live[s]:
+                        self.written[s] = min(self.max_len, self.written[s] + T)
         for s in range(self.slots) if slots is None and self._n_fresh else slots or ():
             self._set(s, fresh=False)
 

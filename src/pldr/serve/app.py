@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.generate import positions_needed
 from .metrics import ServerMetrics
-from .runner import EngineRunner, Job, QueueFull
+from .runner import EngineRunner, EngineStopped, Job, QueueFull
 from .schemas import CompletionRequest, RequestError, error_body, parse_completion
 
 log = logging.getLogger("pldr")
@@ -293,6 +293,11 @@ def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionReque
                 else:
                     runner.submit(job)
                 jobs.append(job)
+    except EngineStopped as e:
+        for job in jobs:
+            runner.cancel(job)
+        raise RequestError(503, f"the engine stopped ({e}); restart the server",
+                           code="engine_stopped") from None
     except QueueFull:
         for job in jobs:
             runner.cancel(job)
@@ -327,7 +332,10 @@ def _raise_refusal(job: Job) -> None:
     """A request the engine refused (its checks are the last word) is the client's 400; one
     the model failed on (NaN logits) is the server's 500, for that request only."""
     if job.error is not None:
-        if job.model_failed:
+        if job.failure == "engine":
+            raise RequestError(503, f"the engine stopped ({job.error}); restart the server",
+                               code="engine_stopped")
+        if job.failure == "model":
             raise RequestError(500, str(job.error), None, "model_error")
         raise RequestError(400, str(job.error), "prompt")
 
@@ -354,13 +362,13 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
                 batch.append(sink.get_nowait())
             for i, ids, done in batch:
                 choice = choices[i]
+                if choice.done:  # a stop string or an error ended it: later ids are not wanted
+                    continue
                 if jobs[i].error is not None:  # headers are sent: end the choice with it
                     choice.done, choice.text, choice.stopped = True, "", True
                     finished += 1
                     out.append(events.chunk(i, "", "error"))
                     continue
-                if choice.done:
-                    continue  # a stop string ended it; the engine's last ids are not wanted
                 choice.add(ids, done)
                 text = choice.new_text()
                 if choice.done:

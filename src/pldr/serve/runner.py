@@ -43,6 +43,10 @@ class QueueFull(Exception):
     """More requests wait for a slot than the server accepts (`--max-queue`)."""
 
 
+class EngineStopped(Exception):
+    """The engine process has ended; nothing more can be generated."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """What the engine process builds its engine from (picklable: the CLI's model flags)."""
@@ -71,8 +75,9 @@ class Job:
     sent: int = 0                      # ids delivered so far
     done: bool = False                 # ended: its last ids are delivered (or never submitted)
     cancelled: bool = False
-    error: Exception | None = None     # the engine refused the request, or the model failed
-    model_failed: bool = False         # error is the model's (NaN logits), not the request's
+    error: Exception | None = None     # why it failed (see `failure`)
+    failure: str | None = None         # "refused" (the request), "model" (NaN logits), "engine"
+
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -128,16 +133,18 @@ class EngineRunner:
         commands_out.close()
         results_in.close()
         self._commands, self._results = commands_in, results_out
-        if not results_out.poll(START_TIMEOUT_S):
-            self.stop()
-            raise PLDRError(f"the engine process did not load the model within "
-                            f"{START_TIMEOUT_S:.0f} s")
         try:
+            if not results_out.poll(START_TIMEOUT_S):
+                raise PLDRError(f"the engine process did not load the model within "
+                                f"{START_TIMEOUT_S:.0f} s")
             kind, *rest = results_out.recv()
         except EOFError:
-            self.stop()
+            self.stop(timeout=0)
             raise PLDRError("the engine process exited while loading the model; see the log "
                             "above") from None
+        except BaseException:  # the timeout, or Ctrl-C: do not wait out the load
+            self.stop(timeout=0)
+            raise
         if kind == "failed":
             self.stop()
             raise PLDRError(rest[0])
@@ -148,15 +155,17 @@ class EngineRunner:
         self._reader.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the engine process (after the server has drained its requests)."""
+        """Stop the engine process (after the server has drained its requests): it ends
+        after its current step; one that has not after `timeout` seconds is killed (it
+        ignores SIGTERM)."""
         self._stopping = True
         if self._commands is not None:
             self._send(("stop",))
         if self._process is not None:
             self._process.join(timeout)
             if self._process.is_alive():
-                self._process.terminate()
-                self._process.join(timeout)
+                self._process.kill()
+                self._process.join(10)
         if self._reader is not None:
             self._reader.join(timeout)
 
@@ -175,9 +184,9 @@ class EngineRunner:
             return sum(1 for j in self._live.values() if j.first_token_at is not None)
 
     def submit(self, job: Job) -> Job:
-        if self.error is not None:
-            raise RuntimeError(f"the engine stopped: {self.error}")
-        with self._lock:
+        with self._lock:  # checked under the lock `_fail_all` empties _live under
+            if self.error is not None:
+                raise EngineStopped(self.error)
             if sum(1 for j in self._live.values() if j.first_token_at is None) >= self.max_queue:
                 raise QueueFull()
             job.id = next(self._ids)
@@ -237,8 +246,7 @@ class EngineRunner:
                     job.last_token_at = now
                     job.sent += len(new)
                 if failure is not None:
-                    job.error = PLDRError(message)
-                    job.model_failed = failure == "model"
+                    job.error, job.failure = PLDRError(message), failure
                 if done:
                     job.done = True
                     del self._live[job_id]
@@ -251,13 +259,14 @@ class EngineRunner:
                 self.on_finish(job)
 
     def _fail_all(self, reason: str) -> None:
-        self.error = reason
         with self._lock:
+            self.error = reason
             jobs, self._live = list(self._live.values()), {}
         for job in jobs:
-            job.error = PLDRError(f"the engine stopped: {reason}")
-            job.model_failed = True
+            job.error, job.failure = EngineStopped(reason), "engine"
             job.deliver([], True)
+            if self.on_finish is not None:
+                self.on_finish(job)
 
 
 # ----- the engine process ----------------------------------------------------------------------
@@ -270,14 +279,16 @@ def engine_main(spec: EngineSpec, commands: Connection, results: Connection) -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         engine, G_LM = _build(spec)
-    except PLDRError as e:
-        results.send(("failed", str(e)))
-        return
     except Exception as e:  # noqa: BLE001  a load that fails must reach the CLI as one line
-        results.send(("failed", f"the model could not be loaded: {type(e).__name__}: {e}"))
+        message = str(e) if isinstance(e, PLDRError) else (
+            f"the model could not be loaded: {type(e).__name__}: {e}")
+        try:
+            results.send(("failed", message))
+        except OSError:
+            pass  # the server is gone already
         return
-    results.send(("ready", engine.model.config.to_dict(), engine.max_len))
     try:
+        results.send(("ready", engine.model.config.to_dict(), engine.max_len))
         _serve(engine, G_LM, commands, results)
     except (EOFError, BrokenPipeError, OSError):
         return  # the server is gone
