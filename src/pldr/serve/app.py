@@ -319,7 +319,13 @@ async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetric
                 return False
             continue
         job, choice = jobs[i], choices[i]
-        _raise_refusal(job)
+        try:
+            _raise_refusal(job)
+        except RequestError:  # the whole request fails: its other choices stop too
+            for other in jobs:
+                if not job_finished(other):
+                    runner.cancel(other)
+            raise
         if choice.done:
             continue  # a stop string ended it; the engine's last ids are not wanted
         choice.add(ids, done)
