@@ -419,16 +419,11 @@ def test_nan_logits_fail_that_request_only(model_dir, tmp_path):
 def _engine_process(server_pid: int) -> int:
     """The pid of the server's engine process (a spawned child; the other child is
     multiprocessing's resource tracker)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"resource_tracker" not in cmdline:
-            return int(entry.name)
+    from pldr.bench.serve_load import _children
+
+    for pid in _children(server_pid):
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
     raise AssertionError(f"server {server_pid} has no engine process")
 
 

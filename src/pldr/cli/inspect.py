@@ -9,6 +9,7 @@ from ..devices import ANALYSIS_DTYPES
 from ..errors import PLDRError
 from .common import add_model_args, load_tokenizer_arg
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="pictures and numbers of the deductive outputs (A, A_LM, A_P, G_LM)",
                        description="Run the model on each input, draw its deductive outputs per "
@@ -58,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
 def load_for_analysis(args: argparse.Namespace, tokenizer_for: str | None):
     """The model (in --dtype, float64 included) and, when `tokenizer_for` names what needs
     one, its tokenizer (--tokenizer, else the model directory's own)."""
-
     import torch
 
     from ..checkpoint.load import load_model

@@ -210,9 +210,9 @@ class InferenceCache:
                 self.seen[rows] += n_real
             if not self.static:  # (static: `span` never reads it, and a compiled step
                 # must not read or write per-slot host state: dynamo would guard on it)
-                for s in range(self.slots) if slots is None else slots:
-                    if slots is not None or self.live[s]:
-                        self.written[s] = min(self.max_len, self.written[s] + T)
+                moved = [s for s in range(self.slots) if self.live[s]] if slots is None else slots
+                for s in moved:
+                    self.written[s] = min(self.max_len, self.written[s] + T)
         for s in range(self.slots) if slots is None and self._n_fresh else slots or ():
             self._set(s, fresh=False)
 

@@ -104,8 +104,8 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x2, self.packed, self.reduce_range)
             y = y if self.bias is None else y + self.bias
         else:
-            row_max = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [N, 1]
-            y = torch.ops.quantized.linear_dynamic(x2 / row_max, self.packed, self.reduce_range)
+            scaled, row_max = self.scaled_input(x2)                  # [N, in], [N, 1]
+            y = torch.ops.quantized.linear_dynamic(scaled, self.packed, self.reduce_range)
             y = y * row_max if self.bias is None else torch.addcmul(self.bias, y, row_max)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., out]
 

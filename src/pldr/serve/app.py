@@ -156,8 +156,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
     @app.post("/v1/completions")
     async def completions(request: Request):
         if runner.error is not None:
-            raise RequestError(503, f"the engine stopped ({runner.error}); restart the server",
-                               code="engine_stopped")
+            raise engine_stopped(runner.error)
         req = parse_completion(await _json_body(request), settings.model_name)
         prompts = [_encode(p, tokenizer, config, limit, req.max_tokens) for p in req.prompts]
         jobs = _submit(runner, prompts, req, asyncio.get_running_loop())
@@ -296,8 +295,7 @@ def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionReque
     except EngineStopped as e:
         for job in jobs:
             runner.cancel(job)
-        raise RequestError(503, f"the engine stopped ({e}); restart the server",
-                           code="engine_stopped") from None
+        raise engine_stopped(e) from None
     except QueueFull:
         for job in jobs:
             runner.cancel(job)
@@ -322,9 +320,7 @@ async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetric
         try:
             _raise_refusal(job)
         except RequestError:  # the whole request fails: its other choices stop too
-            for other in jobs:
-                if not job_finished(other):
-                    runner.cancel(other)
+            _cancel_unfinished(runner, jobs)
             raise
         if choice.done:
             continue  # a stop string ended it; the engine's last ids are not wanted
@@ -339,11 +335,16 @@ def _raise_refusal(job: Job) -> None:
     the model failed on (NaN logits) is the server's 500, for that request only."""
     if job.error is not None:
         if job.failure == "engine":
-            raise RequestError(503, f"the engine stopped ({job.error}); restart the server",
-                               code="engine_stopped")
+            raise engine_stopped(job.error)
         if job.failure == "model":
             raise RequestError(500, str(job.error), None, "model_error")
         raise RequestError(400, str(job.error), "prompt")
+
+
+def engine_stopped(reason: object) -> RequestError:
+    """The 503 of a request that comes after (or meets) the engine process's end."""
+    return RequestError(503, f"the engine stopped ({reason}); restart the server",
+                        code="engine_stopped")
 
 
 def job_finished(job: Job) -> bool:
@@ -409,11 +410,17 @@ class Events:
 
 
 def _cancel_all(runner: EngineRunner, metrics: ServerMetrics, jobs: list[Job]) -> None:
+    """The client left: stop its jobs and count it as cancelled if any was still running."""
+    if _cancel_unfinished(runner, jobs):
+        metrics.cancelled.inc()
+
+
+def _cancel_unfinished(runner: EngineRunner, jobs: list[Job]) -> int:
+    """Cancel the jobs that have not ended; returns how many there were."""
     left = [job for job in jobs if not job_finished(job)]
     for job in left:
         runner.cancel(job)
-    if left:
-        metrics.cancelled.inc()
+    return len(left)
 
 
 def _usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:

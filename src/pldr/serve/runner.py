@@ -74,7 +74,6 @@ class Job:
     id: int = -1                       # the runner's id for it, set by `submit`
     sent: int = 0                      # ids delivered so far
     done: bool = False                 # ended: its last ids are delivered (or never submitted)
-    cancelled: bool = False
     error: Exception | None = None     # why it failed (see `failure`)
     failure: str | None = None         # "refused" (the request), "model" (NaN logits), "engine"
 
@@ -175,7 +174,10 @@ class EngineRunner:
     def waiting(self) -> int:
         """Requests that have no slot yet (no token so far)."""
         with self._lock:
-            return sum(1 for j in self._live.values() if j.first_token_at is None)
+            return self._waiting_locked()
+
+    def _waiting_locked(self) -> int:
+        return sum(1 for j in self._live.values() if j.first_token_at is None)
 
     @property
     def running(self) -> int:
@@ -187,7 +189,7 @@ class EngineRunner:
         with self._lock:  # checked under the lock `_fail_all` empties _live under
             if self.error is not None:
                 raise EngineStopped(self.error)
-            if sum(1 for j in self._live.values() if j.first_token_at is None) >= self.max_queue:
+            if self._waiting_locked() >= self.max_queue:
                 raise QueueFull()
             job.id = next(self._ids)
             self._live[job.id] = job
@@ -196,7 +198,6 @@ class EngineRunner:
 
     def cancel(self, job: Job) -> None:
         """Stop `job` now (its slot is freed in the engine process's next step)."""
-        job.cancelled = True
         with self._lock:
             live = self._live.pop(job.id, None) is not None
         if live:
