@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,14 @@ def test_a_tiny_top_p_still_generates(env):
     m = _model(env)
     assert pldr.generate(m, [[5, 6]], 3, top_p=1e-300, seed=1, eos_id=-1) == \
         pldr.generate(m, [[5, 6]], 3, temperature=0, eos_id=-1)
+
+
+def test_serve_on_a_port_in_use_is_one_error_line(env, capsys):
+    # refused before the model loads (uvicorn would say so only in its log, exit 3)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        rc, err = run_cli(["serve", "--model", env["model"], "--port", str(port)], capsys)
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import EngineRunner, EngineSpec
 
     tokenizer = load_tokenizer_arg(args, "pldr serve and its text prompts")
+    _check_port(args.host, args.port)  # before the model loads, not after
     spec = EngineSpec(model=args.model, config=args.config, G_LM=args.G_LM, device=args.device,
                       dtype=args.dtype, max_batch=args.max_batch, compile=args.compile,
                       threads=args.threads or default_threads())
@@ -77,6 +78,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         runner.stop()
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port that cannot be listened on is a one-line error, not uvicorn's log line."""
+    import socket
+
+    if port == 0:
+        return  # any free port
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise PLDRError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another "
+                        "--port (or --host)") from None
 
 
 def default_threads() -> int:
