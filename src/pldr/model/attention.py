@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..config import PLDRConfig
 from .cache import InferenceCache
+from .linear import Linear
 
 A_LM_EPS = 1e-9  # keeps A_LM strictly positive so A_LM ** pw is defined
 
@@ -82,9 +83,9 @@ class GLU(nn.Module):
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
-        self.gluw1 = nn.Linear(d_in, d_hidden)
-        self.gluw2 = nn.Linear(d_in, d_hidden)
-        self.gluw3 = nn.Linear(d_hidden, d_out)
+        self.gluw1 = Linear(d_in, d_hidden)
+        self.gluw2 = Linear(d_in, d_hidden)
+        self.gluw3 = Linear(d_hidden, d_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
@@ -157,10 +158,10 @@ class PowerLawAttention(nn.Module):
         self.layer_idx, self.num_heads, self.dk = layer_idx, H, dk
         self.learned = config.variant == "v510"
         self.rope = ROPE_FUNCTIONS[config.rope_style]
-        self.wq, self.wk, self.wv = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.wq, self.wk, self.wv = Linear(D, D), Linear(D, D), Linear(D, D)
         if self.learned:
             self.plgatt_layer = PowerLawStep(config)
-        self.dense = nn.Linear(D, D)
+        self.dense = Linear(D, D)
         if self.learned:
             self.reslayerAs = nn.ModuleList(ResidualMetricUnit(config)
                                             for _ in range(config.num_reslayerA))

@@ -31,6 +31,7 @@ from .attention import (
     uncached_mask,
 )
 from .cache import InferenceCache, stack_per_layer
+from .linear import Linear
 
 
 @dataclass
@@ -114,7 +115,7 @@ class PLDRModel(nn.Module):
                             "v510 model pass it to pldr.generate(..., G_LM=...)")
         self.config = config
         self.decoder = Decoder(config)
-        self.final_layer = nn.Linear(config.d_model, config.vocab_size)
+        self.final_layer = Linear(config.d_model, config.vocab_size)
         self._given_G_LM = None if G_LM is None else stack_per_layer(G_LM, config)[:, 0].detach().cpu()
         # RoPE cos/sin tables per device, float32 whatever the model's dtype (as the original
         # computes them); not buffers, so `.to(bfloat16)` cannot round them
@@ -201,7 +202,8 @@ class PLDRModel(nn.Module):
             cache.advance(slots, call.rows, real if real is not None
                           else torch.ones_like(ids, dtype=torch.bool))
         deductive = Deductive.stack(layer_outputs) if return_deductive else None
-        logits = self.final_layer(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)
+        head_in = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+        logits = self.final_layer(head_in).contiguous()  # a transposed view for a few rows
         return PLDROutput(logits=logits, hidden=x, deductive=deductive)
 
     def _check_inputs(self, ids: Tensor, attention_mask: Tensor | None,
