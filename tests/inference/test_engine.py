@@ -257,3 +257,30 @@ def test_nan_logits_end_that_request_only_and_free_its_slot():
         model.final_layer.bias[0] = float("nan")
     engine.run()
     assert late.finish_reason == "error" and len(late.tokens) == 1 and not engine.has_work
+
+
+def test_steps_run_every_slot_while_most_are_busy_and_listed_slots_otherwise(model, monkeypatch):
+    """A decode step over every slot (idle ones included, one of them left by a longer
+    request) and one over the listed busy slots both give each request its tokens alone."""
+    greedy = dict(temperature=0, eos_id=-1)
+    engine = Engine(model, max_batch=4)
+    calls = []  # (slots of a decode call, number of busy requests)
+    forward = type(model).forward
+
+    def spy(self, ids, **kw):
+        if kw.get("cache") is not None and ids.shape[1] == 1:
+            calls.append((kw.get("slots"), len(engine.running)))
+        return forward(self, ids, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    plan = [(PROMPTS[3], 14), (PROMPTS[1], 3), (PROMPTS[2], 8), (PROMPTS[0], 10)]
+    reqs = [engine.submit(p, n, **greedy) for p, n in plan]
+    engine.run()
+    later = [engine.submit(PROMPTS[4], 6, **greedy)]  # alone in a used engine: listed
+    engine.run()
+    monkeypatch.setattr(type(model), "forward", forward)
+    every = [busy for slots, busy in calls if slots is None]
+    listed = [busy for slots, busy in calls if slots is not None]
+    assert 4 in every and 3 in every and max(listed) <= 2 and 1 in listed
+    for req, (prompt, n) in zip(reqs + later, plan + [(PROMPTS[4], 6)]):
+        assert req.tokens == _alone(model, prompt, n, greedy)

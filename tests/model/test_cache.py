@@ -66,3 +66,26 @@ def test_a_long_prefill_attends_in_chunks_exactly(monkeypatch):
     chunked = run()
     for a, b in zip(whole, chunked):
         assert_same(b, a, what="chunked prefill")
+
+
+def test_a_listed_kv_g_step_reports_the_kept_deductive_outputs_when_asked():
+    """A cached kv_g step on listed slots reports the A, A_LM, A_P and G_LM its slots kept
+    from their prompts when asked for them, and gives the same logits when not."""
+    model = fixture_model().double()
+    cache = InferenceCache.for_mode(model.config, "kv_g", 3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        for slot, prompt in enumerate(([5, 6, 7], [9, 3], [4, 4, 8, 2])):
+            model(torch.tensor([prompt]), cache=cache, slots=[slot])
+        step = torch.tensor([[11], [12]])
+        kept = {name: getattr(cache, name)[:, [2, 0]].clone()
+                for name in ("A_G", "A_LM", "A_P", "G_LM")}
+        asked = model(step, cache=cache, slots=[2, 0], return_deductive=True)
+        for slot in (2, 0):  # the same step again without deductive outputs
+            cache.lengths[slot] -= 1
+            cache.seen[slot] -= 1
+        plain = model(step, cache=cache, slots=[2, 0])
+    ded = asked.deductive
+    for name, got in (("A_G", ded.A), ("A_LM", ded.A_LM), ("A_P", ded.A_P), ("G_LM", ded.G_LM)):
+        assert torch.equal(got, kept[name]), name
+    assert plain.deductive is None
+    assert_same(plain.logits, asked.logits, what="the step without deductive outputs")

@@ -191,13 +191,15 @@ class PowerLawAttention(nn.Module):
         i, c, rows = self.layer_idx, call.cache, call.rows
         take = InferenceCache.take
         if c is not None and not call.fresh and c.keep_G and self.learned:
+            if not call.deductive:  # a listed call's gathers of A, A_LM, A_P cost 1.5x a step
+                return LayerDeductive(None, None, None, take(c.G_LM, i, rows))
             return LayerDeductive(take(c.A_G, i, rows), take(c.A_LM, i, rows),
                                   take(c.A_P, i, rows), take(c.G_LM, i, rows))
         any_given, all_given, with_A_LM = (c.given_state(call.slots) if c is not None
                                            else (False, False, False))
         if all_given:
-            return LayerDeductive(None, take(c.A_LM, i, rows) if with_A_LM else None, None,
-                                  take(c.G_LM, i, rows))
+            return LayerDeductive(None, take(c.A_LM, i, rows) if with_A_LM and call.deductive
+                                  else None, None, take(c.G_LM, i, rows))
         if not self.learned:
             G = self.G_LM[None].expand(q.shape[0], -1, -1, -1)
             if any_given:
@@ -268,6 +270,7 @@ class AttentionCall:
     where: Tensor | None = None       # [B, T] cache positions of the new tokens
     span: int = 0                     # cache positions the call attends over (KV calls)
     fresh: bool = True                # the first call on these slots (fixes A and G_LM)
+    deductive: bool = True            # the caller reads A, A_LM, A_P (else only G_LM is taken)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

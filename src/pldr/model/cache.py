@@ -124,10 +124,13 @@ class InferenceCache:
 
     def span(self, slots: Sequence[int] | None, T: int) -> int:
         """How many cache positions a call of T new tokens on `slots` attends over: the
-        longest slot's written positions plus T (all max_len when static)."""
+        longest live slot's written positions plus T (all max_len when static)."""
         if self.static:
             return self.max_len
-        held = max(self.written) if slots is None else max(self.written[s] for s in slots)
+        if slots is None:  # idle slots compute garbage nobody reads: their length is moot
+            held = max((w for w, live in zip(self.written, self.live) if live), default=0)
+        else:
+            held = max(self.written[s] for s in slots)
         return min(self.max_len, held + T)
 
     def given_state(self, slots: Sequence[int] | None) -> tuple[bool, bool, bool]:
@@ -144,8 +147,9 @@ class InferenceCache:
 
     @staticmethod
     def take(t: Tensor, layer: int, rows: Tensor | None) -> Tensor:
-        """t[layer] for the call's rows ([B', ...])."""
-        return t[layer] if rows is None else t[layer][rows]
+        """t[layer] for the call's rows ([B', ...]): a view for every slot, else a copy
+        (index_select: twice as fast as advanced indexing here)."""
+        return t[layer] if rows is None else t[layer].index_select(0, rows)
 
     @staticmethod
     def put(t: Tensor, layer: int, rows: Tensor | None, value: Tensor) -> None:
@@ -194,7 +198,9 @@ class InferenceCache:
         self.k[layer][row_ix, :, where] = k.transpose(1, 2)       # [B', T, H, dk]
         self.v[layer][row_ix, :, where] = v.transpose(1, 2)
         keys, values = self.k[layer][:, :, :span], self.v[layer][:, :, :span]
-        return (keys, values) if rows is None else (keys[rows], values[rows])
+        if rows is None:
+            return keys, values
+        return keys.index_select(0, rows), values.index_select(0, rows)
 
     def advance(self, slots: Sequence[int] | None, rows: Tensor | None, real: Tensor) -> None:
         """After a call of real [B', T] on `rows`: move each live slot's lengths on, and

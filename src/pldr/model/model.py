@@ -175,7 +175,8 @@ class PLDRModel(nn.Module):
             real = attention_mask.to(torch.bool)                           # [B, T]
         else:
             real = ids != cfg.pad_id if (pads or kv) else None
-        call = AttentionCall(mask=None, metric_mask=None, cache=cache, slots=slots)
+        call = AttentionCall(mask=None, metric_mask=None, cache=cache, slots=slots,
+                             deductive=return_deductive)
         if cache is not None:
             call.rows, call.fresh = cache.index(slots), cache.is_fresh(slots)
         if kv:
