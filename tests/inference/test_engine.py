@@ -259,28 +259,39 @@ def test_nan_logits_end_that_request_only_and_free_its_slot():
     assert late.finish_reason == "error" and len(late.tokens) == 1 and not engine.has_work
 
 
-def test_steps_run_every_slot_while_most_are_busy_and_listed_slots_otherwise(model, monkeypatch):
-    """A decode step over every slot (idle ones included, one of them left by a longer
-    request) and one over the listed busy slots both give each request its tokens alone."""
+def test_steps_run_every_slot_while_most_are_busy_and_listed_slots_otherwise(monkeypatch):
+    """Steps over every slot (idle ones included: one left by a request that used every
+    position of the model, longer than any running one) and steps over the listed busy
+    slots both give each request its tokens alone."""
+    model = fixture_model(max_seq_len=32)
     greedy = dict(temperature=0, eos_id=-1)
-    engine = Engine(model, max_batch=4)
-    calls = []  # (slots of a decode call, number of busy requests)
+    engine = Engine(model, max_batch=3)                     # max_len = max_seq_len = 32
+    calls = []  # (slots of a decode call, busy requests, the longest idle slot's positions)
     forward = type(model).forward
 
     def spy(self, ids, **kw):
         if kw.get("cache") is not None and ids.shape[1] == 1:
-            calls.append((kw.get("slots"), len(engine.running)))
+            c = kw["cache"]
+            idle = [w for w, live in zip(c.written, c.live) if not live]
+            calls.append((kw.get("slots"), len(engine.running), max(idle, default=0)))
         return forward(self, ids, **kw)
 
     monkeypatch.setattr(type(model), "forward", spy)
-    plan = [(PROMPTS[3], 14), (PROMPTS[1], 3), (PROMPTS[2], 8), (PROMPTS[0], 10)]
-    reqs = [engine.submit(p, n, **greedy) for p, n in plan]
-    engine.run()
-    later = [engine.submit(PROMPTS[4], 6, **greedy)]  # alone in a used engine: listed
+    full = engine.submit(PROMPTS[2], 28, **greedy)          # 5 + 28 - 1 = 32 positions
+    plan = [(full, PROMPTS[2], 28)]
+    step = 0
+    while engine.has_work and step < 80:
+        if step == 20:                                      # two arrive late: they outlive it
+            plan += [(engine.submit(PROMPTS[1], 16, **greedy), PROMPTS[1], 16),
+                     (engine.submit(PROMPTS[5], 12, **greedy), PROMPTS[5], 12)]
+        engine.step()
+        step += 1
+    plan.append((engine.submit(PROMPTS[4], 6, **greedy), PROMPTS[4], 6))  # alone: listed
     engine.run()
     monkeypatch.setattr(type(model), "forward", forward)
-    every = [busy for slots, busy in calls if slots is None]
-    listed = [busy for slots, busy in calls if slots is not None]
-    assert 4 in every and 3 in every and max(listed) <= 2 and 1 in listed
-    for req, (prompt, n) in zip(reqs + later, plan + [(PROMPTS[4], 6)]):
+    assert full.finish_reason == "length"
+    every = [(busy, idle) for slots, busy, idle in calls if slots is None]
+    assert (2, 32) in every                    # the full slot idle beside two busy ones
+    assert max(busy for slots, busy, _ in calls if slots is not None) == 1
+    for req, prompt, n in plan:
         assert req.tokens == _alone(model, prompt, n, greedy)

@@ -17,7 +17,7 @@ from pldr.model.model import PLDRModel
 @pytest.fixture
 def turned(monkeypatch):
     """Take the turned-round product wherever the rows allow, whatever this CPU is."""
-    monkeypatch.setattr(linear_mod, "weight_left_pays", lambda: True)
+    monkeypatch.setattr(linear_mod, "WEIGHT_LEFT_PAYS", True)
 
 
 @pytest.mark.parametrize("shape", [(16, 1, 24), (2, 16, 24), (48, 24), (6, 24)])
@@ -57,18 +57,24 @@ def test_gradients_equal_f_linear(turned):
 
 
 def test_gate_follows_the_kernels(monkeypatch):
-    """AVX-512 kernels turn the product round; AVX2 ones (ATen's or MKL's) do not."""
-    for capability, mkl, expected in (("AVX512", None, True), ("AVX512", "AVX2", False),
-                                      ("AVX2", None, False), ("DEFAULT", None, False),
-                                      ("AVX512", "AVX512", True)):
+    """Intel with AVX-512 kernels turns the product round; AVX2 ones (ATen's or MKL's), other
+    vendors and builds without MKL do not."""
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    for vendor, capability, mkl, expected in (
+            ("GenuineIntel", "AVX512", None, True), ("GenuineIntel", "AVX512", "AVX512", True),
+            ("GenuineIntel", "AVX512", "AVX2", False), ("GenuineIntel", "AVX2", None, False),
+            ("GenuineIntel", "DEFAULT", None, False), ("AuthenticAMD", "AVX512", None, False)):
+        monkeypatch.setattr(linear_mod, "cpu_vendor", lambda v=vendor: v)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         if mkl is None:
             monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
         else:
             monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", mkl)
-        linear_mod.weight_left_pays.cache_clear()
-        assert linear_mod.weight_left_pays() is expected, (capability, mkl)
-    linear_mod.weight_left_pays.cache_clear()
+        assert linear_mod.weight_left_pays() is expected, (vendor, capability, mkl)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    monkeypatch.setattr(linear_mod, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert linear_mod.weight_left_pays() is False
 
 
 def test_model_layers_stay_nn_linear_and_decode_agrees(monkeypatch):
@@ -85,7 +91,7 @@ def test_model_layers_stay_nn_linear_and_decode_agrees(monkeypatch):
     model.final_layer.register_forward_hook(
         lambda mod, args, out: head_contiguous.__setitem__(turn, out.is_contiguous()))
     for turn in (False, True):
-        monkeypatch.setattr(linear_mod, "weight_left_pays", lambda t=turn: t)
+        monkeypatch.setattr(linear_mod, "WEIGHT_LEFT_PAYS", turn)
         with torch.inference_mode():
             cache = InferenceCache.for_mode(cfg, "kv_g", 8, 8, model.device, model.dtype)
             model(ids, cache=cache)

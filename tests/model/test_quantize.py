@@ -66,6 +66,23 @@ def test_int8_linear_computes_with_its_dequantized_weight_and_rounded_input(redu
     assert q(x.bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_a_non_finite_row_spoils_only_itself(bad):
+    """The call rounds every row to one range, yet a NaN or inf row (a request gone bad,
+    an idle engine slot in a step over every slot) leaves the other rows exactly as without
+    it (FBGEMM's range skips NaN, and an inf row scales to 0 and NaN), and its own output
+    non-finite."""
+    torch.manual_seed(1)
+    q = Int8Linear.from_linear(nn.Linear(48, 20), reduce_range=False)
+    x = torch.randn(8, 48)
+    x[3, 5] = bad
+    others = [0, 1, 2, 4, 5, 6, 7]
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(y[others], q(x[others]))
+    assert not torch.isfinite(y[3]).any()
+
+
 def test_bf16_linear_computes_what_a_bf16_linear_does():
     torch.manual_seed(0)
     lin = nn.Linear(48, 20).bfloat16().requires_grad_(False)

@@ -127,7 +127,8 @@ class InferenceCache:
         longest live slot's written positions plus T (all max_len when static)."""
         if self.static:
             return self.max_len
-        if slots is None:  # idle slots compute garbage nobody reads: their length is moot
+        if slots is None:  # idle slots compute rows nobody reads (their writes stay in range:
+            # `begin` clamps their cache and RoPE positions), so their lengths do not count
             held = max((w for w, live in zip(self.written, self.live) if live), default=0)
         else:
             held = max(self.written[s] for s in slots)
@@ -181,6 +182,9 @@ class InferenceCache:
         self.key_real[row_ix, where] = real
         lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)           # [B', 1]
         positions = seen[:, None] + (steps[None] - lead).clamp(min=0)       # [B', T]
+        # a live slot stays below max_seq_len (the callers check it); an idle one that used
+        # every position would index past the RoPE tables in a call over every slot
+        positions = positions.clamp(max=self.config.max_seq_len - 1)
         key_real = self.key_real[:, :S]
         key_real = key_real if rows is None else key_real[rows]              # [B', S]
         k_idx = torch.arange(S, device=real.device)
@@ -256,8 +260,9 @@ class InferenceCache:
                 t[:, slot].zero_()
 
     def release(self, slot: int) -> None:
-        """Mark `slot` idle: decode steps still run it (static shapes) but nothing it
-        computes is used, and its lengths stop moving. Its G_LM stays (see `set_G_LM`)."""
+        """Mark `slot` idle: calls over every slot (compiled steps, and eager engine steps
+        while most slots are busy) still run it, but nothing it computes is used, and its
+        lengths stop moving. Its G_LM stays (see `set_G_LM`)."""
         self.active[slot] = 0
         self.live[slot] = False
         self._set(slot, fresh=False)

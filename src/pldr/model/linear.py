@@ -7,32 +7,38 @@ operand, read in place. Measured on the 110M shape (2-core Xeon, AVX-512, torch 
 decode step of 16 requests 40.0 -> 33.5 ms, of 12 requests 1.45x faster; 1-3 rows lose
 (0.55x) and 64 rows gain nothing, and under MKL's AVX2 kernels it is 0.75-1.0x.
 
-So the product is turned round only there: float32 on a CPU whose kernels are AVX-512, for
-SMALL_BATCH_ROWS rows; everywhere else (GPUs, bf16, training's thousands of rows) this is
-`F.linear`. Both compute the same sums in another order (float32 rounding only). The state
-dict and `isinstance(layer, nn.Linear)` are nn.Linear's, so checkpoints, FSDP2 and the
-int8/bf16 layer swaps (model/quantize.py) see no difference.
+So the product is turned round only there: float32 on an Intel CPU whose MKL and ATen
+kernels are AVX-512 (AMD CPUs get MKL's AVX2-class kernels), for SMALL_BATCH_ROWS rows: a
+batch of decoding requests, and also a short prompt or a small scoring batch. Everywhere
+else (GPUs, bf16, long prompts, training's thousands of rows) this is `F.linear`. Both
+compute the same sums in another order (float32 rounding only). The state dict and
+`isinstance(layer, nn.Linear)` are nn.Linear's, so checkpoints, FSDP2 and the int8/bf16
+layer swaps (model/quantize.py) see no difference.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..devices import cpu_vendor
+
 SMALL_BATCH_ROWS = range(6, 49)  # rows (B x T) for which W @ x^T is the faster product
 
 
-@functools.cache
 def weight_left_pays() -> bool:
-    """Whether this process's CPU kernels are the AVX-512 ones (ATen's capability, and MKL
-    not limited by MKL_ENABLE_INSTRUCTIONS), where W @ x^T is measured faster."""
+    """Whether this process computes with MKL's and ATen's AVX-512 kernels on an Intel CPU
+    (MKL not limited by MKL_ENABLE_INSTRUCTIONS), where W @ x^T is measured faster."""
     mkl_limit = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
-    return (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return (torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel"
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and (not mkl_limit or mkl_limit.startswith("AVX512")))
+
+
+WEIGHT_LEFT_PAYS = weight_left_pays()  # once per process: the kernels do not change
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -40,7 +46,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     is a transposed view (making it contiguous would cost a tenth of the gain)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (rows in SMALL_BATCH_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight_left_pays()):
+            and x.device.type == "cpu" and WEIGHT_LEFT_PAYS):
         xt = x.reshape(rows, x.shape[-1]).t()                               # [in, rows]
         y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)
         return y.t().reshape(*x.shape[:-1], weight.shape[0])                # [..., out]
