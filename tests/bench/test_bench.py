@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pldr.cli import main
+from pldr.model import linear
 
 
 def test_bench_records_results_and_machine(tmp_path, capsys):
@@ -93,6 +94,7 @@ def test_bench_suite_writes_every_named_key(tmp_path, capsys):
     for key in ("cpu", "avx2", "avx512f", "avx512_bf16", "amx", "threads", "torch", "cuda"):
         assert key in machine, key
     assert machine["threads"] == 1
+    assert machine["few_row_products_turned"] is linear.WEIGHT_LEFT_PAYS
     assert "kv_g / sdpa_baseline" in data["ratios"]
     assert "decode_roofline_fraction:" in capsys.readouterr().out
 

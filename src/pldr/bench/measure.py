@@ -74,8 +74,11 @@ class BenchResult:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, the SIMD flags that matter for torch, threads, load and versions."""
+    """CPU model, the SIMD flags that matter for torch, threads, load and versions, and
+    whether few-row float32 products are turned round here (model/linear.py), which moves
+    batched decoding figures."""
     from ..devices import cpu_flags
+    from ..model.linear import WEIGHT_LEFT_PAYS
 
     flags, model = cpu_flags(), platform.processor()
     try:
@@ -95,6 +98,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "few_row_products_turned": WEIGHT_LEFT_PAYS,
     }
 
 
