@@ -77,18 +77,10 @@ def machine_info() -> dict[str, Any]:
     """CPU model, the SIMD flags that matter for torch, threads, load and versions, and
     whether few-row float32 products are turned round here (model/linear.py), which moves
     batched decoding figures."""
-    from ..devices import cpu_flags
+    from ..devices import cpu_flags, cpuinfo_field
     from ..model.linear import WEIGHT_LEFT_PAYS
 
-    flags, model = cpu_flags(), platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    flags, model = cpu_flags(), cpuinfo_field("model name") or platform.processor()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile",
               "amx_int8")
     return {

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..config import PLDRConfig
-from ..devices import parse_dtype, resolve_device
+from ..devices import load_dtype, parse_dtype, resolve_device
 from ..errors import CheckpointError, PLDRError
 from ..model.cache import stack_per_layer
 from ..model.model import PLDRModel
@@ -25,6 +25,7 @@ from ..model.pretrained import (
     verify_manifest,
     read_safetensors,
 )
+from ..model.quantize import for_decoding
 from .glm import load_G_LM
 from .hf_port import (
     PORT_MODEL_TYPE,
@@ -101,9 +102,6 @@ def load_for_decoding(path: str | os.PathLike,
     int8 loads float32 weights on the CPU and quantises them; bfloat16 on a CPU packs its
     weights for oneDNN, or falls back to float32 (with a warning) where the CPU has no
     native bf16."""
-    from ..devices import load_dtype
-    from ..model.quantize import for_decoding
-
     if dtype == "int8" and device not in (None, "cpu"):
         raise PLDRError(f"--dtype int8 runs on CPU only, not --device {device}; use "
                         "--device cpu or --dtype float32/bfloat16")
