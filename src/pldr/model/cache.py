@@ -201,10 +201,8 @@ class InferenceCache:
         row_ix = (self._all if rows is None else rows)[:, None]   # [B', 1]
         self.k[layer][row_ix, :, where] = k.transpose(1, 2)       # [B', T, H, dk]
         self.v[layer][row_ix, :, where] = v.transpose(1, 2)
-        keys, values = self.k[layer][:, :, :span], self.v[layer][:, :, :span]
-        if rows is None:
-            return keys, values
-        return keys.index_select(0, rows), values.index_select(0, rows)
+        keys, values = self.k[:, :, :, :span], self.v[:, :, :, :span]  # [L, B, H, span, dk]
+        return self.take(keys, layer, rows), self.take(values, layer, rows)
 
     def advance(self, slots: Sequence[int] | None, rows: Tensor | None, real: Tensor) -> None:
         """After a call of real [B', T] on `rows`: move each live slot's lengths on, and
