@@ -197,8 +197,9 @@ class Engine:
         rows = torch.tensor(slots, device=self._last.device)
         if self._compiled_decode is not None:  # every slot (static shapes), then the running
             return self._compiled_decode(self.model, self.cache, self._last).index_select(0, rows)
-        if 2 * len(slots) > self.max_batch:    # every slot, then the running
-            return decode_cached(self.model, self.cache, self._last).index_select(0, rows)
+        if 2 * len(slots) > self.max_batch:    # every slot, then the running (all: in order)
+            logits = decode_cached(self.model, self.cache, self._last)            # [B, V]
+            return logits if len(slots) == self.max_batch else logits.index_select(0, rows)
         out = self.model(self._last[rows][:, None], cache=self.cache, slots=slots,
                          logits_to_keep=1)
         return out.logits[:, -1]
