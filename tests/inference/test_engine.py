@@ -295,3 +295,77 @@ def test_steps_run_every_slot_while_most_are_busy_and_listed_slots_otherwise(mon
     assert max(busy for slots, busy, _ in calls if slots is not None) == 1
     for req, prompt, n in plan:
         assert req.tokens == _alone(model, prompt, n, greedy)
+
+
+def _prompt_logprobs(model, ids):
+    """log_softmax of an uncached forward over ids [T] (A and G_LM from them, as a prefill
+    fixes them): row t is the distribution of id t+1."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def _decode_logprobs(model, prompt, tokens):
+    """log_softmax of the logits generation computes for each of `tokens` after `prompt` (a
+    kv_g cache: G_LM from the prompt) -> [len(tokens), V]."""
+    from pldr.inference.generate import decode_step, prefill, start
+
+    with torch.no_grad():
+        state = start(model, [prompt], "kv_g", len(tokens))
+        rows = [prefill(model, state)[0]]
+        for tok in tokens[:-1]:
+            rows.append(decode_step(model, state, torch.tensor([tok]))[0])
+    return torch.log_softmax(torch.stack(rows).double(), -1)
+
+
+def test_logprobs_are_the_models_distribution_at_every_position(model):
+    """Prompt and new tokens' log-probabilities (float64, so cached == uncached to 1e-10) and
+    their top-k, for greedy and sampled requests side by side; sampling does not change the
+    tokens of a request that asks for them."""
+    m64 = fixture_model().double()
+    engine = Engine(m64, max_batch=2)
+    sampled = dict(temperature=1.3, top_k=30, seed=3, eos_id=-1)
+    a = engine.submit(PROMPTS[0], 6, temperature=0, eos_id=-1, logprobs=3, prompt_logprobs=2)
+    b = engine.submit(PROMPTS[3], 5, **sampled, logprobs=0)
+    c = engine.submit(PROMPTS[1], 4, **sampled)                  # no logprobs: none recorded
+    engine.run()
+    assert b.tokens == _alone(m64, PROMPTS[3], 5, sampled) and c.token_logprobs == []
+    for req, k in ((a, 3), (b, 0)):
+        want = _decode_logprobs(m64, req.prompt, req.tokens)     # [new, V]
+        assert len(req.token_logprobs) == len(req.tokens)
+        for j, rec in enumerate(req.token_logprobs):
+            row = want[j]
+            assert rec.logprob == pytest.approx(row[req.tokens[j]].item(), abs=1e-10)
+            top = row.topk(k)
+            assert [t for t, _ in rec.top] == top.indices.tolist()
+            assert [v for _, v in rec.top] == pytest.approx(top.values.tolist(), abs=1e-10)
+    # greedy: every new token is the most likely one, with the top logprob
+    assert all(rec.top[0] == (tok, rec.logprob) for tok, rec in zip(a.tokens, a.token_logprobs))
+    prompt = a.prompt_token_logprobs
+    assert prompt[0] is None and len(prompt) == len(a.prompt)
+    want = _prompt_logprobs(m64, a.prompt)
+    for t in range(1, len(a.prompt)):
+        assert prompt[t].logprob == pytest.approx(want[t - 1][a.prompt[t]].item(), abs=1e-10)
+        assert [i for i, _ in prompt[t].top] == want[t - 1].topk(2).indices.tolist()
+
+
+def test_max_new_tokens_0_with_prompt_logprobs_scores_the_prompt_only(model):
+    engine = Engine(model, max_batch=1)
+    scored = [engine.submit(p, 0, prompt_logprobs=1) for p in PROMPTS[:3]]
+    plain = engine.submit(PROMPTS[0], 0)                          # nothing asked: done at once
+    assert plain.done and plain.finish_reason == "length" and plain.prompt_token_logprobs is None
+    ended = engine.step()  # one slot: the scoring requests pass through it in one step
+    assert ended == scored and not engine.has_work
+    for req in scored:
+        assert req.done and req.finish_reason == "length" and req.tokens == []
+        assert len(req.prompt_token_logprobs) == len(req.prompt)
+    one = engine.submit([42], 0, prompt_logprobs=4)
+    engine.run()
+    assert one.prompt_token_logprobs == [None]
+
+
+@pytest.mark.parametrize("kwargs", [dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True),
+                                    dict(prompt_logprobs=2.0)])
+def test_bad_logprobs_are_refused_at_submit(model, kwargs):
+    engine = Engine(model, max_batch=1)
+    with pytest.raises(pldr.PLDRError, match="logprobs must be None or an integer in"):
+        engine.submit(PROMPTS[0], 2, **kwargs)

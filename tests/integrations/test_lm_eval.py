@@ -92,6 +92,13 @@ def test_simple_evaluate_scores_every_choice_as_the_model_does(setup):
     assert 0.0 <= out["results"]["pldr_toy_mc"]["acc,none"] <= 1.0
 
 
+def test_lm_evals_own_models_stay_registered_beside_pldr():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("pldr") is PLDRLM
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"  # pldr serve's client
+
+
 def test_batch_size_1_equals_batch_size_8(setup):
     one = _evaluate(setup, 1)["samples"]["pldr_toy_mc"]
     eight = _evaluate(setup, 8)["samples"]["pldr_toy_mc"]

@@ -1,4 +1,4 @@
-"""A choice's text as ids arrive (pldr.serve.app.Choice): decoded incrementally, it equals
+"""A choice's text as ids arrive (pldr.serve.choice.Choice): decoded incrementally, it equals
 decoding all the ids at once, and the streamed pieces join to it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from pydoc_data.topics import topics
 
 from pldr.data.tokenizer import Tokenizer
-from pldr.serve.app import Choice
+from pldr.serve.choice import Choice, logprobs_json, prompt_scored, token_texts
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +28,71 @@ def _stream(tok: Tokenizer, ids: list[int], rng: random.Random, stops=()) -> tup
     return choice, "".join(shown)
 
 
-def test_incremental_text_equals_decoding_everything(tok):
-    rng = random.Random(0)
+def _cases(tok: Tokenizer, rng: random.Random) -> list[list[int]]:
     text = "".join(topics[k] for k in sorted(topics)[60:64])
     byte_ids = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "é€😀".encode()]  # byte fallback
-    cases = [tok.encode(text)[:300],                                  # real text
-             [rng.randrange(6, 400) for _ in range(300)],             # random pieces
-             byte_ids + tok.encode("a word")[:3] + byte_ids[:2]]      # split characters
-    for ids in cases:
+    return [tok.encode(text)[:300],                                  # real text
+            [rng.randrange(6, 400) for _ in range(300)],             # random pieces
+            byte_ids + tok.encode("a word")[:3] + byte_ids[:2]]      # split characters
+
+
+def test_incremental_text_equals_decoding_everything(tok):
+    rng = random.Random(0)
+    for ids in _cases(tok, rng):
         choice, shown = _stream(tok, ids, rng)
         assert choice.text == tok.decode(ids) == shown
+
+
+def test_token_texts_join_to_the_decoded_text(tok):
+    rng = random.Random(2)
+    for ids in _cases(tok, rng):
+        texts = token_texts(tok, ids)
+        assert len(texts) == len(ids) and "".join(texts) == tok.decode(ids)
+    byte_ids = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "€".encode()]
+    assert token_texts(tok, byte_ids) == ["", "", "€"]  # the id that completes it has it
+
+
+def _scored_stream(tok, ids, rng, stops=()):
+    """Stream ids (records: their positions) through a Choice that keeps logprobs; returns
+    the choice and the entries each chunk sent."""
+    choice, sent, at = Choice(tok, stops, eos_id=-1, logprobs=True), [], 0
+    while at < len(ids) and not choice.done:
+        step = rng.randint(1, 3)
+        records = list(range(at, min(at + step, len(ids))))  # stand-ins for TokenLogprobs
+        choice.add(ids[at:at + step], at + step >= len(ids), records)
+        choice.new_text()
+        sent += choice.new_scored()
+        at += step
+    return choice, sent
+
+
+def test_logprob_entries_follow_the_text_through_stop_strings_and_streams(tok):
+    rng = random.Random(3)
+    for ids in _cases(tok, rng):
+        choice, sent = _scored_stream(tok, ids, rng)
+        entries = choice.scored()
+        assert sent == entries and [e[3] for e in entries] == list(range(len(ids)))
+        assert "".join(e[1] for e in entries) == choice.text
+        assert all(e[2] == len("".join(x[1] for x in entries[:k])) for k, e in enumerate(entries))
+    ids = tok.encode("the first line. the second line.", eos=False)
+    choice, sent = _scored_stream(tok, ids, rng, stops=("second",))
+    entries = choice.scored()
+    assert choice.cut and sent == entries and 0 < len(entries) < len(ids)
+    assert "".join(e[1] for e in entries) == choice.text == tok.decode(ids).split("second")[0]
+
+
+def test_logprobs_json_has_openais_fields(tok):
+    from pldr.inference.engine import TokenLogprobs
+
+    ids = tok.encode("a word", eos=False)
+    records = [None] + [TokenLogprobs(-1.5, ((ids[k], -1.5), (7, -2.0)))
+                        for k in range(1, len(ids))]
+    body = logprobs_json(tok, prompt_scored(tok, ids, records), offset=0)
+    assert set(body) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert "".join(body["tokens"]) == "a word" and body["token_logprobs"][0] is None
+    assert body["top_logprobs"][0] is None and body["text_offset"][0] == 0
+    piece = tok.id_to_piece(7).replace("\u2581", " ")
+    assert all(top[piece] == -2.0 and len(top) == 2 for top in body["top_logprobs"][1:])
 
 
 def test_a_stop_string_cuts_the_incremental_text(tok):

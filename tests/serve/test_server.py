@@ -255,6 +255,166 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert server.metric("pldr_prompt_tokens_total") > 0
 
 
+def _prompt_logprobs(model, ids):
+    """log_softmax of an uncached forward over ids (A and G_LM from all of them, as the
+    prefill of that prompt fixes them): row t is the distribution of id t + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+
+
+def _decode_logprobs(model, prompt, tokens):
+    """log_softmax of the logits generation computes for each of `tokens` after `prompt`."""
+    from pldr.inference.generate import decode_step, prefill, start
+
+    with torch.no_grad():
+        state = start(model, [prompt], "kv_g", len(tokens))
+        rows = [prefill(model, state)[0]]
+        for tok in tokens[:-1]:
+            rows.append(decode_step(model, state, torch.tensor([tok]))[0])
+    return torch.log_softmax(torch.stack(rows), -1)
+
+
+def _post(server, **body):
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={"model": "model", **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_logprobs_of_new_tokens_are_the_models(server, reference):
+    model, tok = reference
+    prompt = tok.encode("The function returns", eos=False)
+    r = _post(server, prompt=prompt, max_tokens=10, temperature=0, logprobs=3)
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:k])) for k in range(len(lp["tokens"]))]
+    _, ids = _alone(reference, "The function returns", 10, temperature=0)
+    want = _decode_logprobs(model, prompt, ids)
+    assert lp["token_logprobs"] == pytest.approx([want[j, t].item() for j, t in enumerate(ids)],
+                                                 abs=1e-4)
+    for j, top in enumerate(lp["top_logprobs"]):
+        best = want[j].topk(3)
+        assert 3 <= len(top) <= 4 and max(top.values()) == lp["token_logprobs"][j]  # greedy
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(best.values.tolist(),
+                                                                       abs=1e-4)
+    # the openai client reads them too
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    got = c.completions.create(model="model", prompt=prompt, max_tokens=10, temperature=0,
+                               logprobs=3).choices[0].logprobs
+    assert got.token_logprobs == lp["token_logprobs"] and got.tokens == lp["tokens"]
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, reference):
+    model, tok = reference
+    ids = tok.encode("A list of numbers", eos=False)
+    r = _post(server, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == tok.decode(ids) == "".join(lp["tokens"])
+    assert len(lp["tokens"]) == len(ids) and r["usage"]["completion_tokens"] == 0
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = _prompt_logprobs(model, ids)
+    assert lp["token_logprobs"][1:] == pytest.approx(
+        [want[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-4)
+    # with new tokens after the echo: prompt entries first, then those of the new tokens
+    r = _post(server, prompt=ids, max_tokens=4, echo=True, logprobs=2, temperature=0)
+    lp2 = r["choices"][0]["logprobs"]
+    assert lp2["token_logprobs"][:len(ids)] == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    assert len(lp2["tokens"]) == len(ids) + r["usage"]["completion_tokens"]
+    assert "".join(lp2["tokens"]) == r["choices"][0]["text"]
+
+
+def test_streamed_logprobs_join_to_the_plain_ones(server):
+    body = dict(prompt="Hello world", max_tokens=12, temperature=0, logprobs=2, echo=True)
+    plain = _post(server, **body)["choices"][0]["logprobs"]
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"model": "model", **body, "stream": True}) as r:
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    joined = {k: [] for k in plain}
+    for event in events[:-1]:
+        for k, v in json.loads(event)["choices"][0]["logprobs"].items():
+            joined[k] += v
+    assert joined["tokens"] == plain["tokens"]
+    assert joined["text_offset"] == plain["text_offset"]
+    assert joined["token_logprobs"] == pytest.approx(plain["token_logprobs"], abs=1e-6)
+
+
+def test_tokenizer_routes_as_vllm_serves_them(server, reference):
+    _, tok = reference
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}, timeout=30).json()
+    assert r["tokens"] == tok.encode("Hello world", eos=False) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 96
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tok.id_to_piece(tok.eos_id) and info["bos_token"] is None
+    eos = httpx.post(server.url + "/tokenize", json={"prompt": info["eos_token"],
+                                                     "add_special_tokens": False}, timeout=30)
+    assert eos.json()["tokens"] == [tok.eos_id]  # the special piece's text is its id
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}, timeout=30)
+    assert back.json() == {"prompt": "Hello world"}
+    for path, body, param in [("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "add_special_tokens": "no"},
+                               "add_special_tokens"),
+                              ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+                              ("/tokenize", {"prompt": "a", "extra": 1}, "extra"),
+                              ("/detokenize", {"tokens": [1, "a"]}, "tokens"),
+                              ("/detokenize", {"tokens": [10**6]}, "tokens")]:
+        r = httpx.post(server.url + path, json=body, timeout=30)
+        assert _assert_error_shape(r, 404 if param == "model" else 400)["param"] == param
+
+
+def test_lm_eval_local_completions_runs_against_the_server(server, reference, tmp_path):
+    """lm-eval's own OpenAI-API model, offline: it finds the server's tokenizer routes
+    (tokenizer_backend auto -> remote), scores every choice with echo + logprobs (each equal
+    to the model's log-probabilities over that whole prompt) and generates until its stop
+    strings (each equal to greedy `pldr.generate` on the context)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model, tok = reference
+    questions = [("The class statement", [" defines a class", " loops"], 0),
+                 ("A for loop", [" iterates", " is a number"], 0),
+                 ("Python is", [" a language", " a snake"], 1)]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                            for q, c, a in questions))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n" \
+             "test_split: test\ndoc_to_text: \"{{question}}\"\n"
+    (tmp_path / "mc.yaml").write_text("task: serve_toy_mc\n" + common + """\
+output_type: multiple_choice
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""")
+    (tmp_path / "gen.yaml").write_text("task: serve_toy_gen\n" + common + """\
+output_type: generate_until
+doc_to_target: "{{choices[answer]}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    out = lm_eval.simple_evaluate(
+        model="local-completions", model_args=f"base_url={server.url}/v1/completions,"
+        "model=model,max_length=96,max_retries=1", tasks=["serve_toy_mc", "serve_toy_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True)
+    for s in out["samples"]["serve_toy_mc"]:
+        q, choices, _ = questions[s["doc_id"]]
+        for (score, _), cont in zip((r[0] for r in s["resps"]), choices):
+            ctx, whole = tok.encode(q, eos=False), tok.encode(q + cont, eos=False)
+            logp = _prompt_logprobs(model, whole)
+            want = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
+            assert score == pytest.approx(want, abs=1e-4)
+    for s in out["samples"]["serve_toy_gen"]:
+        q = questions[s["doc_id"]][0]
+        text = tok.decode(generate(model, [tok.encode(q, eos=False)], 6, temperature=0)[0])
+        assert s["resps"][0][0] == text.split(".")[0]
+
+
 MALFORMED = [
     ({"prompt": "hi", "max_tokens": 4}, 400, "model"),
     ({"model": "other", "prompt": "hi"}, 404, "model"),
@@ -286,8 +446,10 @@ MALFORMED = [
     ({"model": "model", "prompt": "hi", "echo": 1}, 400, "echo"),
     ({"model": "model", "prompt": "hi", "stop": 5}, 400, "stop"),
     ({"model": "model", "prompt": "hi", "stop": [""]}, 400, "stop"),
-    ({"model": "model", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": "model", "prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    ({"model": "model", "prompt": "hi", "stop": [str(i) for i in range(17)]}, 400, "stop"),
+    ({"model": "model", "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ({"model": "model", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "model", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ({"model": "model", "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"model": "model", "prompt": "hi", "frobnicate": True}, 400, "frobnicate"),
     ({"model": "model", "prompt": "hi", "stream_options": {"x": 1}}, 400, "stream_options"),
@@ -338,6 +500,10 @@ def test_api_key_queue_limit_and_sigterm_during_a_stream(model_dir):
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.post(url, json=body, headers=auth, timeout=60).status_code == 200
         assert httpx.get(s.url + "/health", timeout=5).status_code == 200  # no key needed
+        for path in ("/tokenize", "/detokenize"):  # the tokenizer routes need it too
+            r = httpx.post(s.url + path, json={"prompt": "a", "tokens": [5]}, timeout=30)
+            _assert_error_shape(r, 401)
+        _assert_error_shape(httpx.get(s.url + "/tokenizer_info", timeout=30), 401)
 
         # one slot, one place in the queue: of 5 long requests at once, some get 429
         long = dict(body, max_tokens=80, temperature=0.9, seed=3)

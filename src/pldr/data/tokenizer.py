@@ -162,13 +162,33 @@ class Tokenizer:
         return self._sp.id_to_piece(int(i))
 
     # ----- encode / decode ---------------------------------------------------------------
-    def encode(self, text: str, eos: bool = True) -> list[int]:
-        """Ids of `text`, without BOS and with EOS appended unless `eos=False`."""
+    def encode(self, text: str, eos: bool = True, parse_special: bool = False) -> list[int]:
+        """Ids of `text`, without BOS and with EOS appended unless `eos=False`. With
+        `parse_special` the text of a special piece ([START], [END], [SEP], [CLS]) becomes
+        its id, as Hugging Face tokenizers (and so vLLM's server) read special tokens in a
+        prompt; [PAD] and [UNK] stay text."""
         if not isinstance(text, str):
             raise PLDRError(f"encode takes a string, got {type(text).__name__}; use "
                             "encode_batch for a list of texts")
         _check_utf8(text)
-        return self._sp.encode(text, add_eos=eos)
+        if not parse_special or self._special_pattern is None:
+            return self._sp.encode(text, add_eos=eos)
+        ids, pos = [], 0
+        for m in self._special_pattern.finditer(text):
+            if m.start() > pos:
+                ids += self._sp.encode(text[pos:m.start()])
+            ids.append(self._sp.piece_to_id(m.group()))
+            pos = m.end()
+        if pos < len(text):
+            ids += self._sp.encode(text[pos:])
+        return ids + [self.eos_id] if eos else ids
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        """A regex of the special pieces `encode(parse_special=True)` reads (None if none)."""
+        pieces = sorted({self.id_to_piece(i) for i in self.special_ids
+                         if i not in (self.pad_id, self.unk_id)}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, pieces))) if pieces else None
 
     def encode_batch(self, texts: Sequence[str], eos: bool = True,
                      num_threads: int | None = None) -> list[list[int]]:

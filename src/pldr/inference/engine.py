@@ -12,9 +12,14 @@ shapes ([max_batch, 1] ids over fixed-size buffers). Idle slots in a call over e
 compute rows that nothing reads. The step then admits queued requests into free slots,
 prefilling each alone so that its A and G_LM come from its own prompt (or from its given
 G_LM), and then samples one token for every running request, each with its own settings and
-seeded stream. Reading the sampled tokens is the one host-device
-sync of a step. A request whose logits turn NaN or inf ends with finish_reason "error" and
-the `NonFiniteLogitsError` in `req.error`; its slot is cleared and freed, and the others run
+seeded stream. Reading the sampled tokens is the one host-device sync of a step (reading
+log-probabilities, when asked, another). A request may ask for log-probabilities
+(`logprobs=k`: of each new token and the k most likely ids at its position;
+`prompt_logprobs=k`: the same for its prompt's tokens), taken from the model's
+distribution (log_softmax of the logits, before temperature, top-k and top-p, as vLLM
+reports them); with `prompt_logprobs`, `max_new_tokens=0` scores the prompt alone. A
+request whose logits turn NaN or inf ends with finish_reason "error" and the
+`NonFiniteLogitsError` in `req.error`; its slot is cleared and freed, and the others run
 on. A request's tokens therefore equal `pldr.generate` on its prompt alone,
 whatever runs beside it: rows never mix in attention, in A or in G_LM.
 
@@ -43,6 +48,16 @@ from .sampling import (BAD_ROW, GREEDY, NON_FINITE_MESSAGE, NonFiniteLogitsError
 log = logging.getLogger("pldr")
 
 ENGINE_CACHE_MODES = ("kv_g", "kv_only")  # the modes with a KV part: static decode shapes
+MAX_LOGPROBS = 20  # the most likely ids a request may ask for per position (vLLM's default)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model at its position, and the k most likely ids
+    there with theirs, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(eq=False)
@@ -55,8 +70,12 @@ class Request:
     eos_id: int
     seed: int | None = None
     G_LM: Tensor | None = None        # [L, 1, H, dk, dk] given for this request
+    logprobs: int | None = None       # most likely ids to report per new token (None: none)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
     id: int = 0
     tokens: list[int] = field(default_factory=list)  # new ids so far
+    token_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per new id
+    prompt_token_logprobs: list[TokenLogprobs | None] | None = None  # per prompt id; [0] None
     done: bool = False
     finish_reason: str | None = None  # "eos", "length", "cancelled" or "error"
     error: PLDRError | None = None    # why it ended with "error" (NaN or inf logits)
@@ -101,9 +120,15 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, *,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None, eos_id: int | None = None, G_LM=None) -> Request:
+               seed: int | None = None, eos_id: int | None = None, G_LM=None,
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """Queue a request; every input is checked here, before any work."""
         check_max_new_tokens(max_new_tokens)
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                                  or not 0 <= k <= MAX_LOGPROBS):
+                raise PLDRError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], "
+                                f"got {k!r}")
         sampling = SamplingConfig(temperature, top_k, top_p)
         if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1:
             prompt_ids = prompt_ids.tolist()
@@ -117,11 +142,11 @@ class Engine:
                             f"{self.max_len}; shorten one of them or raise max_len")
         G = None if G_LM is None else stack_per_layer(G_LM, self.model.config, "G_LM")
         req = Request(prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                      eos_id=eos_id,
-                      seed=seed, G_LM=G, id=next(self._ids))
+                      eos_id=eos_id, seed=seed, G_LM=G, logprobs=logprobs,
+                      prompt_logprobs=prompt_logprobs, id=next(self._ids))
         if seed is not None and not sampling.greedy:
             req.generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        if max_new_tokens == 0:
+        if max_new_tokens == 0 and prompt_logprobs is None:  # nothing to compute
             self._finish(req, "length")
         else:
             self._queue.append(req)
@@ -152,30 +177,45 @@ class Engine:
     def step(self) -> list[Request]:
         """Advance every running request by one token and admit queued requests into free
         slots (each prefilled alone, producing its first token). Returns the requests that
-        received a token or ended with an error, in slot order (ended ones first)."""
+        received a token or ended with an error, in slot order (ended ones first), and
+        those that only had their prompt scored (max_new_tokens=0)."""
         running = self.running
         logits = self._decode_running(running) if running else None  # [N, V]: running[i]
-        admitted = []
+        admitted, scored = [], []
         for slot in range(self.max_batch):
-            if self._slots[slot] is None and self._queue:
+            while self._slots[slot] is None and self._queue:
                 req = self._queue.popleft()
-                admitted.append((req, self._prefill(req, slot)))                      # [V]
+                row = self._prefill(req, slot)                                        # [V]
+                if req.max_new_tokens == 0:  # the prompt's log-probabilities were the task
+                    self._finish(req, "length")
+                    scored.append(req)
+                else:
+                    admitted.append((req, row))
         got = ([(r, logits[i]) for i, r in enumerate(running)] + admitted)
         if not got:
-            return []
+            return scored
         picks = _pick_tokens(running, logits, admitted)                               # [N]
         self._last[torch.tensor([r.slot for r, _ in got], device=picks.device)] = picks
-        tokens = picks.tolist()  # the one host-device sync of a step
-        for (req, _), tok in zip(got, tokens):
+        tokens = picks.tolist()  # the one host-device sync of a step (without logprobs)
+        asked = [i for i, (r, _) in enumerate(got) if r.logprobs is not None]
+        records = {}
+        if asked:
+            rows = torch.stack([got[i][1] for i in asked])                            # [M, V]
+            found = _logprobs_of(rows, picks[asked], [got[i][0].logprobs for i in asked])
+            records = dict(zip(asked, found))
+        for i, ((req, _), tok) in enumerate(zip(got, tokens)):
             if tok == BAD_ROW:
                 self._fail(req)
                 continue
             req.tokens.append(tok)
+            if i in records:
+                req.token_logprobs.append(records[i])
             if tok == req.eos_id:
                 self._finish(req, "eos")
             elif len(req.tokens) >= req.max_new_tokens:
                 self._finish(req, "length")
-        return sorted((r for r, _ in got), key=lambda r: r.slot if r.slot is not None else -1)
+        return scored + sorted((r for r, _ in got),
+                               key=lambda r: r.slot if r.slot is not None else -1)
 
     def run(self) -> None:
         """Step until no request is queued or running."""
@@ -205,7 +245,9 @@ class Engine:
         return out.logits[:, -1]
 
     def _prefill(self, req: Request, slot: int) -> Tensor:
-        """Put `req` in `slot` and run its prompt alone; returns its last logits [V]."""
+        """Put `req` in `slot` and run its prompt alone; returns its last logits [V]. With
+        `prompt_logprobs` the output head also runs over the other positions (apart, so the
+        last logits are those of a request without them)."""
         self.cache.reset(slot)
         G = req.G_LM if req.G_LM is not None else self._own_G
         if G is not None:
@@ -213,6 +255,12 @@ class Engine:
         req.slot, self._slots[slot] = slot, req
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.model.device)
         out = self.model(ids, cache=self.cache, slots=[slot], logits_to_keep=1)
+        if req.prompt_logprobs is not None:  # the first id has nothing before it: None
+            req.prompt_token_logprobs = [None]
+            if ids.shape[1] > 1:
+                head = self.model.final_layer(out.hidden[0, :-1])                  # [T-1, V]
+                req.prompt_token_logprobs += _logprobs_of(
+                    head, ids[0, 1:], [req.prompt_logprobs] * (ids.shape[1] - 1))
         return out.logits[0, -1]
 
     def _fail(self, req: Request) -> None:
@@ -268,6 +316,19 @@ def _pick_tokens(running: list[Request], logits: Tensor | None,
              sample_row(logits[i], r.sampling, r.generator) for i, r in enumerate(running)]
     picks += [sample_row(row, r.sampling, r.generator) for r, row in admitted]
     return torch.stack(picks)
+
+
+def _logprobs_of(logits: Tensor, ids: Tensor, ks: list[int]) -> list[TokenLogprobs]:
+    """Row i of logits [N, V]: the log-probability of ids[i] [N] and the ks[i] most likely
+    ids (reading them back is a sync of its own). A BAD_ROW id (non-finite logits, a request
+    that fails) gets a record nobody reads."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    chosen = logp.gather(1, ids.clamp(min=0)[:, None])[:, 0].tolist()                  # [N]
+    k = max(ks)
+    values, top = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())     # [N, k]
+    values, top = values.tolist(), top.tolist()
+    return [TokenLogprobs(c, tuple(zip(t[:n], v[:n])))
+            for c, t, v, n in zip(chosen, top, values, ks)]
 
 
 def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:

@@ -27,6 +27,9 @@ from ..inference.generate import generate
 from ..model.cache import InferenceCache, stack_per_layer
 
 try:
+    # lm-eval registers its own models (hf, local-completions, ...) on first lookup only while
+    # its registry is empty: import them now, or registering "pldr" first would hide them
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

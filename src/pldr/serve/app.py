@@ -1,5 +1,7 @@
-"""The OpenAI-compatible HTTP app: `/v1/completions` (plain and streamed), `/v1/models`,
-`/health` and `/metrics`, over the continuous-batching engine run by `EngineRunner`.
+"""The OpenAI-compatible HTTP app: `/v1/completions` (plain and streamed, with logprobs),
+`/v1/models`, vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info` (which lm-eval's
+`local-completions` reads), `/health` and `/metrics`, over the continuous-batching engine
+run by `EngineRunner`.
 
 A completion request is checked (schemas.py), encoded, split into one engine request per
 prompt and choice, and answered from the tokens the engine process sends back: all at once,
@@ -24,9 +26,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.generate import positions_needed
+from .choice import Choice, logprobs_json, prompt_scored
 from .metrics import ServerMetrics
 from .runner import EngineRunner, EngineStopped, Job, QueueFull
-from .schemas import CompletionRequest, RequestError, error_body, parse_completion
+from .schemas import (CompletionRequest, RequestError, error_body, parse_completion,
+                      parse_detokenize, parse_tokenize)
 
 log = logging.getLogger("pldr")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: ample for prompts within max_seq_len
@@ -38,61 +42,6 @@ class ServeSettings:
     max_queue: int = 256
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
-
-
-class Choice:
-    """The text of one choice as its ids arrive: stop strings cut it, and streaming holds back
-    what might still turn out to be a stop string or half a multi-byte character."""
-
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_id: int):
-        self.tokenizer, self.stops, self.eos_id = tokenizer, stops, eos_id
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.stopped = False  # a stop string or EOS ended it
-        self.done = False
-        # incremental decoding: ids[:_read] are in _committed for good; ids from _prefix on
-        # are decoded again as more arrive (one id of context, for SentencePiece's spaces)
-        self._committed, self._prefix, self._read = "", 0, 0
-
-    def _decode(self) -> str:
-        """The text of all ids so far, decoding only the ids since the last whole character
-        (with the id before them as context), so a token costs the same at any length."""
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read])
-        now = decode(self.ids[self._prefix:])
-        tail = now[len(before):]
-        if tail and not now.endswith("\ufffd"):  # whole characters: commit them
-            self._committed += tail
-            self._prefix, self._read = self._read, len(self.ids)
-            return self._committed
-        return self._committed + tail
-
-    def add(self, ids: list[int], done: bool) -> None:
-        self.ids += ids
-        text = self._decode()
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            text, self.stopped, done = text[:min(cuts)], True, True
-        if self.ids and self.ids[-1] == self.eos_id:
-            self.stopped = True
-        self.text, self.done = text, done
-
-    def new_text(self) -> str:
-        """What may be shown now and was not shown yet."""
-        end = len(self.text)
-        if not self.done:
-            end -= max((len(s) - 1 for s in self.stops), default=0)
-            # half a character decodes to one U+FFFD per byte so far: hold them all back
-            end = min(end, len(self.text.rstrip("\ufffd")))
-        if end <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-    @property
-    def finish_reason(self) -> str:
-        return "stop" if self.stopped else "length"
 
 
 def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) -> FastAPI:
@@ -133,7 +82,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
         log.exception("request failed")
         return JSONResponse(error_body(500, "internal error; see the server log"), 500)
 
-    app.add_middleware(GuardV1, settings=settings, metrics=metrics)
+    app.add_middleware(GuardAPI, settings=settings, metrics=metrics)
 
     # ----- routes --------------------------------------------------------------------------
 
@@ -161,37 +110,75 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
         prompts = [_encode(p, tokenizer, config, limit, req.max_tokens) for p in req.prompts]
         jobs = _submit(runner, prompts, req, asyncio.get_running_loop())
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
-        choices = [Choice(tokenizer, req.stop, config.eos_id) for _ in jobs]
+        scored = req.logprobs is not None
+        choices = [Choice(tokenizer, req.stop, config.eos_id, scored) for _ in jobs]
         head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
                 "created": int(time.time()), "model": settings.model_name}
         echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
                   for i in range(len(jobs))]
         if req.stream:
             return StreamingResponse(
-                _stream(request, runner, metrics, jobs, choices, echoes, head, req, prompts),
+                _stream(request, runner, metrics, jobs, choices, echoes, head, req, prompts,
+                        tokenizer),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not await _collect(request, runner, metrics, jobs, choices):
             return Response(status_code=499)  # the client left; nobody reads this
+
+        def logprobs(i: int, c: Choice) -> dict | None:
+            if not scored:
+                return None
+            echoed = (prompt_scored(tokenizer, prompts[i // req.n], jobs[i].prompt_logprobs)
+                      if req.echo else [])
+            return logprobs_json(tokenizer, echoed + [(t, x, len(echoes[i]) + o, r)
+                                                      for t, x, o, r in c.scored()])
         return JSONResponse({**head, "choices": [
-            {"text": echoes[i] + c.text, "index": i, "logprobs": None,
+            {"text": echoes[i] + c.text, "index": i, "logprobs": logprobs(i, c),
              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
             "usage": _usage(prompts, choices)})
+
+    # ----- the tokenizer, as vLLM serves it (lm-eval's "remote" tokenizer) -----------------
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        text, _ = parse_tokenize(await _json_body(request), settings.model_name)
+        # add_special_tokens adds nothing: PLDR prompts have no BOS (and no EOS)
+        ids = tokenizer.encode(text, eos=False, parse_special=True)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": limit})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        ids = parse_detokenize(await _json_body(request), settings.model_name,
+                               config.vocab_size)
+        return JSONResponse({"prompt": tokenizer.decode(ids)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        piece = tokenizer.id_to_piece
+        # no bos_token: PLDR text has none, so lm-eval starts an empty context with EOS, as
+        # its in-process `pldr` model does
+        return JSONResponse({"tokenizer_class": "SentencePiece", "eos_token": piece(config.eos_id),
+                             "bos_token": None, "pad_token": piece(config.pad_id),
+                             "unk_token": piece(tokenizer.unk_id), "model_max_length": limit,
+                             "vocab_size": config.vocab_size})
 
     return app
 
 
 # ----- request handling ----------------------------------------------------------------------
 
-class GuardV1:
-    """ASGI middleware for /v1: the API key and the body-size limit are checked before the
-    route runs, and every response is counted by status. (A plain ASGI class, so streamed
-    responses and client disconnects pass through untouched.)"""
+GUARDED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # all but health, metrics
+
+
+class GuardAPI:
+    """ASGI middleware for the API routes (`GUARDED`): the API key and the body-size limit
+    are checked before the route runs, and every response is counted by status. (A plain
+    ASGI class, so streamed responses and client disconnects pass through untouched.)"""
 
     def __init__(self, app: Any, settings: ServeSettings, metrics: ServerMetrics):
         self.app, self.settings, self.metrics = app, settings, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or not scope["path"].startswith(GUARDED):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         status = {"code": 500}
@@ -250,8 +237,8 @@ async def _json_body(request: Request) -> Any:
 def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
             max_tokens: int) -> list[int]:
     """Prompt ids, checked against the vocabulary and the context length."""
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, eos=False)
+    if isinstance(prompt, str):  # special pieces' text becomes their ids, as /tokenize does
+        ids = tokenizer.encode(prompt, eos=False, parse_special=True)
         if not ids:
             raise RequestError(400, "the prompt encodes to no tokens", "prompt")
     else:
@@ -277,18 +264,21 @@ def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
 def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest,
             loop: asyncio.AbstractEventLoop) -> list[Job]:
     """One engine request per prompt and choice (choice j samples with seed + j), all
-    delivering into one queue of (choice index, new ids, done)."""
+    delivering into one queue of (choice index, new ids, their logprobs, done). Echo with
+    logprobs asks for the prompt's too (with max_tokens 0: only those)."""
     jobs: list[Job] = []
     sink: asyncio.Queue = asyncio.Queue()
+    score_prompt = req.echo and req.logprobs is not None
     try:
         for ids in prompts:
             for j in range(req.n):
                 seed = None if req.seed is None else (req.seed + j) % (2**63)
-                sampling = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                seed=seed)
-                job = Job(list(ids), req.max_tokens, sampling, loop, sink, len(jobs))
-                if req.max_tokens == 0:
-                    job.deliver([], True)  # nothing to generate: never reaches the engine
+                options = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                               seed=seed, logprobs=req.logprobs,
+                               prompt_logprobs=req.logprobs if score_prompt else None)
+                job = Job(list(ids), req.max_tokens, options, loop, sink, len(jobs))
+                if req.max_tokens == 0 and not score_prompt:
+                    job.deliver([], True)  # nothing to compute: never reaches the engine
                 else:
                     runner.submit(job)
                 jobs.append(job)
@@ -310,7 +300,7 @@ async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetric
     sink = jobs[0].sink
     while not all(c.done for c in choices):
         try:
-            i, ids, done = await asyncio.wait_for(sink.get(), timeout=0.25)
+            i, ids, logprobs, done = await asyncio.wait_for(sink.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 _cancel_all(runner, metrics, jobs)
@@ -324,7 +314,7 @@ async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetric
             raise
         if choice.done:
             continue  # a stop string ended it; the engine's last ids are not wanted
-        choice.add(ids, done)
+        choice.add(ids, done, logprobs)
         if choice.done and not job_finished(job):
             runner.cancel(job)  # a stop string ended it early: free the slot now
     return True
@@ -353,13 +343,29 @@ def job_finished(job: Job) -> bool:
 
 async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics,
                   jobs: list[Job], choices: list[Choice], echoes: list[str], head: dict,
-                  req: CompletionRequest, prompts: list[list[int]]) -> AsyncIterator[str]:
+                  req: CompletionRequest, prompts: list[list[int]],
+                  tokenizer: Any) -> AsyncIterator[str]:
     """Server-sent events: a chunk per new piece of text per choice, then `data: [DONE]`.
-    What has arrived by the time the stream wakes goes out in one write."""
+    What has arrived by the time the stream wakes goes out in one write. With logprobs a
+    chunk carries those of the ids whose text it shows, and an echo waits for the prompt's
+    logprobs (they come with the choice's first ids)."""
     sink, events = jobs[0].sink, Events(head)
-    finished = 0
+    scored = req.logprobs is not None
+    finished, echo_due = 0, [bool(echo) for echo in echoes]
+
+    def echo_chunk(i: int) -> str:
+        echo_due[i] = False
+        entries = prompt_scored(tokenizer, prompts[i // req.n], jobs[i].prompt_logprobs)
+        return events.chunk(i, echoes[i], None,
+                            logprobs_json(tokenizer, entries) if scored else None)
+
+    def text_chunk(i: int, text: str, finish_reason: str | None) -> str:
+        entries = [(t, x, len(echoes[i]) + o, r) for t, x, o, r in choices[i].new_scored()]
+        return events.chunk(i, text, finish_reason,
+                            logprobs_json(tokenizer, entries) if scored else None)
+
     try:
-        out = [events.chunk(i, echo, None) for i, echo in enumerate(echoes) if echo]
+        out = [] if scored else [echo_chunk(i) for i in range(len(jobs)) if echo_due[i]]
         if out:
             yield "".join(out)
         while finished < len(jobs):
@@ -367,7 +373,7 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
             batch = [await sink.get()]
             while not sink.empty():
                 batch.append(sink.get_nowait())
-            for i, ids, done in batch:
+            for i, ids, logprobs, done in batch:
                 choice = choices[i]
                 if choice.done:  # a stop string or an error ended it: later ids are not wanted
                     continue
@@ -376,15 +382,17 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
                     finished += 1
                     out.append(events.chunk(i, "", "error"))
                     continue
-                choice.add(ids, done)
+                if echo_due[i]:
+                    out.append(echo_chunk(i))
+                choice.add(ids, done, logprobs)
                 text = choice.new_text()
                 if choice.done:
                     finished += 1
                     if not job_finished(jobs[i]):
                         runner.cancel(jobs[i])
-                    out.append(events.chunk(i, text, choice.finish_reason))
+                    out.append(text_chunk(i, text, choice.finish_reason))
                 elif text:
-                    out.append(events.chunk(i, text, None))
+                    out.append(text_chunk(i, text, None))
             if finished == len(jobs):
                 if req.include_usage:
                     out.append("data: " + json.dumps({**head, "choices": [],
@@ -399,14 +407,15 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
 
 class Events:
     """The server-sent event of a stream's chunk, from a prefix rendered once per request
-    (only the text and the finish reason change from one chunk to the next)."""
+    (only the text, the logprobs and the finish reason change from one chunk to the next)."""
 
     def __init__(self, head: dict):
         self.prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"text": '
 
-    def chunk(self, index: int, text: str, finish_reason: str | None) -> str:
-        return (f'{self.prefix}{json.dumps(text)}, "index": {index}, "logprobs": null, '
-                f'"finish_reason": {json.dumps(finish_reason)}}}]}}\n\n')
+    def chunk(self, index: int, text: str, finish_reason: str | None,
+              logprobs: dict | None = None) -> str:
+        return (f'{self.prefix}{json.dumps(text)}, "index": {index}, "logprobs": '
+                f'{json.dumps(logprobs)}, "finish_reason": {json.dumps(finish_reason)}}}]}}\n\n')
 
 
 def _cancel_all(runner: EngineRunner, metrics: ServerMetrics, jobs: list[Job]) -> None:

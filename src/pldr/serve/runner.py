@@ -4,7 +4,7 @@ asyncio queue.
 
     handler --submit/cancel--> runner --commands pipe--> engine process: engine.submit/cancel
                                                          engine.step() while anything runs
-    handler <--(index, new ids, done)-- reader thread <--results pipe-- one message per step
+    handler <--(index, ids, logprobs, done)-- reader thread <--results pipe-- a message a step
 
 Why a process and not a thread: a thread shares the interpreter lock with the event loop, so
 the server ran on one core whatever the machine had (server CPU time equalled wall time):
@@ -67,30 +67,31 @@ class Job:
 
     prompt: list[int]
     max_new_tokens: int
-    sampling: dict[str, Any]           # temperature, top_k, top_p, seed
+    options: dict[str, Any]            # Engine.submit's keywords: sampling, seed, logprobs
     loop: asyncio.AbstractEventLoop
-    sink: asyncio.Queue                # (index, new ids, done); shared by a request's jobs
+    sink: asyncio.Queue                # (index, new ids, their logprobs, done); per request
     index: int = 0                     # which choice of its request this job is
     id: int = -1                       # the runner's id for it, set by `submit`
     sent: int = 0                      # ids delivered so far
     done: bool = False                 # ended: its last ids are delivered (or never submitted)
     error: Exception | None = None     # why it failed (see `failure`)
     failure: str | None = None         # "refused" (the request), "model" (NaN logits), "engine"
+    prompt_logprobs: list | None = None  # TokenLogprobs per prompt id ([0] None), if asked
 
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
 
     def deliver(self, ids: list[int], done: bool) -> None:
-        """Hand `ids` to the request from any thread."""
+        """Hand `ids` (without logprobs) to the request from any thread."""
         self.done = self.done or done
-        self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, ids, done))
+        self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, ids, None, done))
 
 
-def _hand_over(batch: list[tuple[Job, list[int], bool]]) -> None:
+def _hand_over(batch: list[tuple[Job, list[int], list | None, bool]]) -> None:
     """On the event loop: put one step's ids into their requests' queues."""
-    for job, ids, done in batch:
-        job.sink.put_nowait((job.index, ids, done))
+    for job, ids, logprobs, done in batch:
+        job.sink.put_nowait((job.index, ids, logprobs, done))
 
 
 class EngineRunner:
@@ -193,7 +194,7 @@ class EngineRunner:
                 raise QueueFull()
             job.id = next(self._ids)
             self._live[job.id] = job
-        self._send(("submit", job.id, job.prompt, job.max_new_tokens, job.sampling))
+        self._send(("submit", job.id, job.prompt, job.max_new_tokens, job.options))
         return job
 
     def cancel(self, job: Job) -> None:
@@ -232,16 +233,18 @@ class EngineRunner:
                 return
 
     def _publish(self, updates: list[tuple]) -> None:
-        """One step's (job id, new ids, done, error kind, message) for each job that got
-        ids or ended, handed to each event loop in one call."""
+        """One step's (job id, new ids, their logprobs, prompt logprobs, done, error kind,
+        message) for each job that got ids or ended, handed to each event loop in one call."""
         now = time.perf_counter()
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[int], bool]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple]] = {}
         ended = []
         with self._lock:
-            for job_id, new, done, failure, message in updates:
+            for job_id, new, logprobs, prompt_logprobs, done, failure, message in updates:
                 job = self._live.get(job_id)
                 if job is None:
                     continue  # cancelled meanwhile
+                if prompt_logprobs is not None:  # with the first update, before its ids
+                    job.prompt_logprobs = prompt_logprobs
                 if new:
                     job.first_token_at = job.first_token_at or now
                     job.last_token_at = now
@@ -252,7 +255,7 @@ class EngineRunner:
                     job.done = True
                     del self._live[job_id]
                     ended.append(job)
-                batches.setdefault(job.loop, []).append((job, new, done))
+                batches.setdefault(job.loop, []).append((job, new, logprobs, done))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_hand_over, batch)
         if self.on_finish is not None:
@@ -327,13 +330,13 @@ def _serve(engine: Any, G_LM: Any, commands: Connection, results: Connection) ->
             if kind == "stop":
                 return
             if kind == "submit":
-                job_id, prompt, max_new_tokens, sampling = rest
+                job_id, prompt, max_new_tokens, options = rest
                 try:
                     running[job_id] = engine.submit(prompt, max_new_tokens, G_LM=G_LM,
-                                                    **sampling)
+                                                    **options)
                     sent[job_id] = 0
                 except PLDRError as e:  # the request's fault: tell its handler, run on
-                    results.send(("step", [(job_id, [], True, "refused", str(e))]))
+                    results.send(("step", [(job_id, [], None, None, True, "refused", str(e))]))
             elif kind == "cancel" and rest[0] in running:
                 engine.cancel(running.pop(rest[0]))
                 del sent[rest[0]]
@@ -342,11 +345,14 @@ def _serve(engine: Any, G_LM: Any, commands: Connection, results: Connection) ->
         engine.step()
         updates = []
         for job_id, req in list(running.items()):
-            new = req.tokens[sent[job_id]:]
+            start = sent[job_id]
+            new = req.tokens[start:]
             sent[job_id] = len(req.tokens)
             failure = None if req.error is None else "model"
             if new or req.done:
-                updates.append((job_id, new, req.done, failure,
+                logprobs = req.token_logprobs[start:] if req.logprobs is not None else None
+                prompt = req.prompt_token_logprobs if start == 0 else None  # once, first
+                updates.append((job_id, new, logprobs, prompt, req.done, failure,
                                 None if failure is None else str(req.error)))
             if req.done:
                 del running[job_id], sent[job_id]

@@ -1,9 +1,10 @@
-"""The `/v1/completions` request, checked field by field, and OpenAI's error shape.
+"""The `/v1/completions` and tokenizer requests, checked field by field, and OpenAI's
+error shape.
 
 Every check names the field (`param`) so a client sees which one to change; nothing here
-touches the model. Fields OpenAI defines that this server cannot honour (logprobs, best_of,
-suffix, penalties, logit_bias) are refused with a 400 unless they carry their neutral value,
-rather than silently ignored.
+touches the model. Fields OpenAI defines that this server cannot honour (best_of, suffix,
+penalties, logit_bias) are refused with a 400 unless they carry their neutral value, rather
+than silently ignored.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 MAX_N = 16
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval sends a task's stop strings and its EOS string
+MAX_LOGPROBS = 20  # as the engine's (vLLM's default); OpenAI takes up to 5
 SEED_LIMIT = 2**63
 # OpenAI fields accepted only with their neutral value (the server cannot do otherwise)
-NEUTRAL = {"logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
+NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""),
            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
            "logit_bias": (None, {})}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
-         "stream", "stream_options", "n", "echo", "user"} | set(NEUTRAL)
+         "stream", "stream_options", "n", "echo", "user", "logprobs"} | set(NEUTRAL)
 
 
 class RequestError(Exception):
@@ -60,6 +62,7 @@ class CompletionRequest:
     include_usage: bool
     n: int
     echo: bool
+    logprobs: int | None  # most likely tokens to report per position (None: no logprobs)
 
 
 def _is_int(x: Any) -> bool:
@@ -145,9 +148,7 @@ def parse_completion(body: Any, model_name: str) -> CompletionRequest:
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError(400, "model must be a string naming the served model", "model")
-    if model != model_name:
-        raise RequestError(404, f"model {model!r} does not exist; this server serves "
-                           f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
+    _served_model(body, model_name)
     if "prompt" not in body:
         raise RequestError(400, "prompt is required", "prompt")
     options = body.get("stream_options")
@@ -172,4 +173,49 @@ def parse_completion(body: Any, model_name: str) -> CompletionRequest:
         include_usage=bool((options or {}).get("include_usage", False)),
         n=_integer(body, "n", 1, 1, MAX_N),
         echo=_flag(body, "echo"),
+        logprobs=_integer(body, "logprobs", None, 0, MAX_LOGPROBS),
     )
+
+
+def _served_model(body: dict, model_name: str) -> None:
+    """`model` is optional on the tokenizer routes (as in vLLM); if given it must match."""
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise RequestError(404, f"model {model!r} does not exist; this server serves "
+                           f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
+
+
+def parse_tokenize(body: Any, model_name: str) -> tuple[str, bool]:
+    """`POST /tokenize` (vLLM's shape): {"prompt": text, "add_special_tokens": bool} ->
+    (text, add_special_tokens)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - {"model", "prompt", "add_special_tokens"})
+    if unknown:
+        raise RequestError(400, f"unrecognised request field {unknown[0]!r}", unknown[0])
+    _served_model(body, model_name)
+    if not isinstance(body.get("prompt"), str):
+        raise RequestError(400, "prompt must be a string", "prompt")
+    special = body.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise RequestError(400, f"add_special_tokens must be true or false, got {special!r}",
+                           "add_special_tokens")
+    return body["prompt"], special
+
+
+def parse_detokenize(body: Any, model_name: str, vocab_size: int) -> list[int]:
+    """`POST /detokenize` (vLLM's shape): {"tokens": [ids]} -> the ids."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - {"model", "tokens"})
+    if unknown:
+        raise RequestError(400, f"unrecognised request field {unknown[0]!r}", unknown[0])
+    _served_model(body, model_name)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+        raise RequestError(400, "tokens must be a list of token ids", "tokens")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, "
+                           f"{vocab_size})", "tokens")
+    return ids

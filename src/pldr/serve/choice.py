@@ -1,0 +1,157 @@
+"""One completion choice as its ids arrive: its text (incrementally decoded, cut at stop
+strings, held back while it might still be a stop string or half a character) and, when
+asked, each id's log-probabilities in OpenAI's `logprobs` shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TextDecoder:
+    """decode(ids) as ids arrive, decoding only the ids since the last whole character (with
+    the id before them as context, for SentencePiece's spaces), so a token costs the same at
+    any length."""
+
+    def __init__(self, tokenizer: Any):
+        self.decode = tokenizer.decode
+        self.ids: list[int] = []
+        self.committed = ""  # the text of ids[:_read], for good
+        self._prefix = self._read = 0
+
+    def add(self, ids: list[int]) -> str:
+        """Append `ids`; returns the text of all ids so far (ending in one U+FFFD per byte
+        while a character is incomplete)."""
+        self.ids += ids
+        before = self.decode(self.ids[self._prefix:self._read])
+        now = self.decode(self.ids[self._prefix:])
+        tail = now[len(before):]
+        if tail and not now.endswith("\ufffd"):  # whole characters: commit them
+            self.committed += tail
+            self._prefix, self._read = self._read, len(self.ids)
+            return self.committed
+        return self.committed + tail
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each id adds, so that "".join(token_texts(ids)) == decode(ids): an id that
+    ends inside a multi-byte character adds "" and the id that completes it the character."""
+    decoder, out, text = TextDecoder(tokenizer), [], ""
+    for i in ids:
+        n = len(decoder.committed)
+        text = decoder.add([i])
+        out.append(decoder.committed[n:])
+    if out:
+        out[-1] += text[len(decoder.committed):]
+    return out
+
+
+class Choice:
+    """The text of one choice as its ids arrive: stop strings cut it, and streaming holds back
+    what might still turn out to be a stop string or half a multi-byte character. With
+    `logprobs` it keeps each id's log-probabilities and where its text ends."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_id: int,
+                 logprobs: bool = False):
+        self.stops, self.eos_id = stops, eos_id
+        self.decoder = TextDecoder(tokenizer)
+        self.text = ""
+        self.sent = 0
+        self.stopped = False  # a stop string or EOS ended it
+        self.cut = False      # a stop string ended it (the text stops before the last ids')
+        self.done = False
+        self.logprobs: list | None = [] if logprobs else None  # TokenLogprobs per id
+        self.ends: list[int] = []  # with logprobs: per id, the text's length once it came
+        self._full = ""            # the text before a stop string cut it
+        self._logprobs_sent = 0
+
+    @property
+    def ids(self) -> list[int]:
+        return self.decoder.ids
+
+    def add(self, ids: list[int], done: bool, logprobs: list | None = None) -> None:
+        if self.logprobs is None:
+            text = self.decoder.add(ids)
+        else:  # one id at a time, to know where the text of each ends
+            text = self.decoder.add([])
+            for i in ids:
+                text = self.decoder.add([i])
+                self.ends.append(len(self.decoder.committed))
+            self.logprobs += logprobs or []
+        self._full = text
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, self.stopped, self.cut, done = text[:min(cuts)], True, True, True
+        if self.ids and self.ids[-1] == self.eos_id:
+            self.stopped = True
+        self.text, self.done = text, done
+
+    def new_text(self) -> str:
+        """What may be shown now and was not shown yet."""
+        end = len(self.text)
+        if not self.done:
+            end -= max((len(s) - 1 for s in self.stops), default=0)
+            # half a character decodes to one U+FFFD per byte so far: hold them all back
+            end = min(end, len(self.text.rstrip("\ufffd")))
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def scored(self) -> list[tuple[int, str, int, Any]]:
+        """(id, its text, where that starts, its TokenLogprobs) of each id whose text is in
+        `text` (an id cut off by a stop string is left out), so the texts join to `text`."""
+        ends = list(self.ends)
+        if self.done and ends:
+            ends[-1] = len(self._full)  # a last incomplete character belongs to the last id
+        out, start = [], 0
+        for i, end, record in zip(self.ids, ends, self.logprobs or []):
+            if self.cut and start >= len(self.text):
+                break
+            out.append((i, self._full[start:min(end, len(self.text))], start, record))
+            start = end
+        return out
+
+    def new_scored(self) -> list[tuple[int, str, int, Any]]:
+        """The `scored` ids whose text has been shown (all once done) and were not sent."""
+        entries = self.scored()
+        if not self.done:
+            entries = [e for e in entries if e[2] + len(e[1]) <= self.sent]
+        out = entries[self._logprobs_sent:]
+        self._logprobs_sent += len(out)
+        return out
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stopped else "length"
+
+
+def prompt_scored(tokenizer: Any, prompt: list[int],
+                  records: list | None) -> list[tuple[int, str, int, Any]]:
+    """The `Choice.scored` entries of an echoed prompt (its first id has no record)."""
+    out, start = [], 0
+    for i, text, record in zip(prompt, token_texts(tokenizer, prompt), records or []):
+        out.append((i, text, start, record))
+        start += len(text)
+    return out
+
+
+def logprobs_json(tokenizer: Any, entries: list[tuple[int, str, int, Any]],
+                  offset: int = 0) -> dict[str, list]:
+    """OpenAI's completion `logprobs` object of (id, text, start, TokenLogprobs) entries:
+    tokens, token_logprobs, top_logprobs (the most likely tokens and the chosen one, by
+    piece, with SentencePiece's U+2581 shown as a space) and text_offset (+ `offset`)."""
+    def piece(i: int) -> str:
+        return tokenizer.id_to_piece(i).replace("\u2581", " ")
+
+    tops = []
+    for i, _, _, record in entries:
+        if record is None:
+            tops.append(None)
+            continue
+        top = {piece(t): lp for t, lp in record.top}
+        top.setdefault(piece(i), record.logprob)
+        tops.append(top)
+    return {"tokens": [text for _, text, _, _ in entries],
+            "token_logprobs": [None if r is None else r.logprob for _, _, _, r in entries],
+            "top_logprobs": tops,
+            "text_offset": [offset + start for _, _, start, _ in entries]}
