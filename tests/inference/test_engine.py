@@ -248,6 +248,14 @@ def test_nan_logits_end_that_request_only_and_free_its_slot():
     engine.run()
     assert good.tokens == _alone(model, PROMPTS[0], 6, greedy)
     assert after.tokens == _alone(model, PROMPTS[1], 5, greedy)
+    # scoring a prompt that holds the token (no new tokens) fails the same way, logprobs
+    # and all, and the slot serves the next request
+    scored = engine.submit([5, 77, 9], 0, prompt_logprobs=1)
+    clean = engine.submit(PROMPTS[1], 0, prompt_logprobs=1)
+    engine.run()
+    assert scored.finish_reason == "error" and isinstance(scored.error, NonFiniteLogitsError)
+    assert clean.finish_reason == "length" and all(
+        r is None or r.logprob == r.logprob for r in clean.prompt_token_logprobs)
     assert sampled.tokens == _alone(model, PROMPTS[2], 5, dict(temperature=0.9, seed=3,
                                                                  eos_id=-1))
     # a request that goes bad mid-way (decode, not prefill) ends the same way

@@ -54,14 +54,16 @@ def test_token_texts_join_to_the_decoded_text(tok):
 
 def _scored_stream(tok, ids, rng, stops=()):
     """Stream ids (records: their positions) through a Choice that keeps logprobs; returns
-    the choice and the entries each chunk sent."""
+    the choice and the entries sent, after checking that each chunk's entries hold exactly
+    its text."""
     choice, sent, at = Choice(tok, stops, eos_id=-1, logprobs=True), [], 0
     while at < len(ids) and not choice.done:
         step = rng.randint(1, 3)
         records = list(range(at, min(at + step, len(ids))))  # stand-ins for TokenLogprobs
         choice.add(ids[at:at + step], at + step >= len(ids), records)
-        choice.new_text()
-        sent += choice.new_scored()
+        text, entries = choice.new_text(), choice.new_scored()
+        assert "".join(e[1] for e in entries) == text
+        sent += entries
         at += step
     return choice, sent
 
@@ -69,16 +71,37 @@ def _scored_stream(tok, ids, rng, stops=()):
 def test_logprob_entries_follow_the_text_through_stop_strings_and_streams(tok):
     rng = random.Random(3)
     for ids in _cases(tok, rng):
-        choice, sent = _scored_stream(tok, ids, rng)
-        entries = choice.scored()
-        assert sent == entries and [e[3] for e in entries] == list(range(len(ids)))
-        assert "".join(e[1] for e in entries) == choice.text
-        assert all(e[2] == len("".join(x[1] for x in entries[:k])) for k, e in enumerate(entries))
+        for stops in ((), ("\n\n",), ("e",)):
+            choice, sent = _scored_stream(tok, ids, rng, stops)
+            entries = choice.scored()
+            assert sent == entries and [e[3] for e in entries] == list(range(len(entries)))
+            assert "".join(e[1] for e in entries) == choice.text
+            assert all(e[2] == len("".join(x[1] for x in entries[:k]))
+                       for k, e in enumerate(entries))
     ids = tok.encode("the first line. the second line.", eos=False)
     choice, sent = _scored_stream(tok, ids, rng, stops=("second",))
     entries = choice.scored()
     assert choice.cut and sent == entries and 0 < len(entries) < len(ids)
     assert "".join(e[1] for e in entries) == choice.text == tok.decode(ids).split("second")[0]
+    # a stop string that begins where a character's first bytes already arrived: the
+    # stream must not have sent those bytes' ids, which the stop string cuts off
+    euro = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "€".encode()]
+    for step in range(1, 4):
+        choice, sent = _scored_stream(tok, tok.encode("the line", eos=False) + euro,
+                                      random.Random(step), stops=("€",))
+        assert choice.cut and sent == choice.scored() and choice.text == "the line"
+
+
+def test_a_choice_continues_its_prompts_text(tok):
+    """The first new piece keeps its leading space after a prompt (SentencePiece drops it at
+    the start of a text), so echo + text is the decoded whole."""
+    prompt, new = tok.encode("the first", eos=False), tok.encode("the first line", eos=False)
+    new = new[len(prompt):]
+    choice = Choice(tok, (), eos_id=-1, prompt=prompt)
+    choice.add(new, True)
+    assert choice.ids == new
+    assert tok.decode(prompt) + choice.text == tok.decode(prompt + new) == "the first line"
+    assert choice.text.startswith(" ") and not tok.decode(new).startswith(" ")
 
 
 def test_logprobs_json_has_openais_fields(tok):
@@ -93,6 +116,10 @@ def test_logprobs_json_has_openais_fields(tok):
     assert body["top_logprobs"][0] is None and body["text_offset"][0] == 0
     piece = tok.id_to_piece(7).replace("\u2581", " ")
     assert all(top[piece] == -2.0 and len(top) == 2 for top in body["top_logprobs"][1:])
+    # the chosen token is keyed by its text; an id past the tokenizer's pieces has no piece
+    assert all(top[t] == -1.5 for t, top in zip(body["tokens"][1:], body["top_logprobs"][1:]))
+    beyond = TokenLogprobs(-1.0, ((len(tok) + 5, -0.5),))
+    assert logprobs_json(tok, [(ids[0], "a", 0, beyond)])["top_logprobs"] == [{"": -0.5, "a": -1.0}]
 
 
 def test_a_stop_string_cuts_the_incremental_text(tok):

@@ -109,10 +109,16 @@ def reference(model_dir):
     return model, tok
 
 
+def _continuation(tok, prompt_ids, ids) -> str:
+    """The text `ids` add after the prompt's (its first piece keeps its space, as vLLM's)."""
+    return tok.decode(prompt_ids + ids)[len(tok.decode(prompt_ids)):]
+
+
 def _alone(reference, prompt: str, n: int, **kw) -> str:
     model, tok = reference
-    ids = generate(model, [tok.encode(prompt, eos=False)], n, **kw)[0]
-    return tok.decode(ids), ids
+    prompt_ids = tok.encode(prompt, eos=False)
+    ids = generate(model, [prompt_ids], n, **kw)[0]
+    return _continuation(tok, prompt_ids, ids), ids
 
 
 def test_models_and_health(server, client):
@@ -356,9 +362,11 @@ def test_tokenizer_routes_as_vllm_serves_them(server, reference):
                                "add_special_tokens"),
                               ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
                               ("/tokenize", {"prompt": "a", "extra": 1}, "extra"),
+                              ("/tokenize", {"prompt": "a\ud800"}, "prompt"),  # not UTF-8
                               ("/detokenize", {"tokens": [1, "a"]}, "tokens"),
                               ("/detokenize", {"tokens": [10**6]}, "tokens")]:
-        r = httpx.post(server.url + path, json=body, timeout=30)
+        r = httpx.post(server.url + path, content=json.dumps(body), timeout=30,
+                       headers={"content-type": "application/json"})
         assert _assert_error_shape(r, 404 if param == "model" else 400)["param"] == param
 
 
@@ -411,7 +419,8 @@ metric_list:
             assert score == pytest.approx(want, abs=1e-4)
     for s in out["samples"]["serve_toy_gen"]:
         q = questions[s["doc_id"]][0]
-        text = tok.decode(generate(model, [tok.encode(q, eos=False)], 6, temperature=0)[0])
+        ctx = tok.encode(q, eos=False)
+        text = _continuation(tok, ctx, generate(model, [ctx], 6, temperature=0)[0])
         assert s["resps"][0][0] == text.split(".")[0]
 
 
@@ -425,6 +434,7 @@ MALFORMED = [
     ({"model": "model", "prompt": [[]]}, 400, "prompt"),
     ({"model": "model", "prompt": 42}, 400, "prompt"),
     ({"model": "model", "prompt": [1, "a"]}, 400, "prompt"),
+    ({"model": "model", "prompt": "half \ud800 a character"}, 400, "prompt"),  # not UTF-8
     ({"model": "model", "prompt": [5, 99999]}, 400, "prompt"),
     ({"model": "model", "prompt": [-1, 5]}, 400, "prompt"),
     ({"model": "model", "prompt": [5, 0, 7]}, 400, "prompt"),  # the pad id inside a prompt
@@ -467,7 +477,8 @@ def _assert_error_shape(r, status):
 
 @pytest.mark.parametrize("body, status, param", MALFORMED)
 def test_malformed_requests_get_a_4xx_in_openai_shape(server, body, status, param):
-    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps(body), timeout=30,
+                   headers={"content-type": "application/json"})  # lone surrogates escaped
     assert _assert_error_shape(r, status)["param"] == param
 
 
@@ -576,7 +587,7 @@ def test_nan_logits_fail_that_request_only(model_dir, tmp_path):
             r = httpx.post(server.url + "/v1/completions", timeout=60, json={
                 "model": "model", "prompt": good, "max_tokens": 5, "temperature": 0})
             assert r.status_code == 200
-            assert r.json()["choices"][0]["text"] == tok.decode(want)
+            assert r.json()["choices"][0]["text"] == _continuation(tok, good, want)
         assert httpx.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
     finally:
         assert server.stop() is not None

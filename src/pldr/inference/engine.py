@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -187,7 +188,10 @@ class Engine:
                 req = self._queue.popleft()
                 row = self._prefill(req, slot)                                        # [V]
                 if req.max_new_tokens == 0:  # the prompt's log-probabilities were the task
-                    self._finish(req, "length")
+                    if _finite(req.prompt_token_logprobs):
+                        self._finish(req, "length")
+                    else:
+                        self._fail(req)
                     scored.append(req)
                 else:
                     admitted.append((req, row))
@@ -324,11 +328,17 @@ def _logprobs_of(logits: Tensor, ids: Tensor, ks: list[int]) -> list[TokenLogpro
     that fails) gets a record nobody reads."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     chosen = logp.gather(1, ids.clamp(min=0)[:, None])[:, 0].tolist()                  # [N]
-    k = max(ks)
+    k = min(max(ks), logp.shape[-1])
     values, top = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())     # [N, k]
     values, top = values.tolist(), top.tolist()
     return [TokenLogprobs(c, tuple(zip(t[:n], v[:n])))
             for c, t, v, n in zip(chosen, top, values, ks)]
+
+
+def _finite(records: list[TokenLogprobs | None]) -> bool:
+    """Whether a scored prompt's log-probabilities are numbers (not NaN, as from a model
+    whose weights or G_LM are not finite)."""
+    return all(r is None or math.isfinite(r.logprob) for r in records)
 
 
 def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:

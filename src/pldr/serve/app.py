@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import PLDRError
 from ..inference.generate import positions_needed
 from .choice import Choice, logprobs_json, prompt_scored
 from .metrics import ServerMetrics
@@ -111,7 +112,8 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
         jobs = _submit(runner, prompts, req, asyncio.get_running_loop())
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         scored = req.logprobs is not None
-        choices = [Choice(tokenizer, req.stop, config.eos_id, scored) for _ in jobs]
+        choices = [Choice(tokenizer, req.stop, config.eos_id, scored, prompts[i // req.n])
+                   for i in range(len(jobs))]
         head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
                 "created": int(time.time()), "model": settings.model_name}
         echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
@@ -141,14 +143,13 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         text, _ = parse_tokenize(await _json_body(request), settings.model_name)
-        # add_special_tokens adds nothing: PLDR prompts have no BOS (and no EOS)
-        ids = tokenizer.encode(text, eos=False, parse_special=True)
+        ids = _encode_text(tokenizer, text)  # add_special_tokens adds nothing: PLDR has no BOS
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": limit})
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
         ids = parse_detokenize(await _json_body(request), settings.model_name,
-                               config.vocab_size)
+                               min(config.vocab_size, len(tokenizer)))
         return JSONResponse({"prompt": tokenizer.decode(ids)})
 
     @app.get("/tokenizer_info")
@@ -237,8 +238,8 @@ async def _json_body(request: Request) -> Any:
 def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
             max_tokens: int) -> list[int]:
     """Prompt ids, checked against the vocabulary and the context length."""
-    if isinstance(prompt, str):  # special pieces' text becomes their ids, as /tokenize does
-        ids = tokenizer.encode(prompt, eos=False, parse_special=True)
+    if isinstance(prompt, str):
+        ids = _encode_text(tokenizer, prompt)
         if not ids:
             raise RequestError(400, "the prompt encodes to no tokens", "prompt")
     else:
@@ -259,6 +260,15 @@ def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
                            f"{len(ids)} tokens of the context's {limit}, so at most {room}",
                            "max_tokens", "context_length_exceeded")
     return ids
+
+
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    """A text prompt's ids as /tokenize gives them (special pieces' text becomes their ids);
+    text the tokenizer refuses (not valid UTF-8) is the client's 400."""
+    try:
+        return tokenizer.encode(text, eos=False, parse_special=True)
+    except PLDRError as e:
+        raise RequestError(400, str(e), "prompt") from None
 
 
 def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest,
@@ -377,13 +387,13 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
                 choice = choices[i]
                 if choice.done:  # a stop string or an error ended it: later ids are not wanted
                     continue
+                if echo_due[i]:
+                    out.append(echo_chunk(i))
                 if jobs[i].error is not None:  # headers are sent: end the choice with it
                     choice.done, choice.text, choice.stopped = True, "", True
                     finished += 1
                     out.append(events.chunk(i, "", "error"))
                     continue
-                if echo_due[i]:
-                    out.append(echo_chunk(i))
                 choice.add(ids, done, logprobs)
                 text = choice.new_text()
                 if choice.done:
@@ -400,7 +410,7 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
                 out.append("data: [DONE]\n\n")
             if out:
                 yield "".join(out)
-    except (asyncio.CancelledError, GeneratorExit):
+    except BaseException:  # the client left (or a bug): its jobs must not run on
         _cancel_all(runner, metrics, jobs)
         raise
 

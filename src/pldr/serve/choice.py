@@ -10,17 +10,22 @@ from typing import Any
 class TextDecoder:
     """decode(ids) as ids arrive, decoding only the ids since the last whole character (with
     the id before them as context, for SentencePiece's spaces), so a token costs the same at
-    any length."""
+    any length. With `context` (the prompt) the text is the prompt's continuation: its first
+    piece keeps the space SentencePiece drops at the start of a text (" Paris", as vLLM)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, context: list[int] | tuple = ()):
         self.decode = tokenizer.decode
-        self.ids: list[int] = []
-        self.committed = ""  # the text of ids[:_read], for good
-        self._prefix = self._read = 0
+        ctx = list(context[-1:])
+        if ctx and self.decode(ctx).endswith("\ufffd"):
+            ctx = []  # half a character gives no context
+        self.ids: list[int] = ctx       # the context id, then the new ones
+        self.start = len(ctx)           # where the new ids begin
+        self.committed = ""  # the text of ids[start:_read], for good
+        self._prefix, self._read = 0, len(ctx)
 
     def add(self, ids: list[int]) -> str:
-        """Append `ids`; returns the text of all ids so far (ending in one U+FFFD per byte
-        while a character is incomplete)."""
+        """Append `ids`; returns the text of the new ids so far (ending in one U+FFFD per
+        byte while a character is incomplete)."""
         self.ids += ids
         before = self.decode(self.ids[self._prefix:self._read])
         now = self.decode(self.ids[self._prefix:])
@@ -51,9 +56,9 @@ class Choice:
     `logprobs` it keeps each id's log-probabilities and where its text ends."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_id: int,
-                 logprobs: bool = False):
+                 logprobs: bool = False, prompt: list[int] | tuple = ()):
         self.stops, self.eos_id = stops, eos_id
-        self.decoder = TextDecoder(tokenizer)
+        self.decoder = TextDecoder(tokenizer, prompt)
         self.text = ""
         self.sent = 0
         self.stopped = False  # a stop string or EOS ended it
@@ -66,7 +71,7 @@ class Choice:
 
     @property
     def ids(self) -> list[int]:
-        return self.decoder.ids
+        return self.decoder.ids[self.decoder.start:]
 
     def add(self, ids: list[int], done: bool, logprobs: list | None = None) -> None:
         if self.logprobs is None:
@@ -86,12 +91,15 @@ class Choice:
         self.text, self.done = text, done
 
     def new_text(self) -> str:
-        """What may be shown now and was not shown yet."""
+        """What may be shown now and was not shown yet (with logprobs: whole ids' texts, so
+        a chunk's logprobs are those of its text)."""
         end = len(self.text)
         if not self.done:
             end -= max((len(s) - 1 for s in self.stops), default=0)
             # half a character decodes to one U+FFFD per byte so far: hold them all back
             end = min(end, len(self.text.rstrip("\ufffd")))
+            if self.logprobs is not None:
+                end = max((e for e in self.ends if e <= end), default=0)
         if end <= self.sent:
             return ""
         out, self.sent = self.text[self.sent:end], end
@@ -112,10 +120,12 @@ class Choice:
         return out
 
     def new_scored(self) -> list[tuple[int, str, int, Any]]:
-        """The `scored` ids whose text has been shown (all once done) and were not sent."""
+        """The `scored` ids whose text has been shown (all once done) and were not sent; one
+        with no text yet (half a character, a special id) waits for text after it, since a
+        stop string that starts there would cut it off."""
         entries = self.scored()
         if not self.done:
-            entries = [e for e in entries if e[2] + len(e[1]) <= self.sent]
+            entries = [e for e in entries if e[2] + max(len(e[1]), 1) <= self.sent]
         out = entries[self._logprobs_sent:]
         self._logprobs_sent += len(out)
         return out
@@ -127,9 +137,11 @@ class Choice:
 
 def prompt_scored(tokenizer: Any, prompt: list[int],
                   records: list | None) -> list[tuple[int, str, int, Any]]:
-    """The `Choice.scored` entries of an echoed prompt (its first id has no record)."""
+    """The `Choice.scored` entries of an echoed prompt (its first id has no record; none has
+    without `records`)."""
     out, start = [], 0
-    for i, text, record in zip(prompt, token_texts(tokenizer, prompt), records or []):
+    records = records or [None] * len(prompt)
+    for i, text, record in zip(prompt, token_texts(tokenizer, prompt), records):
         out.append((i, text, start, record))
         start += len(text)
     return out
@@ -138,18 +150,19 @@ def prompt_scored(tokenizer: Any, prompt: list[int],
 def logprobs_json(tokenizer: Any, entries: list[tuple[int, str, int, Any]],
                   offset: int = 0) -> dict[str, list]:
     """OpenAI's completion `logprobs` object of (id, text, start, TokenLogprobs) entries:
-    tokens, token_logprobs, top_logprobs (the most likely tokens and the chosen one, by
-    piece, with SentencePiece's U+2581 shown as a space) and text_offset (+ `offset`)."""
-    def piece(i: int) -> str:
-        return tokenizer.id_to_piece(i).replace("\u2581", " ")
+    tokens, token_logprobs, top_logprobs (the most likely tokens, by piece with
+    SentencePiece's U+2581 shown as a space, and the chosen one by its text, so
+    top_logprobs[j][tokens[j]] is always there) and text_offset (+ `offset`)."""
+    def piece(i: int) -> str:  # the model may know ids its tokenizer does not
+        return tokenizer.id_to_piece(i).replace("\u2581", " ") if i < len(tokenizer) else ""
 
     tops = []
-    for i, _, _, record in entries:
+    for i, text, _, record in entries:
         if record is None:
             tops.append(None)
             continue
-        top = {piece(t): lp for t, lp in record.top}
-        top.setdefault(piece(i), record.logprob)
+        top = {text if t == i else piece(t): lp for t, lp in record.top}
+        top.setdefault(text, record.logprob)
         tops.append(top)
     return {"tokens": [text for _, text, _, _ in entries],
             "token_logprobs": [None if r is None else r.logprob for _, _, _, r in entries],
