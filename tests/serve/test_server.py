@@ -322,6 +322,11 @@ def test_echo_with_logprobs_scores_the_prompt(server, reference):
     want = _prompt_logprobs(model, ids)
     assert lp["token_logprobs"][1:] == pytest.approx(
         [want[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-4)
+    # a prompt that fills the whole context can be scored (and given one new token)
+    full = [5 + i % 50 for i in range(96)]
+    r = _post(server, prompt=full, max_tokens=0, echo=True, logprobs=0)
+    assert len(r["choices"][0]["logprobs"]["tokens"]) == 96
+    assert _post(server, prompt=full, max_tokens=1)["usage"]["completion_tokens"] == 1
     # with new tokens after the echo: prompt entries first, then those of the new tokens
     r = _post(server, prompt=ids, max_tokens=4, echo=True, logprobs=2, temperature=0)
     lp2 = r["choices"][0]["logprobs"]
@@ -500,7 +505,8 @@ def test_broken_bodies_and_routes(server, client):
 
 
 def test_api_key_queue_limit_and_sigterm_during_a_stream(model_dir):
-    s = Server(model_dir, "--api-key", KEY, "--max-batch", "1", "--max-queue", "1")
+    s = Server(model_dir, "--api-key", KEY, "--max-batch", "1", "--max-queue", "1",
+               "--max-len", "90")
     try:
         url = s.url + "/v1/completions"
         body = {"model": "model", "prompt": "The class", "max_tokens": 4}
@@ -510,6 +516,13 @@ def test_api_key_queue_limit_and_sigterm_during_a_stream(model_dir):
         _assert_error_shape(httpx.post(url, json=body, headers=bad, timeout=30), 401)
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.post(url, json=body, headers=auth, timeout=60).status_code == 200
+        # --max-len: the slots hold 90 positions, and requests must fit in them
+        models = httpx.get(s.url + "/v1/models", headers=auth, timeout=30).json()
+        assert models["data"][0]["max_model_len"] == 90
+        fits = dict(body, prompt=[5, 6, 7], max_tokens=88, temperature=0)
+        assert httpx.post(url, json=fits, headers=auth, timeout=60).status_code == 200
+        r = httpx.post(url, json=dict(fits, max_tokens=89), headers=auth, timeout=30)
+        assert _assert_error_shape(r, 400)["param"] == "max_tokens"
         assert httpx.get(s.url + "/health", timeout=5).status_code == 200  # no key needed
         for path in ("/tokenize", "/detokenize"):  # the tokenizer routes need it too
             r = httpx.post(s.url + path, json={"prompt": "a", "tokens": [5]}, timeout=30)
@@ -544,8 +557,20 @@ def test_cli_refuses_bad_flags(model_dir, capsys):
     assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
     assert main(["serve", "--model", str(model_dir), "--port", "70000"]) == 2
     assert main(["serve", "--model", str(model_dir), "--threads", "0"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--max-len", "0"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--max-len", "97", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(e.startswith("error:") for e in err)
+    assert len(err) == 5 and all(e.startswith("error:") for e in err)
+    assert "max_len must be an integer in [1, 96]" in err[-1]  # from the engine process
+
+
+def test_an_empty_PLDR_API_KEY_is_no_key(monkeypatch):
+    from pldr.cli.main import build_parser
+
+    monkeypatch.setenv("PLDR_API_KEY", "")
+    assert build_parser().parse_args(["serve", "--model", "m"]).api_key is None
+    monkeypatch.setenv("PLDR_API_KEY", "k1")
+    assert build_parser().parse_args(["serve", "--model", "m"]).api_key == "k1"
 
 
 def test_a_refused_serve_leaves_the_processes_torch_threads_alone(model_dir, tmp_path, capsys):

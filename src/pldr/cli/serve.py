@@ -24,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (slots)")
+    p.add_argument("--max-len", type=int, help="positions each slot holds, prompt and new "
+                   "tokens (default: the model's max_seq_len; lower it to shrink the KV cache)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 429")
-    p.add_argument("--api-key", default=os.environ.get("PLDR_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("PLDR_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $PLDR_API_KEY)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted (default 1 MiB)")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    for name in ("max_batch", "max_queue", "max_body_bytes", "threads"):
+    for name in ("max_batch", "max_len", "max_queue", "max_body_bytes", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.port <= 65535:
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer_arg(args, "pldr serve and its text prompts")
     _check_port(args.host, args.port)  # before the model loads, not after
     spec = EngineSpec(model=args.model, config=args.config, G_LM=args.G_LM, device=args.device,
-                      dtype=args.dtype, max_batch=args.max_batch, compile=args.compile,
+                      dtype=args.dtype, max_batch=args.max_batch, max_len=args.max_len,
+                      compile=args.compile,
                       threads=args.threads or default_threads())
     runner = EngineRunner(spec, args.max_queue)
     runner.start()  # the model loads in the engine process; a failure is one line here

@@ -51,7 +51,7 @@ class InferenceCache:
         check_fits(cache_memory(config, slots, max_len, kv, dtype),
                    torch.device(device if device is not None else "cpu"),
                    "lower the batch (--max-batch for serve) or the positions it holds "
-                   "(--max-len, max_new_tokens)", f"an inference cache of {slots} rows x "
+                   "(--max-len for serve, max_new_tokens)", f"an inference cache of {slots} rows x "
                    f"{max_len if kv else 0} positions")
         kw = dict(device=device, dtype=dtype)
         self.config, self.slots, self.keep_G, self.static = config, slots, keep_G, static

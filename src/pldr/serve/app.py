@@ -251,7 +251,7 @@ def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
         if config.pad_id in ids:
             raise RequestError(400, f"token id {config.pad_id} is the pad id; it cannot be "
                                "part of a prompt", "prompt")
-    if len(ids) >= limit:
+    if len(ids) > limit:
         raise RequestError(400, f"the prompt has {len(ids)} tokens; the model's context is "
                            f"{limit}", "prompt", "context_length_exceeded")
     if positions_needed(len(ids), max_tokens) > limit:

@@ -57,6 +57,7 @@ class EngineSpec:
     device: str | None = None
     dtype: str = "float32"
     max_batch: int = 16
+    max_len: int | None = None       # positions per slot (None: the model's max_seq_len)
     compile: bool = False
     threads: int = 1                 # torch threads of the engine process
 
@@ -315,7 +316,8 @@ def _build(spec: EngineSpec):
     torch.set_num_threads(spec.threads)
     model, G_LM = load_for_decoding(spec.model, spec.config, G_LM=spec.G_LM,
                                     device=spec.device, dtype=spec.dtype)
-    return Engine(model, max_batch=spec.max_batch, compile=spec.compile), G_LM
+    return Engine(model, max_batch=spec.max_batch, max_len=spec.max_len,
+                  compile=spec.compile), G_LM
 
 
 def _serve(engine: Any, G_LM: Any, commands: Connection, results: Connection) -> None:
