@@ -184,7 +184,7 @@ CLI_CASES = [
     ("serve max batch 0", ["serve", "--model", "{model}", "--max-batch", "0"], None),
     ("serve port text", ["serve", "--model", "{model}", "--port", "http"], "--port"),
     # eval
-    ("eval missing model", ["eval", "--model", "{missing}", "--tasks", "x"], None),
+    ("eval missing model", ["eval", "--model", "{missing}", "--tasks", "x"], "does not exist"),
     ("eval batch 0", ["eval", "--model", "{model}", "--tasks", "x", "--batch-size", "0"], None),
     # inspect
     ("inspect missing model", ["inspect", "--model", "{missing}", "--text", "hi", "--out",

@@ -13,6 +13,7 @@ tokenizer does for prompts: no BOS and no EOS; the EOS id stands in for the empt
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ class PLDRLM(TemplateLM):
             raise PLDRError(f"batch_size must be an integer, got {batch_size!r}") from None
         if self.batch_size < 1:
             raise PLDRError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not os.path.exists(pretrained):  # before the tokenizer look-up, which would blame it
+            raise PLDRError(f"model {pretrained!r} does not exist; check the path")
         tok_file = Tokenizer.find(tokenizer or pretrained)
         if tok_file is None:
             raise PLDRError(f"no tokenizer for {pretrained!r}: pass tokenizer=FILE.model")
