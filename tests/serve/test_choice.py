@@ -9,7 +9,7 @@ import pytest
 from pydoc_data.topics import topics
 
 from pldr.data.tokenizer import Tokenizer
-from pldr.serve.choice import Choice, logprobs_json, prompt_scored, token_texts
+from pldr.serve.choice import Choice, Scored, logprobs_json, prompt_scored, token_texts
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +52,17 @@ def test_token_texts_join_to_the_decoded_text(tok):
     assert token_texts(tok, byte_ids) == ["", "", "€"]  # the id that completes it has it
 
 
-def _scored_stream(tok, ids, rng, stops=()):
-    """Stream ids (records: their positions) through a Choice that keeps logprobs; returns
-    the choice and the entries sent, after checking that each chunk's entries hold exactly
-    its text."""
-    choice, sent, at = Choice(tok, stops, eos_id=-1, logprobs=True), [], 0
+def _scored_stream(tok, ids, rng, stops=(), offset=0):
+    """Stream ids (records: their positions) through a Choice that keeps logprobs, after
+    `offset` characters of echo; returns the choice and the entries sent, after checking
+    that each chunk's entries hold exactly its text."""
+    choice, sent, at = Choice(tok, stops, eos_id=-1, logprobs=True, offset=offset), [], 0
     while at < len(ids) and not choice.done:
         step = rng.randint(1, 3)
         records = list(range(at, min(at + step, len(ids))))  # stand-ins for TokenLogprobs
         choice.add(ids[at:at + step], at + step >= len(ids), records)
         text, entries = choice.new_text(), choice.new_scored()
-        assert "".join(e[1] for e in entries) == text
+        assert "".join(e.text for e in entries) == text
         sent += entries
         at += step
     return choice, sent
@@ -71,18 +71,18 @@ def _scored_stream(tok, ids, rng, stops=()):
 def test_logprob_entries_follow_the_text_through_stop_strings_and_streams(tok):
     rng = random.Random(3)
     for ids in _cases(tok, rng):
-        for stops in ((), ("\n\n",), ("e",)):
-            choice, sent = _scored_stream(tok, ids, rng, stops)
+        for stops, offset in (((), 0), (("\n\n",), 7), (("e",), 0)):
+            choice, sent = _scored_stream(tok, ids, rng, stops, offset)
             entries = choice.scored()
-            assert sent == entries and [e[3] for e in entries] == list(range(len(entries)))
-            assert "".join(e[1] for e in entries) == choice.text
-            assert all(e[2] == len("".join(x[1] for x in entries[:k]))
+            assert sent == entries and [e.record for e in entries] == list(range(len(entries)))
+            assert "".join(e.text for e in entries) == choice.text
+            assert all(e.start == offset + len("".join(x.text for x in entries[:k]))
                        for k, e in enumerate(entries))
     ids = tok.encode("the first line. the second line.", eos=False)
     choice, sent = _scored_stream(tok, ids, rng, stops=("second",))
     entries = choice.scored()
     assert choice.cut and sent == entries and 0 < len(entries) < len(ids)
-    assert "".join(e[1] for e in entries) == choice.text == tok.decode(ids).split("second")[0]
+    assert "".join(e.text for e in entries) == choice.text == tok.decode(ids).split("second")[0]
     # a stop string that begins where a character's first bytes already arrived: the
     # stream must not have sent those bytes' ids, which the stop string cuts off
     euro = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "€".encode()]
@@ -110,7 +110,7 @@ def test_logprobs_json_has_openais_fields(tok):
     ids = tok.encode("a word", eos=False)
     records = [None] + [TokenLogprobs(-1.5, ((ids[k], -1.5), (7, -2.0)))
                         for k in range(1, len(ids))]
-    body = logprobs_json(tok, prompt_scored(tok, ids, records), offset=0)
+    body = logprobs_json(tok, prompt_scored(tok, ids, records))
     assert set(body) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert "".join(body["tokens"]) == "a word" and body["token_logprobs"][0] is None
     assert body["top_logprobs"][0] is None and body["text_offset"][0] == 0
@@ -119,7 +119,8 @@ def test_logprobs_json_has_openais_fields(tok):
     # the chosen token is keyed by its text; an id past the tokenizer's pieces has no piece
     assert all(top[t] == -1.5 for t, top in zip(body["tokens"][1:], body["top_logprobs"][1:]))
     beyond = TokenLogprobs(-1.0, ((len(tok) + 5, -0.5),))
-    assert logprobs_json(tok, [(ids[0], "a", 0, beyond)])["top_logprobs"] == [{"": -0.5, "a": -1.0}]
+    top = logprobs_json(tok, [Scored(ids[0], "a", 0, beyond)])["top_logprobs"]
+    assert top == [{"": -0.5, "a": -1.0}]
 
 
 def test_a_stop_string_cuts_the_incremental_text(tok):

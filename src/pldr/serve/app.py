@@ -30,7 +30,7 @@ from ..inference.generate import positions_needed
 from .choice import Choice, logprobs_json, prompt_scored
 from .metrics import ServerMetrics
 from .runner import EngineRunner, EngineStopped, Job, QueueFull
-from .schemas import (CompletionRequest, RequestError, error_body, parse_completion,
+from .schemas import (CompletionRequest, RequestError, check_ids, error_body, parse_completion,
                       parse_detokenize, parse_tokenize)
 
 log = logging.getLogger("pldr")
@@ -112,12 +112,12 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
         jobs = _submit(runner, prompts, req, asyncio.get_running_loop())
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         scored = req.logprobs is not None
-        choices = [Choice(tokenizer, req.stop, config.eos_id, scored, prompts[i // req.n])
-                   for i in range(len(jobs))]
         head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
                 "created": int(time.time()), "model": settings.model_name}
         echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
                   for i in range(len(jobs))]
+        choices = [Choice(tokenizer, req.stop, config.eos_id, scored, prompts[i // req.n],
+                          offset=len(echoes[i])) for i in range(len(jobs))]
         if req.stream:
             return StreamingResponse(
                 _stream(request, runner, metrics, jobs, choices, echoes, head, req, prompts,
@@ -131,8 +131,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
                 return None
             echoed = (prompt_scored(tokenizer, prompts[i // req.n], jobs[i].prompt_logprobs)
                       if req.echo else [])
-            return logprobs_json(tokenizer, echoed + [(t, x, len(echoes[i]) + o, r)
-                                                      for t, x, o, r in c.scored()])
+            return logprobs_json(tokenizer, echoed + c.scored())
         return JSONResponse({**head, "choices": [
             {"text": echoes[i] + c.text, "index": i, "logprobs": logprobs(i, c),
              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
@@ -142,8 +141,8 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
-        text, _ = parse_tokenize(await _json_body(request), settings.model_name)
-        ids = _encode_text(tokenizer, text)  # add_special_tokens adds nothing: PLDR has no BOS
+        ids = _encode_text(tokenizer, parse_tokenize(await _json_body(request),
+                                                     settings.model_name))
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": limit})
 
     @app.post("/detokenize")
@@ -244,10 +243,7 @@ def _encode(prompt: str | list[int], tokenizer: Any, config: Any, limit: int,
             raise RequestError(400, "the prompt encodes to no tokens", "prompt")
     else:
         ids = prompt
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, "
-                               f"{config.vocab_size})", "prompt")
+        check_ids(ids, config.vocab_size, "prompt")
         if config.pad_id in ids:
             raise RequestError(400, f"token id {config.pad_id} is the pad id; it cannot be "
                                "part of a prompt", "prompt")
@@ -370,9 +366,8 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
                             logprobs_json(tokenizer, entries) if scored else None)
 
     def text_chunk(i: int, text: str, finish_reason: str | None) -> str:
-        entries = [(t, x, len(echoes[i]) + o, r) for t, x, o, r in choices[i].new_scored()]
         return events.chunk(i, text, finish_reason,
-                            logprobs_json(tokenizer, entries) if scored else None)
+                            logprobs_json(tokenizer, choices[i].new_scored()) if scored else None)
 
     try:
         out = [] if scored else [echo_chunk(i) for i in range(len(jobs)) if echo_due[i]]

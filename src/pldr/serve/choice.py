@@ -4,7 +4,17 @@ asked, each id's log-probabilities in OpenAI's `logprobs` shape."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Scored(NamedTuple):
+    """One id of a choice with logprobs: its text, where that starts in the response's text
+    (echo included), and its TokenLogprobs (None for a prompt's first id)."""
+
+    id: int
+    text: str
+    start: int
+    record: Any
 
 
 class TextDecoder:
@@ -53,11 +63,12 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
 class Choice:
     """The text of one choice as its ids arrive: stop strings cut it, and streaming holds back
     what might still turn out to be a stop string or half a multi-byte character. With
-    `logprobs` it keeps each id's log-probabilities and where its text ends."""
+    `logprobs` it keeps each id's log-probabilities and where its text ends; `offset` is
+    the length of the text before it in the response (an echoed prompt)."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_id: int,
-                 logprobs: bool = False, prompt: list[int] | tuple = ()):
-        self.stops, self.eos_id = stops, eos_id
+                 logprobs: bool = False, prompt: list[int] | tuple = (), offset: int = 0):
+        self.stops, self.eos_id, self.offset = stops, eos_id, offset
         self.decoder = TextDecoder(tokenizer, prompt)
         self.text = ""
         self.sent = 0
@@ -77,7 +88,7 @@ class Choice:
         if self.logprobs is None:
             text = self.decoder.add(ids)
         else:  # one id at a time, to know where the text of each ends
-            text = self.decoder.add([])
+            text = self.decoder.add([]) if not ids else ""
             for i in ids:
                 text = self.decoder.add([i])
                 self.ends.append(len(self.decoder.committed))
@@ -105,9 +116,9 @@ class Choice:
         out, self.sent = self.text[self.sent:end], end
         return out
 
-    def scored(self) -> list[tuple[int, str, int, Any]]:
-        """(id, its text, where that starts, its TokenLogprobs) of each id whose text is in
-        `text` (an id cut off by a stop string is left out), so the texts join to `text`."""
+    def scored(self) -> list[Scored]:
+        """Each id whose text is in `text` (an id cut off by a stop string is left out), so
+        the texts join to `text`."""
         ends = list(self.ends)
         if self.done and ends:
             ends[-1] = len(self._full)  # a last incomplete character belongs to the last id
@@ -115,17 +126,19 @@ class Choice:
         for i, end, record in zip(self.ids, ends, self.logprobs or []):
             if self.cut and start >= len(self.text):
                 break
-            out.append((i, self._full[start:min(end, len(self.text))], start, record))
+            out.append(Scored(i, self._full[start:min(end, len(self.text))],
+                              self.offset + start, record))
             start = end
         return out
 
-    def new_scored(self) -> list[tuple[int, str, int, Any]]:
+    def new_scored(self) -> list[Scored]:
         """The `scored` ids whose text has been shown (all once done) and were not sent; one
         with no text yet (half a character, a special id) waits for text after it, since a
         stop string that starts there would cut it off."""
         entries = self.scored()
         if not self.done:
-            entries = [e for e in entries if e[2] + max(len(e[1]), 1) <= self.sent]
+            shown = self.offset + self.sent
+            entries = [e for e in entries if e.start + max(len(e.text), 1) <= shown]
         out = entries[self._logprobs_sent:]
         self._logprobs_sent += len(out)
         return out
@@ -135,36 +148,34 @@ class Choice:
         return "stop" if self.stopped else "length"
 
 
-def prompt_scored(tokenizer: Any, prompt: list[int],
-                  records: list | None) -> list[tuple[int, str, int, Any]]:
-    """The `Choice.scored` entries of an echoed prompt (its first id has no record; none has
-    without `records`)."""
+def prompt_scored(tokenizer: Any, prompt: list[int], records: list | None) -> list[Scored]:
+    """The `Scored` ids of an echoed prompt (its first id has no record; none has without
+    `records`)."""
     out, start = [], 0
     records = records or [None] * len(prompt)
     for i, text, record in zip(prompt, token_texts(tokenizer, prompt), records):
-        out.append((i, text, start, record))
+        out.append(Scored(i, text, start, record))
         start += len(text)
     return out
 
 
-def logprobs_json(tokenizer: Any, entries: list[tuple[int, str, int, Any]],
-                  offset: int = 0) -> dict[str, list]:
-    """OpenAI's completion `logprobs` object of (id, text, start, TokenLogprobs) entries:
-    tokens, token_logprobs, top_logprobs (the most likely tokens, by piece with
-    SentencePiece's U+2581 shown as a space, and the chosen one by its text, so
-    top_logprobs[j][tokens[j]] is always there) and text_offset (+ `offset`)."""
+def logprobs_json(tokenizer: Any, entries: list[Scored]) -> dict[str, list]:
+    """OpenAI's completion `logprobs` object of `entries`: tokens, token_logprobs,
+    top_logprobs (the most likely tokens, by piece with SentencePiece's U+2581 shown as a
+    space, and the chosen one by its text, so top_logprobs[j][tokens[j]] is always there)
+    and text_offset."""
     def piece(i: int) -> str:  # the model may know ids its tokenizer does not
         return tokenizer.id_to_piece(i).replace("\u2581", " ") if i < len(tokenizer) else ""
 
     tops = []
-    for i, text, _, record in entries:
-        if record is None:
+    for e in entries:
+        if e.record is None:
             tops.append(None)
             continue
-        top = {text if t == i else piece(t): lp for t, lp in record.top}
-        top.setdefault(text, record.logprob)
+        top = {e.text if t == e.id else piece(t): lp for t, lp in e.record.top}
+        top.setdefault(e.text, e.record.logprob)
         tops.append(top)
-    return {"tokens": [text for _, text, _, _ in entries],
-            "token_logprobs": [None if r is None else r.logprob for _, _, _, r in entries],
+    return {"tokens": [e.text for e in entries],
+            "token_logprobs": [None if e.record is None else e.record.logprob for e in entries],
             "top_logprobs": tops,
-            "text_offset": [offset + start for _, _, start, _ in entries]}
+            "text_offset": [e.start for e in entries]}

@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..inference.engine import MAX_LOGPROBS  # the engine's bound (vLLM's default; OpenAI: 5)
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 MAX_N = 16
 MAX_STOPS = 16  # OpenAI takes 4; lm-eval sends a task's stop strings and its EOS string
-MAX_LOGPROBS = 20  # as the engine's (vLLM's default); OpenAI takes up to 5
 SEED_LIMIT = 2**63
 # OpenAI fields accepted only with their neutral value (the server cannot do otherwise)
 NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""),
@@ -134,13 +135,27 @@ def _stops(x: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_completion(body: Any, model_name: str) -> CompletionRequest:
-    """Check a decoded JSON body against the schema; raise RequestError naming the field."""
+def _fields(body: Any, known: set[str]) -> dict:
+    """`body` if it is a JSON object of `known` fields only."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
         raise RequestError(400, f"unrecognised request field {unknown[0]!r}", unknown[0])
+    return body
+
+
+def check_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Every id of `ids` lies in [0, vocab_size)."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, "
+                           f"{vocab_size})", param)
+
+
+def parse_completion(body: Any, model_name: str) -> CompletionRequest:
+    """Check a decoded JSON body against the schema; raise RequestError naming the field."""
+    body = _fields(body, KNOWN)
     for name, allowed in NEUTRAL.items():
         if name in body and body[name] not in allowed:
             raise RequestError(400, f"{name} is not supported by this server; leave it out",
@@ -185,14 +200,10 @@ def _served_model(body: dict, model_name: str) -> None:
                            f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
 
 
-def parse_tokenize(body: Any, model_name: str) -> tuple[str, bool]:
-    """`POST /tokenize` (vLLM's shape): {"prompt": text, "add_special_tokens": bool} ->
-    (text, add_special_tokens)."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - {"model", "prompt", "add_special_tokens"})
-    if unknown:
-        raise RequestError(400, f"unrecognised request field {unknown[0]!r}", unknown[0])
+def parse_tokenize(body: Any, model_name: str) -> str:
+    """`POST /tokenize` (vLLM's shape): {"prompt": text, "add_special_tokens": bool} -> the
+    text. add_special_tokens is checked but adds nothing: PLDR prompts have no BOS or EOS."""
+    body = _fields(body, {"model", "prompt", "add_special_tokens"})
     _served_model(body, model_name)
     if not isinstance(body.get("prompt"), str):
         raise RequestError(400, "prompt must be a string", "prompt")
@@ -200,22 +211,15 @@ def parse_tokenize(body: Any, model_name: str) -> tuple[str, bool]:
     if not isinstance(special, bool):
         raise RequestError(400, f"add_special_tokens must be true or false, got {special!r}",
                            "add_special_tokens")
-    return body["prompt"], special
+    return body["prompt"]
 
 
 def parse_detokenize(body: Any, model_name: str, vocab_size: int) -> list[int]:
     """`POST /detokenize` (vLLM's shape): {"tokens": [ids]} -> the ids."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - {"model", "tokens"})
-    if unknown:
-        raise RequestError(400, f"unrecognised request field {unknown[0]!r}", unknown[0])
+    body = _fields(body, {"model", "tokens"})
     _served_model(body, model_name)
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
         raise RequestError(400, "tokens must be a list of token ids", "tokens")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, "
-                           f"{vocab_size})", "tokens")
+    check_ids(ids, vocab_size, "tokens")
     return ids
