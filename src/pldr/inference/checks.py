@@ -57,6 +57,16 @@ def check_max_new_tokens(max_new_tokens) -> None:
         raise PLDRError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
+MAX_LOGPROBS = 20  # the most likely ids a request may ask for per position (vLLM's default)
+
+
+def check_logprobs(name: str, k) -> None:
+    """`logprobs` / `prompt_logprobs`: None or an int in [0, MAX_LOGPROBS]."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                          or not 0 <= k <= MAX_LOGPROBS):
+        raise PLDRError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+
+
 def check_eos_id(eos_id, model: PLDRModel) -> int:
     """The stop token: None uses the config's, -1 never stops, else an id in the vocabulary
     (one outside it could never be sampled, so generation would silently run to the end)."""

@@ -42,14 +42,14 @@ from torch import Tensor
 from ..errors import PLDRError, PLDRTypeError
 from ..model.cache import InferenceCache, stack_per_layer
 from ..model.model import PLDRModel
-from .checks import check_eos_id, check_max_new_tokens, positions_needed, prepare_prompts
+from .checks import (check_eos_id, check_logprobs, check_max_new_tokens, positions_needed,
+                     prepare_prompts)
 from .sampling import (BAD_ROW, GREEDY, NON_FINITE_MESSAGE, NonFiniteLogitsError,
                        SamplingConfig, check_seed, sample, sample_row)
 
 log = logging.getLogger("pldr")
 
 ENGINE_CACHE_MODES = ("kv_g", "kv_only")  # the modes with a KV part: static decode shapes
-MAX_LOGPROBS = 20  # the most likely ids a request may ask for per position (vLLM's default)
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,8 @@ class Engine:
                logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """Queue a request; every input is checked here, before any work."""
         check_max_new_tokens(max_new_tokens)
-        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int)
-                                  or not 0 <= k <= MAX_LOGPROBS):
-                raise PLDRError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], "
-                                f"got {k!r}")
+        check_logprobs("logprobs", logprobs)
+        check_logprobs("prompt_logprobs", prompt_logprobs)
         sampling = SamplingConfig(temperature, top_k, top_p)
         if isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1:
             prompt_ids = prompt_ids.tolist()

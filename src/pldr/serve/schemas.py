@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..inference.engine import MAX_LOGPROBS  # the engine's bound (vLLM's default; OpenAI: 5)
+from ..inference.checks import MAX_LOGPROBS  # the engine's bound (vLLM's default; OpenAI: 5)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                404: "invalid_request_error", 405: "invalid_request_error",
