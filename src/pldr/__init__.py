@@ -1,8 +1,9 @@
 """pldr: PLDR-LLMs (Large Language Models from Power Law Decoder Representations) on PyTorch.
 
-Only the public names of INTERFACE.md are re-exported here.
+Only the public names (`__all__`) are re-exported here; the docs' API reference lists them.
 """
 
+from ._version import __version__
 from .checkpoint import load_G_LM, load_model, save_G_LM
 from .config import PLDRConfig
 from .data import Tokenizer
@@ -27,4 +28,3 @@ __all__ = [
     "masked_loss", "masked_accuracy", "dag_values", "loss_with_dag",
     "load_model", "load_G_LM", "save_G_LM", "generate", "stream", "Engine", "Tokenizer",
 ]
-__version__ = "0.1.0"

@@ -41,9 +41,32 @@ def test_library_errors_become_exit_2_and_debug_shows_the_traceback(capsys, tmp_
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_version(capsys):
+def test_one_version_in_pyproject_source_command_and_flag(capsys):
+    """pyproject reads the version from pldr/_version.py (the installed metadata of an
+    editable install can be stale, so the source is what is compared), and `pldr version`,
+    `pldr --version` and `pldr.__version__` all print that one value."""
+    import tomllib
+    from pathlib import Path
+
+    import pldr
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    attr = project["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "pldr._version.__version__"
+    source = (root / "src" / "pldr" / "_version.py").read_text()
+    written = [line.split("=", 1)[1].strip().strip('"') for line in source.splitlines()
+               if line.startswith("__version__")]
+    assert written == [pldr.__version__]
     assert main(["version"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out.strip() == pldr.__version__
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pldr {pldr.__version__}"
+    changelog = (root / "CHANGELOG.md").read_text()
+    assert f"## {pldr.__version__}" in changelog  # the version has its changelog entry
 
 
 def test_streamed_text_waits_for_the_last_byte_of_a_character(capsys):

@@ -18,6 +18,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from .._version import __version__
 from ..errors import PLDRError
 from . import (bench, convert, data, demo, evaluate, extract_g, generate, info, inspect, serve,
                tokenizer, train, version)
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pldr", description="PLDR-LLMs: train, generate, convert, info, benchmark.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback on errors (accepted anywhere on the line)")
+    parser.add_argument("--version", action="version", version=f"pldr {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command in COMMANDS:
         command.register(sub)

@@ -6,12 +6,12 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("version", help="print the installed version")
+    p = sub.add_parser("version", help="print the version of pldr")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from importlib.metadata import version
+    from .._version import __version__
 
-    print(version("pldr-llm"))
+    print(__version__)
     return 0
