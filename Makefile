@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-avx2 install install-dev clean
+.PHONY: demo test test-avx2 docs docs-serve install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,13 @@ test-avx2: $(VENV)/.installed-dev
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 \
 		$(BIN)/python -m pytest -q -m parity
 
+# The documentation site (mkdocs.yml, docs/): built into site/; --strict turns a broken link,
+# a missing page or a docstring the API reference cannot render into an error.
+docs: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build site src/*.egg-info

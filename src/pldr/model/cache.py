@@ -154,7 +154,7 @@ class InferenceCache:
 
     @staticmethod
     def put(t: Tensor, layer: int, rows: Tensor | None, value: Tensor) -> None:
-        """t[layer][rows] = value, in place."""
+        """`t[layer][rows] = value`, in place."""
         if rows is None:
             t[layer].copy_(value)
         else:
