@@ -52,7 +52,7 @@ _NOT_FIELDS = frozenset({
 
 @dataclass(frozen=True)
 class PLDRConfig:
-    """Hyperparameters of a PLDR-LLM (see SPEC.md for what each one does)."""
+    """Hyperparameters of a PLDR-LLM (docs/model.md says what each one does)."""
 
     num_layers: int
     d_model: int
@@ -169,7 +169,7 @@ class PLDRConfig:
         missing = [k for k in _HPDICT_MODEL_KEYS if k not in hpdict]
         if missing:
             raise ConfigError(f"hpdict is missing the model key(s) {', '.join(missing)}; "
-                              "add them (see SPEC.md, Hyperparameters)")
+                              "add them (the original's hpdict has them all)")
         ours = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in hpdict if k not in _HPDICT_MODEL_KEYS
                          and k not in _HPDICT_TRAINING_KEYS and k not in ours)

@@ -50,11 +50,18 @@ class PageRun:
 
 @pytest.fixture(scope="module")
 def runs():
-    """One PageRun per page, removed at the end of the module."""
+    """One PageRun per page, removed at the end of the module. The examples run on tiny
+    models, where a second torch thread only adds synchronisation (and stalls on a busy
+    machine), so they run on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     state: dict[Path, PageRun] = {}
     yield state
     for run in state.values():
         run.close()
+    torch.set_num_threads(threads)
 
 
 def _id(item: tuple[Path, int]) -> str:

@@ -69,8 +69,22 @@ def test_collector_refuses_a_marker_that_skips_no_python_block():
 def test_command_lines_go_through_the_real_parser():
     document = Document("```bash\npldr generate --model M --prompt hi --max-new-tokens 5\n"
                         "pldr generate --model M --no-such-flag\npldr nonsense\n```\n", "page.md")
+    for region in parse_examples(document):
+        document.add(region)
     good, unknown_flag, unknown_command = document.examples()
     good.evaluate()
     for bad in (unknown_flag, unknown_command):
         with pytest.raises(AssertionError, match="does not parse"):
             bad.evaluate()
+
+
+def test_code_names_no_file_outside_the_repository():
+    """Docstrings, help texts and messages point at the docs pages, not at project notes
+    that are not in the repository."""
+    found = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if any(name in line for name in ("SPEC.md", "DESIGN.md", "INTERFACE.md",
+                                              "shared/", "reference/README")):
+                found.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not found, found

@@ -72,7 +72,7 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float) -> 
 
 
 def reference_lr(step, lr, warmup, total, alpha):
-    """The schedule as SPEC.md states it, written independently of pldr.train.lr_at."""
+    """The schedule as the original defines it, written independently of pldr.train.lr_at."""
     if step < warmup:
         return lr * step / warmup
     t = min(1.0, (step - warmup) / (total - warmup))

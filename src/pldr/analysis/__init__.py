@@ -8,7 +8,7 @@
 - `inspection.py`: `inspect_model`, all of the above into one folder (`pldr inspect`);
 - `extract.py`: the mean G_LM (and A_LM) over chunks of a data source (`pldr extract-G`).
 
-Imports model, inference, data, checkpoint and the leaves (DESIGN.md).
+Imports model, inference, data, checkpoint and the leaves (docs/development.md).
 """
 
 from .collect import InputDeductive, cached_deductive, collect, uncached_deductive

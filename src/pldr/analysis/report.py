@@ -2,8 +2,8 @@
 determinant and singular values (spectra), and what the caches change.
 
 All functions take float64 tensors and return tensors; `build_report` turns them into the
-JSON-ready dict of report.json (INTERFACE.md: per layer at least `G_LM_rmse` and
-`cache_max_diff`).
+JSON-ready dict of report.json (per layer at least `G_LM_rmse` and `cache_max_diff`; the
+fields are listed in docs/inspect.md).
 """
 
 from __future__ import annotations

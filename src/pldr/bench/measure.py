@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh Python process, so its peak RSS (`ru_maxrss`) belongs to it
 alone; inside, one warm-up run is followed by `repeats` timed runs and the median is kept.
-The method follows the original's CPU baseline (reference/original_cpu_speed.md): random
+The method follows the original's CPU baseline (docs/benchmarks.md, How to measure): random
 weights (seed 0), random ids, batch 1 decoding of `new_tokens` after a `prompt_len` prompt,
 the prefill of a `prefill_len`-token prompt (as generation runs it: into a fresh kv_g
 cache, logits of the last position only; the original's baseline timed a full forward with

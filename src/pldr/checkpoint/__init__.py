@@ -10,7 +10,7 @@
 
 Nothing here executes code from a file: checkpoints load with `torch.load(weights_only=True)`,
 and G_LM pickles go through `_TensorOnlyUnpickler`, which admits only the three functions
-that rebuild tensors (see reference/README.md, "Predefined G_LM files").
+that rebuild tensors (docs/checkpoints.md, "Safe loading").
 
 G_LM `.safetensors` layout (written by `save_G_LM`, read by `load_G_LM`): a tensor `G_LM`
 [L, H, dk, dk] (one [H, dk, dk] slice per decoder layer), optionally `A_LM` of the same shape,

@@ -10,7 +10,7 @@
 
 Every layout holds the weights bit for bit. The original has only interleaved RoPE, so a
 rotate-half (v52) model goes there as its exact interleaved twin: the dk axis permuted per head
-wherever it appears (`permute_rope_style`, reference/hfport/README.md).
+wherever it appears (`permute_rope_style`; docs/checkpoints.md).
 """
 
 from __future__ import annotations

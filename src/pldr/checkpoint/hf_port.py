@@ -3,7 +3,7 @@ PLDR-LLM-v51-*, PLDR-LLM-v52-* and PLDR-LLM-v51G-* are published on the Hugging 
 
 A port directory holds `config.json` (the port's `PldrllmConfig`) and `model.safetensors`.
 Its parameter names are the original's, which are ours, so the weights need no renaming
-(reference/hfport/README.md). Two things differ:
+(tests/fixtures/hfport/README.md). Two things differ:
 - `reference_rope: false` (v52) means rotate-half RoPE: our `rope_style="half"`;
 - a v51G model (`custom_G_type` set) stores its G_LM in the buffer `decoder.past_G_values`
   [L, 3, 1, H, dk, dk] (slot 2; slots 0 and 1 are zero placeholders for A and A_LM) with a

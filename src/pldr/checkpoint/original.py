@@ -1,8 +1,8 @@
 """The original release's files, read safely: `.pth` checkpoints through
 `torch.load(weights_only=True)` with one-line errors, their state dicts (wrapper prefixes
 stripped, the variant told by the keys), and the restricted unpickler for the paper's G_LM
-pickles, which admits only the three functions that rebuild tensors (reference/README.md,
-"Predefined G_LM files").
+pickles, which admits only the three functions that rebuild tensors (docs/checkpoints.md,
+"Safe loading").
 """
 
 from __future__ import annotations

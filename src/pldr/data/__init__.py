@@ -1,6 +1,6 @@
 """Training data: sources, tokenisation with an on-disk cache, chunking, and the batch loader.
 
-The pipeline follows the original release (SPEC.md, "Training conventions of the original"):
+The pipeline follows the original release (docs/data.md):
 
 1. `load_documents(data, split)` reads documents from a data source (`builtin`, a local file
    or folder, or `hf:NAME[:CONFIG]`) and takes a slice such as `train[:90%]`.

@@ -1,6 +1,6 @@
 """`Tokenizer`: a SentencePiece model with the special ids of the paper's tokenizer.
 
-The paper's tokenizer (reference/tokenizer/) is a 32000-piece SentencePiece unigram model with
+The paper's tokenizer (from the original release) is a 32000-piece SentencePiece unigram model with
 byte fallback and split digits, and these special ids:
 
     0 [PAD]  padding, ignored by the loss      1 [UNK]    unknown (never produced: byte fallback)

@@ -5,26 +5,12 @@
         engine.step()          # admit queued requests into free slots, one token for all
     req.tokens, req.done
 
-A step first runs one decode call, attending over the positions the running slots hold:
-eager, over every slot while more than half are busy and over the running slots alone
-otherwise; with `compile=True` over every slot and all max_len positions, for static
-shapes ([max_batch, 1] ids over fixed-size buffers). Idle slots in a call over every slot
-compute rows that nothing reads. The step then admits queued requests into free slots,
-prefilling each alone so that its A and G_LM come from its own prompt (or from its given
-G_LM), and then samples one token for every running request, each with its own settings and
-seeded stream. Reading the sampled tokens is the one host-device sync of a step (reading
-log-probabilities, when asked, another). A request may ask for log-probabilities
-(`logprobs=k`: of each new token and the k most likely ids at its position;
-`prompt_logprobs=k`: the same for its prompt's tokens), taken from the model's
-distribution (log_softmax of the logits, before temperature, top-k and top-p, as vLLM
-reports them); with `prompt_logprobs`, `max_new_tokens=0` scores the prompt alone. A
-request whose logits turn NaN or inf ends with finish_reason "error" and the
-`NonFiniteLogitsError` in `req.error`; its slot is cleared and freed, and the others run
-on. A request's tokens therefore equal `pldr.generate` on its prompt alone,
-whatever runs beside it: rows never mix in attention, in A or in G_LM.
-
-With `compile=True` the decode call runs under `torch.compile` (`mode="reduce-overhead"`,
-i.e. CUDA graphs, on CUDA); its shapes never change, so it compiles once.
+Each step runs one decode call for the running requests, prefills newly admitted ones alone
+(so each request's A and G_LM come from its own prompt) and samples one token per request
+with its own settings and seeded stream; reading those tokens is the step's one host-device
+sync. A request's tokens therefore equal `pldr.generate` on its prompt alone, whatever runs
+beside it. The docs' Generation page (docs/generation.md, "The engine") describes the
+requests, log-probabilities, errors and `compile=True`.
 """
 
 from __future__ import annotations
@@ -231,8 +217,8 @@ class Engine:
         Compiled, every slot runs (the static shapes that torch.compile and CUDA graphs
         need) and the running rows are taken out. Eager, every slot runs too while more
         than half of them are busy: the call then reads the cache's buffers in place, where
-        a call on listed slots copies each layer's keys, values and G_LM of its rows (110M,
-        15 busy of 16: 37 ms a step over every slot against 47 ms listed). With fewer busy,
+        a call on listed slots copies each layer's keys, values and G_LM of its rows (slower
+        then; figures in docs/benchmarks.md, "Batched steps"). With fewer busy,
         only their slots run, so a lone request in a 16-slot engine pays for one row."""
         slots = [r.slot for r in running]
         rows = torch.tensor(slots, device=self._last.device)

@@ -6,7 +6,7 @@
 Requests are scored in batches sorted by length, right-padded with the pad id and given the
 matching `attention_mask`, so a row scores the same alone or in a batch. A full forward sums
 the metric tensor A over the row's real tokens, context and continuation together, as the
-architecture does (SPEC.md). `G_LM=` (a predefined G_LM file or list) is used for every
+architecture does (docs/evaluation.md). `G_LM=` (a predefined G_LM file or list) is used for every
 request: the paper's v510Gi ablation and negative tests. Texts are encoded as the paper's
 tokenizer does for prompts: no BOS and no EOS; the EOS id stands in for the empty context.
 """

@@ -1,26 +1,12 @@
 """The inference cache: one object per generation run or engine, `slots` rows of state,
-preallocated once and written in place (as in gpt-fast), so a decode step has static shapes.
+preallocated once and written in place, so a decode step has static shapes.
 
-Per slot (a row of the batch, or one request of the engine) it holds:
-- the KV part (modes kv_g, kv_only): rotated keys and values of every position written so
-  far in fixed-size buffers, `key_real` (which of them are real tokens: pads are never
-  attended to), the metric tensor A that the slot's first call (its prompt) fixed, and two
-  per-slot length tensors: `lengths` (positions written) and `seen` (real tokens so far,
-  the next RoPE position, so left padding does not shift angles);
-- the G part: A_LM and G_LM per layer (and A, A_P for the deductive outputs), computed by the
-  slot's first call and reused (`keep_G`: modes kv_g, g_only), or given from outside (a
-  predefined G_LM, for one slot or all), which then wins over anything the model would use.
-
-The cache owns its invariants: `update` writes one layer's keys/values at each slot's own
-length, `advance` moves the lengths after a call, `reset(slot)` empties a slot for a new
-request and `release(slot)` marks it idle. Which slots are fresh (no call since reset), live
-and given a G_LM, and how many positions each has written, is host-side state that changes
-only on those calls, so reading it costs no device sync.
-
-A call attends over the positions its slots hold (the longest of them plus the new tokens),
-not the whole buffer: an engine of max_len 1024 serving 96-token requests reads a tenth of
-its KV buffers per step. With `static=True` every call attends over all max_len positions
-instead, the fixed shapes a compiled step (torch.compile, CUDA graphs) needs.
+Per slot it holds the KV part (rotated keys and values in fixed-size buffers, which of them
+are real tokens, the metric tensor A its prompt fixed, the positions written and the next
+RoPE position) and the G part (A_LM and G_LM per layer, from the slot's first call or given
+from outside). Host-side bookkeeping of which slots are fresh, live or given a G_LM costs no
+device sync. The docs' Generation page (docs/generation.md, "The model's forward and the
+inference cache") describes the modes, the invariants and `static=True`.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ Decoding a batch of B requests multiplies B rows by every weight. For 6 to 48 ro
 AVX-512 kernels run `x @ W^T` (the weight the right operand, by all signs repacked at every
 call: MKL's own pre-packed weights ran as fast as the turned-round product) slower than the
 same product taken the other way round, `(W @ x^T)^T`, with the weight the left operand,
-read in place. Measured on the 110M shape (2-core Xeon, AVX-512, torch 2.13, 2 threads): a
-decode step of 16 requests 40.0 -> 33.5 ms (1.19x), of 8 and 12 requests 1.15x and 1.26x
-faster; 1-3 rows lose (0.55x) and 64 rows gain nothing, and under MKL's AVX2 kernels it is
-0.75-1.0x.
+read in place. On the 110M shape it speeds up batched decode steps of 8 to 16 requests;
+1-3 rows lose, 64 rows gain nothing, and under MKL's AVX2 kernels it does not pay (the
+figures are on the docs' Benchmarks page, docs/benchmarks.md, "Batched steps").
 
 So the product is turned round only there: float32 on an Intel CPU whose MKL and ATen
 kernels are AVX-512 (AMD CPUs get MKL's AVX2-class kernels), for SMALL_BATCH_ROWS rows: a

@@ -91,7 +91,7 @@ def dag_value(X: Tensor) -> Tensor:
 
 def dag_values(deductive: Any) -> dict[str, Tensor]:
     """The three DAG values of a forward's deductive outputs: `A` from A_LM, `A_P` from A_P
-    and `G` from G_LM (each a scalar tensor; see SPEC.md, Variants)."""
+    and `G` from G_LM (each a scalar tensor; docs/model.md, "Deductive outputs")."""
     fields = {"A": "A_LM", "A_P": "A_P", "G": "G_LM"}
     out = {}
     for key, name in fields.items():

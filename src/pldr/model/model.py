@@ -7,7 +7,7 @@ output head. One forward serves full sequences and cached steps: caches are just
     logits = Linear(x)                                              [B, T, V]
 
 There is no final LayerNorm (as in the original). Module names equal the original's, so an
-original state dict loads as is (see reference/state_dict_layout.md).
+original state dict loads as is (docs/checkpoints.md).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class TrainConfig:
                                     "default --split); none turns validation off")
     text_column: str | None = setting(None, "text column of structured data (default "
                                       "content, then text)")
-    chunk_mode: str = setting("pack", "how documents become chunks, as SPEC.md (Data) says",
+    chunk_mode: str = setting("pack", "how documents become chunks, as the original does (docs/data.md, Chunks and batches)",
                               choices=CHUNK_MODES)
     batch_agg_count: int = setting(1, "pad/nopad modes: documents are grouped batch_size * "
                                    "this many at a time")

@@ -30,8 +30,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
     It runs the fused AdamW kernel when every parameter is a floating-point tensor on a
     device that has it: the same update as the per-tensor loop (within float rounding, ~1e-7
-    relative) in one pass over each tensor instead of about ten, which on CPU made the step
-    of the 110M model's optimizer ~4x faster."""
+    relative) in one pass over each tensor instead of about ten, which on CPU makes the
+    optimizer step several times faster (docs/benchmarks.md, "Training step")."""
     params = list(model.parameters())
     fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point()
                                  for p in params)

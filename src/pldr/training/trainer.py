@@ -1,5 +1,4 @@
-"""Training: the loop, following the original's conventions (SPEC.md, "Training
-conventions").
+"""Training: the loop, following the original's conventions (docs/training.md).
 
     batch [B, T+1] -> forward on ids[:, :-1] -> masked CE on ids[:, 1:] + sum c * dag
     -> backward -> clip gradients by value at 1.0 -> AdamW(0.9, 0.95, eps 1e-5) at lr(step)
