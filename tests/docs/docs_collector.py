@@ -7,7 +7,8 @@ The convention (docs/development.md, "Documentation"):
   examples that need the hub or a GPU); a marker without a reason, or one that is not followed
   by a python block, is an example that fails;
 - every command line starting with `pldr ` in a ```bash block (backslash continuations joined,
-  `# comments` dropped) is parsed by the real parser, `pldr.cli.main.build_parser()`: an
+  `# comments` dropped), and the pldr part of `torchrun ... -m pldr ...`, is parsed by the real
+  parser, `pldr.cli.main.build_parser()`: an
   unknown flag or a missing argument fails; placeholder values (MODEL, $KEY) are fine.
 """
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ```python / ```bash fences (at the start of a line) and their body, up to the closing fence
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
+TORCHRUN = re.compile(r"^torchrun\s.*\s-m\s+pldr\s")  # `torchrun ... -m pldr train ...`
 MARKER = re.compile(r"^<!--\s*not-run\b(?P<rest>.*?)-->[ \t]*$", re.M)
 
 
@@ -90,7 +92,7 @@ def parse_examples(document: Document) -> Iterator[Region]:
         elif lang in ("bash", "sh", "shell", "console"):
             offset = fence.start("body")
             for start, end, line in _command_lines(body):
-                if line.startswith("pldr "):
+                if line.startswith("pldr ") or TORCHRUN.match(line):
                     regions.append(Region(offset + start, offset + end, CommandLine(line),
                                           _parse_command))
     for marker in markers:
@@ -137,7 +139,8 @@ def _run_python(example: Example) -> None:
 def _parse_command(example: Example) -> None:
     from pldr.cli.main import build_parser
 
-    argv = shlex.split(example.parsed.text, comments=True)[1:]
+    words = shlex.split(example.parsed.text, comments=True)
+    argv = words[words.index("pldr") + 1:]  # after `pldr`, or after torchrun's `-m pldr`
     argv = [a for a in argv if a != "--debug"]  # main() takes it out before parsing
     try:
         build_parser().parse_args(argv)

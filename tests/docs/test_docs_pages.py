@@ -68,12 +68,16 @@ def test_collector_refuses_a_marker_that_skips_no_python_block():
 
 def test_command_lines_go_through_the_real_parser():
     document = Document("```bash\npldr generate --model M --prompt hi --max-new-tokens 5\n"
-                        "pldr generate --model M --no-such-flag\npldr nonsense\n```\n", "page.md")
+                        "torchrun --nproc_per_node=2 -m pldr train --model tiny --data D\n"
+                        "pldr generate --model M --no-such-flag\npldr nonsense\n"
+                        "torchrun --nproc_per_node=2 -m pldr train --no-such-flag\n```\n",
+                        "page.md")
     for region in parse_examples(document):
         document.add(region)
-    good, unknown_flag, unknown_command = document.examples()
+    good, good_torchrun, unknown_flag, unknown_command, bad_torchrun = document.examples()
     good.evaluate()
-    for bad in (unknown_flag, unknown_command):
+    good_torchrun.evaluate()
+    for bad in (unknown_flag, unknown_command, bad_torchrun):
         with pytest.raises(AssertionError, match="does not parse"):
             bad.evaluate()
 
