@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -43,7 +44,13 @@ class PageRun:
         self.examples[i].evaluate()
 
     def close(self) -> None:
-        """Remove the working directory and forget the page's names (models, tensors)."""
+        """Stop any process the page started and left running (a server, when an example
+        failed before its last block), remove the working directory and forget the page's
+        names (models, tensors)."""
+        for value in DOCUMENTS[self.page].namespace.values():
+            if isinstance(value, subprocess.Popen) and value.poll() is None:
+                value.kill()
+                value.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
         DOCUMENTS[self.page].namespace.clear()
 
