@@ -175,4 +175,4 @@ def test_generation_refuses_a_head_model(tmp_path):
 
 def test_question_answering_input_layout():
     ids, start = question_answering_input([5, 6], [7, 8, 9], eos_id=3)
-    assert ids == [5, 6, 3, 7, 8, 9, 3] and ids[start] == 7
+    assert ids == [5, 6, 7, 8, 9, 3] and ids[start] == 7
