@@ -145,11 +145,14 @@ def test_cli_converts_a_head_and_refuses_the_original_layout(tmp_path, capsys):
     assert not (tmp_path / "orig").exists()
 
 
-def test_info_names_the_head(tmp_path):
+def test_info_names_the_head(capsys):
     from pldr.checkpoint.load import inspect_checkpoint
 
     info = inspect_checkpoint(SEQCLS)
     assert info["task"] == "sequence-classification" and info["num_tensors"] == 110
+    assert info["config"]["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+    assert cli_main(["info", str(SEQCLS)]) == 0
+    assert ": sequence-classification, v510, " in capsys.readouterr().out
 
 
 def test_a_head_checkpoint_whose_architecture_lies_is_a_one_line_error(tmp_path):

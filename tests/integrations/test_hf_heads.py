@@ -72,6 +72,15 @@ def test_auto_classes_load_a_head_directory_and_give_its_outputs(dirs, cls):
             assert torch.equal(got, want)
 
 
+def test_from_pldr_wraps_a_head_without_copying_it(dirs):
+    ours = pldr.load_model(dirs[pldr.PLDRForTokenClassification])
+    hf = PLDRHFForTokenClassification.from_pldr(ours)
+    assert hf.score is ours.score and hf.decoder is ours.decoder and not hf.training
+    ids = torch.tensor([[5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ours(ids).logits)
+
+
 @pytest.mark.parametrize("cls", list(CASES), ids=lambda c: c.task)
 def test_what_transformers_saves_loads_as_the_pldr_head(dirs, cls, tmp_path):
     hf = CASES[cls][1].from_pretrained(dirs[cls])
@@ -117,7 +126,8 @@ def test_question_answering_pipeline_returns_the_best_span_of_the_context(dirs):
     # the same span by brute force over our model's logits
     sp = pldr.Tokenizer.load(d / "tokenizer.model")
     q, c = sp.encode(question, eos=False), sp.encode(context, eos=False)
-    out = pldr.load_model(d)(torch.tensor([q + c + [3]]))
+    with torch.no_grad():
+        out = pldr.load_model(d)(torch.tensor([q + c + [3]]))
     start = out.start_logits[0, len(q):len(q) + len(c)].log_softmax(-1)
     end = out.end_logits[0, len(q):len(q) + len(c)].log_softmax(-1)
     best = max(((s, e) for s in range(len(c)) for e in range(s, min(s + 3, len(c)))),
@@ -131,3 +141,5 @@ def test_question_answering_pipeline_needs_both_texts(dirs):
     qa = pipeline("question-answering", model=str(dirs[pldr.PLDRForQuestionAnswering]))
     with pytest.raises(pldr.PLDRError, match="question= and context="):
         qa(question="who sat")
+    with pytest.raises(pldr.PLDRError, match="not top_k"):
+        qa(question="who sat", context="the cat sat", top_k=2)

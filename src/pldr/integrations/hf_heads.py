@@ -137,13 +137,24 @@ class PLDRQuestionAnsweringPipeline(Pipeline):
 
     def _sanitize_parameters(self, max_answer_len: int | None = None,
                              **kwargs: Any) -> tuple[dict, dict, dict]:
-        post = {} if max_answer_len is None else {"max_answer_len": int(max_answer_len)}
+        if kwargs:
+            raise PLDRError(f"the question-answering pipeline takes question=, context= and "
+                            f"max_answer_len=, not {', '.join(sorted(kwargs))}")
+        if max_answer_len is not None and (isinstance(max_answer_len, bool)
+                                           or not isinstance(max_answer_len, int)
+                                           or max_answer_len < 1):
+            raise PLDRError(f"max_answer_len must be a positive integer, got {max_answer_len!r}")
+        post = {} if max_answer_len is None else {"max_answer_len": max_answer_len}
         return {}, {}, post
 
     def preprocess(self, inputs: dict[str, str]) -> dict[str, Any]:
         """The head's layout: question pieces, context pieces, EOS; each context piece's
         character span, from SentencePiece's byte offsets."""
-        sp, tok = self.tokenizer.sp_model, self.tokenizer
+        tok = self.tokenizer
+        sp = getattr(tok, "sp_model", None)
+        if sp is None:
+            raise PLDRError(f"the question-answering pipeline needs a SentencePiece tokenizer "
+                            f"(PLDRTokenizer), got {type(tok).__name__}")
         context = inputs["context"]
         question = sp.encode(inputs["question"])
         pieces = sp.encode(context, out_type="proto").pieces
