@@ -171,3 +171,11 @@ def test_inspect_without_pictures_writes_the_report_only(corpus, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["layers"][0]["G_LM_rmse"] == 0  # one input: nothing to differ from
+
+
+def test_inspect_names_its_report_as_a_clean_path(corpus, tmp_path, capsys):
+    out = tmp_path / "np"
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--out",
+                 str(out) + "/", "--no-pictures"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote {out / 'report.json'}"

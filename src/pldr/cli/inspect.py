@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..analysis.inspection import inspect_model
     from ..analysis.plots import require_matplotlib
     from ..analysis.report import headline_rows
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     report = inspect_model(model, texts + id_inputs, args.out, labels=labels, layers=layers,
                            meta=meta, pictures=not args.no_pictures)
     print_table(headline_rows(report))
-    print(f"wrote {args.out}/report.json" + ("" if args.no_pictures else f" and {args.out}/index.html"))
+    out = Path(args.out)
+    print(f"wrote {out / 'report.json'}" + ("" if args.no_pictures else f" and {out / 'index.html'}"))
     return 0
 
 
