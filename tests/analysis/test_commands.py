@@ -91,7 +91,7 @@ def test_extract_G_on_a_v510G_model_returns_its_G_LM(corpus, tmp_path, capsys):
     assert_same(torch.stack(load_G_LM(out))[:, 0], corpus["G"])
     A_LM, _ = load_G_LM_pairs(out)
     assert A_LM is None  # a v510G model has no A_LM
-    report = json.loads((tmp_path / "g.report.json").read_text())
+    report = json.loads((tmp_path / "g.safetensors.report.json").read_text())
     assert report["samples"] == 5 and all(L["G_LM_rmse_to_mean"] < 1e-7 for L in report["layers"])
 
 
@@ -179,3 +179,44 @@ def test_inspect_names_its_report_as_a_clean_path(corpus, tmp_path, capsys):
                  str(out) + "/", "--no-pictures"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"wrote {out / 'report.json'}"
+
+
+def test_extract_G_reports_are_named_after_their_file_so_two_formats_keep_both(corpus, tmp_path, capsys):
+    common = ["extract-G", "--model", str(corpus["root"] / "m"), "--data", corpus["data"],
+              "--samples", "3", "--context-length", "12"]
+    assert main(common + ["--out", str(tmp_path / "G.safetensors")]) == 0
+    assert main(common + ["--out", str(tmp_path / "G.pkl"), "--format", "original"]) == 0
+    assert "G.pkl.report.json" in capsys.readouterr().out
+    for name, fmt in (("G.safetensors", "safetensors"), ("G.pkl", "original")):
+        report = json.loads((tmp_path / f"{name}.report.json").read_text())
+        assert report["format"] == fmt and report["file"] == str(tmp_path / name)
+
+
+def test_inspect_into_an_earlier_inspect_folder_replaces_it_as_a_whole(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    model = ["inspect", "--model", str(corpus["root"] / "m")]
+    assert main(model + ["--ids", "5,6,7", "--ids", "8,9,10", "--out", str(out)]) == 0
+    assert len(list(out.glob("input1_*.png"))) == 2
+    assert main(model + ["--ids", "5,6,7", "--layers", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    pictures = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    assert pictures == ["G_LM_spectrum.png", "G_LM_spread.png", "input0_layer1.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(pictures + ["index.html", "report.json"])
+    assert [L["layer"] for L in report["layers"]] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_inspect_refuses_a_folder_that_is_not_an_earlier_inspect_output(corpus, tmp_path, capsys):
+    model = ["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--no-pictures"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(model + ["--out", str(busy)]) == 2
+    assert "notes.txt" in one_error_line(capsys)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    # an earlier inspect output with a file of the user's beside it is not replaced either
+    out = tmp_path / "out"
+    assert main(model + ["--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(model + ["--out", str(out)]) == 2
+    assert "notes.txt" in one_error_line(capsys) and (out / "notes.txt").read_text() == "mine"

@@ -2,6 +2,11 @@
 outputs of each input, compute the report, draw the pictures, write report.json and
 index.html into one folder.
 
+The folder is written whole: into a temporary folder beside it, renamed into place at the
+end. An existing folder is replaced only when it is empty or an earlier inspect output
+(its report.json says so and it holds nothing else than what inspect writes), so stale
+pictures of an earlier run never sit beside new ones and nothing of the user's is deleted.
+
     OUT/report.json                 numbers per layer and head (report.DEFINITIONS)
     OUT/index.html                  every picture with its numbers
     OUT/G_LM_spread.png             G_LM across inputs, per layer
@@ -14,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import PLDRError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, replace_dir, temp_sibling
 from ..model.model import PLDRModel
 from . import plots
 from .collect import collect
@@ -51,15 +57,60 @@ def inspect_model(model: PLDRModel, inputs: Sequence[Sequence[int]], out: str | 
     items = collect(model, inputs, labels)
     report = build_report(items, layers, {"dtype": str(model.dtype).replace("torch.", ""),
                                           **(meta or {})})
+    report["content"] = CONTENT
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if pictures:
-        report["pictures"] = _draw(items, layers, out)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    if pictures:
-        write_index(out / "index.html", report, headline_rows(report))
+    check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)
+    tmp.mkdir()
+    try:
+        if pictures:
+            report["pictures"] = _draw(items, layers, tmp)
+        atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=1) + "\n")
+        if pictures:
+            write_index(tmp / INDEX_FILE, report, headline_rows(report))
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("inspect: wrote %s", out)
     return report
+
+
+CONTENT = "pldr.inspect"  # report.json's "content": marks a folder inspect wrote
+REPORT_FILE, INDEX_FILE = "report.json", "index.html"
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an `out` that is a file, or a folder holding anything but an earlier inspect
+    output (which is replaced as a whole, never mixed with the new pictures)."""
+    if out.exists() and not out.is_dir():
+        raise PLDRError(f"{str(out)!r} exists and is not a folder; choose another --out")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    foreign = [n for n in entries if n not in (REPORT_FILE, INDEX_FILE)
+               and not (n.endswith(PICTURE_SUFFIXES) and (out / n).is_file())]
+    if foreign or not _is_inspect_report(out / REPORT_FILE):
+        what = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "") if foreign else \
+            "no report.json of pldr inspect"
+        raise PLDRError(f"{str(out)!r} is not an earlier pldr inspect output ({what}); "
+                        "choose another --out (an earlier output is replaced as a whole)")
+
+
+def _is_inspect_report(path: Path) -> bool:
+    """Whether `path` is a report.json that inspect wrote (marked, or, from before the mark,
+    with inspect's definitions)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(report, dict):
+        return False
+    return report.get("content") == CONTENT or (
+        isinstance(report.get("definitions"), dict) and "G_LM_rmse" in report["definitions"])
 
 
 def _draw(items, layers: list[int], out: Path) -> dict[str, Any]:
