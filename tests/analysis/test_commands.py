@@ -220,3 +220,65 @@ def test_inspect_refuses_a_folder_that_is_not_an_earlier_inspect_output(corpus, 
     (out / "notes.txt").write_text("mine")
     assert main(model + ["--out", str(out)]) == 2
     assert "notes.txt" in one_error_line(capsys) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_inspect_dpi_sets_the_picture_size_and_the_default_is_150(corpus, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    widths = {}
+    for dpi in (None, "75"):
+        out = tmp_path / f"dpi{dpi}"
+        assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7",
+                     "--out", str(out)] + (["--dpi", dpi] if dpi else [])) == 0
+        widths[dpi] = {name: imread(out / name).shape[1]
+                       for name in ("G_LM_spectrum.png", "input0_layer0.png")}
+    for name, width in widths[None].items():
+        assert abs(width - 2 * widths["75"][name]) <= 2, (name, widths)
+    # the spectrum figure is 2.6 inches per layer + 0.6: at 150 DPI, 870 pixels wide
+    assert abs(widths[None]["G_LM_spectrum.png"] - 870) <= 2
+
+
+@pytest.mark.parametrize("fmt, magic", [("svg", b"<?xml"), ("pdf", b"%PDF")])
+def test_inspect_format_writes_every_picture_in_that_format(corpus, tmp_path, capsys, fmt, magic):
+    out = tmp_path / fmt
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7",
+                 "--out", str(out), "--format", fmt]) == 0
+    pictures = sorted(p.name for p in out.iterdir() if p.name not in ("report.json", "index.html"))
+    assert pictures == sorted(f"{n}.{fmt}" for n in
+                              ("G_LM_spectrum", "G_LM_spread", "input0_layer0", "input0_layer1"))
+    for name in pictures:
+        assert (out / name).read_bytes().startswith(magic)
+    page = (out / "index.html").read_text()
+    assert sorted(set(re.findall(r'(?:src|href|data)="([^"]+)"', page))) == pictures
+
+
+def test_every_plot_with_several_lines_has_a_legend_naming_them():
+    from pldr.analysis import plots
+    from pldr.analysis.collect import collect
+    from pldr.analysis.report import invariance, spectra
+
+    torch.manual_seed(0)
+    model = PLDRModel(CONFIG.replace(num_heads=4)).double().eval()
+    items = collect(model, [[5, 6, 7, 8], [9, 10, 11]])
+    G = torch.stack([it.G_LM for it in items])                    # [N, L, H, dk, dk]
+    inv = invariance(G)
+    figures = [plots.spectrum_figure(spectra(G).singular, [0, 1]),
+               plots.spread_figure(inv.pairwise, inv.to_mean, ["a", "b"], [0, 1])]
+    kinds = items[0].kinds()
+    figures.append(plots.heatmaps_figure({k: t[0] for k, t in kinds.items()},
+                                         {k: plots.colour_limits([t[0]]) for k, t in kinds.items()},
+                                         "layer 0"))
+    several = 0
+    for fig in figures:
+        legend_texts = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+        for ax in fig.axes:
+            lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            if len(ax.get_lines()) > 1:
+                several += 1
+                assert len(lines) == len(ax.get_lines()), "every line is labelled"
+                texts = legend_texts + ([t.get_text() for t in ax.get_legend().get_texts()]
+                                        if ax.get_legend() else [])
+                assert {line.get_label() for line in lines} <= set(texts)
+    assert several == 2  # the spectrum's two layers, each a line per head
+    assert sorted(t.get_text() for t in figures[0].legends[0].get_texts()) == \
+        ["head 0", "head 1", "head 2", "head 3"]

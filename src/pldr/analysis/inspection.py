@@ -9,9 +9,11 @@ pictures of an earlier run never sit beside new ones and nothing of the user's i
 
     OUT/report.json                 numbers per layer and head (report.DEFINITIONS)
     OUT/index.html                  every picture with its numbers
-    OUT/G_LM_spread.png             G_LM across inputs, per layer
-    OUT/G_LM_spectrum.png           singular values of G_LM, per layer
-    OUT/input{i}_layer{l}.png       A, A_LM, A_P, G_LM of input i in layer l, heads in a row
+    OUT/G_LM_spread.FMT             G_LM across inputs, per layer
+    OUT/G_LM_spectrum.FMT           singular values of G_LM, per layer (a line per head)
+    OUT/input{i}_layer{l}.FMT       A, A_LM, A_P, G_LM of input i in layer l, heads in a row
+
+FMT is png (default), svg or pdf; PNGs are drawn at `dpi` (default 150).
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ def check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
 
 def inspect_model(model: PLDRModel, inputs: Sequence[Sequence[int]], out: str | os.PathLike, *,
                   labels: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-                  meta: dict[str, Any] | None = None, pictures: bool = True) -> dict[str, Any]:
-    """Write the inspection of `inputs` (id lists) into folder `out`; returns the report."""
+                  meta: dict[str, Any] | None = None, pictures: bool = True,
+                  dpi: int = plots.DEFAULT_DPI, fmt: str = "png") -> dict[str, Any]:
+    """Write the inspection of `inputs` (id lists) into folder `out`; returns the report.
+    Pictures are `fmt` files (png, svg or pdf), drawn at `dpi` dots per inch."""
     layers = check_layers(layers, model.config.num_layers)
+    if fmt not in plots.FORMATS:
+        raise PLDRError(f"picture format {fmt!r} is not one of {', '.join(plots.FORMATS)}")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not MIN_DPI <= dpi <= MAX_DPI:
+        raise PLDRError(f"--dpi must be a whole number in {MIN_DPI}..{MAX_DPI}, got {dpi!r}")
     if pictures:
         plots.require_matplotlib()
     items = collect(model, inputs, labels)
@@ -65,7 +73,7 @@ def inspect_model(model: PLDRModel, inputs: Sequence[Sequence[int]], out: str | 
     tmp.mkdir()
     try:
         if pictures:
-            report["pictures"] = _draw(items, layers, tmp)
+            report["pictures"] = _draw(items, layers, tmp, dpi, fmt)
         atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=1) + "\n")
         if pictures:
             write_index(tmp / INDEX_FILE, report, headline_rows(report))
@@ -79,6 +87,7 @@ def inspect_model(model: PLDRModel, inputs: Sequence[Sequence[int]], out: str | 
 CONTENT = "pldr.inspect"  # report.json's "content": marks a folder inspect wrote
 REPORT_FILE, INDEX_FILE = "report.json", "index.html"
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
+MIN_DPI, MAX_DPI = 30, 600  # below 30 nothing is legible; above 600 a 110M figure is huge
 
 
 def check_replaceable(out: Path) -> None:
@@ -113,7 +122,7 @@ def _is_inspect_report(path: Path) -> bool:
         isinstance(report.get("definitions"), dict) and "G_LM_rmse" in report["definitions"])
 
 
-def _draw(items, layers: list[int], out: Path) -> dict[str, Any]:
+def _draw(items, layers: list[int], out: Path, dpi: int, fmt: str) -> dict[str, Any]:
     """Every picture; returns their file names (relative to `out`) for the report."""
     kinds = list(items[0].kinds())
     limits = {(l, k): plots.colour_limits([it.kinds()[k][l] for it in items])
@@ -122,15 +131,17 @@ def _draw(items, layers: list[int], out: Path) -> dict[str, Any]:
     for i, it in enumerate(items):
         names = {}
         for l in layers:
-            name = f"input{i}_layer{l}.png"
-            plots.heatmaps(out / name, {k: t[l] for k, t in it.kinds().items()},
-                           {k: limits[(l, k)] for k in kinds},
-                           f"{it.label}: layer {l} ({len(it.ids)} tokens)")
+            name = f"input{i}_layer{l}.{fmt}"
+            figure = plots.heatmaps_figure({k: t[l] for k, t in it.kinds().items()},
+                                           {k: limits[(l, k)] for k in kinds},
+                                           f"{it.label}: layer {l} ({len(it.ids)} tokens)")
+            plots.save(figure, out / name, dpi)
             names[str(l)] = name
         heat.append(names)
     G = torch.stack([it.G_LM for it in items])                    # [N, L, H, dk, dk]
     inv = invariance(G)
-    plots.spread(out / "G_LM_spread.png", inv.pairwise, inv.to_mean,
-                 [it.label for it in items], layers)
-    plots.spectrum(out / "G_LM_spectrum.png", spectra(G).singular, layers)
-    return {"heatmaps": heat, "spread": "G_LM_spread.png", "spectrum": "G_LM_spectrum.png"}
+    spread, spectrum = f"G_LM_spread.{fmt}", f"G_LM_spectrum.{fmt}"
+    plots.save(plots.spread_figure(inv.pairwise, inv.to_mean, [it.label for it in items],
+                                   layers), out / spread, dpi)
+    plots.save(plots.spectrum_figure(spectra(G).singular, layers), out / spectrum, dpi)
+    return {"heatmaps": heat, "spread": spread, "spectrum": spectrum}
