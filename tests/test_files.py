@@ -70,3 +70,39 @@ def test_tokenizer_find_names_the_file_load_reads(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"x")
     assert Tokenizer.find(tmp_path) == tmp_path / "tokenizer.model"
     assert Tokenizer.find(tmp_path / "tokenizer.model") == tmp_path / "tokenizer.model"
+
+
+@pytest.fixture
+def umask_027():
+    """A umask under which a default file is rw-r----- (0640) and a folder rwxr-x--- (0750)."""
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+def test_every_file_pldr_writes_gets_0666_less_the_umask(tmp_path, umask_027):
+    import stat
+
+    import torch
+
+    from pldr import PLDRConfig, PLDRModel, save_G_LM
+    from pldr.checkpoint.convert import convert_model
+    from pldr.checkpoint.glm import save_G_LM_original
+    from pldr.data import load_documents
+
+    cfg = PLDRConfig(num_layers=1, d_model=32, num_heads=2, dff=48, num_reslayerA=1,
+                     num_denseA=1, A_dff=24, vocab_size=400, max_seq_len=16)
+    tok = Tokenizer.train(load_documents("builtin")[:40], 400, str(tmp_path / "tok"))
+    model = PLDRModel(cfg)
+    model.save_pretrained(tmp_path / "ours", tokenizer=tok)
+    for layout in ("hf-port", "original"):
+        convert_model(model, tmp_path / layout, layout, tokenizer=tok)
+    G = torch.rand(1, 2, 16, 16)
+    save_G_LM(G, tmp_path / "g" / "G.safetensors")
+    save_G_LM_original(G, tmp_path / "g" / "G.pkl")
+    written = [p for p in tmp_path.rglob("*")]
+    assert {"model.safetensors", "checkpoint.pth", "G.safetensors", "G.pkl",
+            "tokenizer.model"} <= {p.name for p in written}
+    for p in written:
+        want = 0o750 if p.is_dir() else 0o640
+        assert stat.S_IMODE(p.stat().st_mode) == want, f"{p.relative_to(tmp_path)}: {oct(p.stat().st_mode)}"

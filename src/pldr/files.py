@@ -58,10 +58,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def give_default_mode(path: str | os.PathLike) -> None:
     """The mode a file created by `open()` would have (0666 less the umask). Some writers
     (safetensors, mkstemp) create files readable by their owner only, unlike their
-    neighbours."""
+    neighbours; every file written through `atomic_path` gets this mode."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` ({name: tensor}) as a .safetensors file, atomically and with the default
+    mode: the one way pldr writes safetensors (safetensors' own `save_file` leaves 0600)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -107,5 +117,5 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 __all__ = ["sha256_of", "atomic_path", "atomic_write_bytes", "atomic_write_text", "replace_dir",
-           "give_default_mode",
+           "give_default_mode", "save_safetensors",
            "temp_sibling", "is_temp_name"]

@@ -91,7 +91,7 @@ def test_extract_G_on_a_v510G_model_returns_its_G_LM(corpus, tmp_path, capsys):
     assert_same(torch.stack(load_G_LM(out))[:, 0], corpus["G"])
     A_LM, _ = load_G_LM_pairs(out)
     assert A_LM is None  # a v510G model has no A_LM
-    report = json.loads((tmp_path / "g.report.json").read_text())
+    report = json.loads((tmp_path / "g.safetensors.report.json").read_text())
     assert report["samples"] == 5 and all(L["G_LM_rmse_to_mean"] < 1e-7 for L in report["layers"])
 
 
@@ -171,3 +171,114 @@ def test_inspect_without_pictures_writes_the_report_only(corpus, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["layers"][0]["G_LM_rmse"] == 0  # one input: nothing to differ from
+
+
+def test_inspect_names_its_report_as_a_clean_path(corpus, tmp_path, capsys):
+    out = tmp_path / "np"
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--out",
+                 str(out) + "/", "--no-pictures"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote {out / 'report.json'}"
+
+
+def test_extract_G_reports_are_named_after_their_file_so_two_formats_keep_both(corpus, tmp_path, capsys):
+    common = ["extract-G", "--model", str(corpus["root"] / "m"), "--data", corpus["data"],
+              "--samples", "3", "--context-length", "12"]
+    assert main(common + ["--out", str(tmp_path / "G.safetensors")]) == 0
+    assert main(common + ["--out", str(tmp_path / "G.pkl"), "--format", "original"]) == 0
+    assert "G.pkl.report.json" in capsys.readouterr().out
+    for name, fmt in (("G.safetensors", "safetensors"), ("G.pkl", "original")):
+        report = json.loads((tmp_path / f"{name}.report.json").read_text())
+        assert report["format"] == fmt and report["file"] == str(tmp_path / name)
+
+
+def test_inspect_into_an_earlier_inspect_folder_replaces_it_as_a_whole(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    model = ["inspect", "--model", str(corpus["root"] / "m")]
+    assert main(model + ["--ids", "5,6,7", "--ids", "8,9,10", "--out", str(out)]) == 0
+    assert len(list(out.glob("input1_*.png"))) == 2
+    assert main(model + ["--ids", "5,6,7", "--layers", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    pictures = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    assert pictures == ["G_LM_spectrum.png", "G_LM_spread.png", "input0_layer1.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(pictures + ["index.html", "report.json"])
+    assert [L["layer"] for L in report["layers"]] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_inspect_refuses_a_folder_that_is_not_an_earlier_inspect_output(corpus, tmp_path, capsys):
+    model = ["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--no-pictures"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(model + ["--out", str(busy)]) == 2
+    assert "notes.txt" in one_error_line(capsys)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    # an earlier inspect output with a file of the user's beside it is not replaced either
+    out = tmp_path / "out"
+    assert main(model + ["--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(model + ["--out", str(out)]) == 2
+    assert "notes.txt" in one_error_line(capsys) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_inspect_dpi_sets_the_picture_size_and_the_default_is_150(corpus, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    widths = {}
+    for dpi in (None, "75"):
+        out = tmp_path / f"dpi{dpi}"
+        assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7",
+                     "--out", str(out)] + (["--dpi", dpi] if dpi else [])) == 0
+        widths[dpi] = {name: imread(out / name).shape[1]
+                       for name in ("G_LM_spectrum.png", "input0_layer0.png")}
+    for name, width in widths[None].items():
+        assert abs(width - 2 * widths["75"][name]) <= 2, (name, widths)
+    # the spectrum figure is 2.6 inches per layer + 0.6: at 150 DPI, 870 pixels wide
+    assert abs(widths[None]["G_LM_spectrum.png"] - 870) <= 2
+
+
+@pytest.mark.parametrize("fmt, magic", [("svg", b"<?xml"), ("pdf", b"%PDF")])
+def test_inspect_format_writes_every_picture_in_that_format(corpus, tmp_path, capsys, fmt, magic):
+    out = tmp_path / fmt
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7",
+                 "--out", str(out), "--format", fmt]) == 0
+    pictures = sorted(p.name for p in out.iterdir() if p.name not in ("report.json", "index.html"))
+    assert pictures == sorted(f"{n}.{fmt}" for n in
+                              ("G_LM_spectrum", "G_LM_spread", "input0_layer0", "input0_layer1"))
+    for name in pictures:
+        assert (out / name).read_bytes().startswith(magic)
+    page = (out / "index.html").read_text()
+    assert sorted(set(re.findall(r'(?:src|href|data)="([^"]+)"', page))) == pictures
+
+
+def test_every_plot_with_several_lines_has_a_legend_naming_them():
+    from pldr.analysis import plots
+    from pldr.analysis.collect import collect
+    from pldr.analysis.report import invariance, spectra
+
+    torch.manual_seed(0)
+    model = PLDRModel(CONFIG.replace(num_heads=4)).double().eval()
+    items = collect(model, [[5, 6, 7, 8], [9, 10, 11]])
+    G = torch.stack([it.G_LM for it in items])                    # [N, L, H, dk, dk]
+    inv = invariance(G)
+    figures = [plots.spectrum_figure(spectra(G).singular, [0, 1]),
+               plots.spread_figure(inv.pairwise, inv.to_mean, ["a", "b"], [0, 1])]
+    kinds = items[0].kinds()
+    figures.append(plots.heatmaps_figure({k: t[0] for k, t in kinds.items()},
+                                         {k: plots.colour_limits([t[0]]) for k, t in kinds.items()},
+                                         "layer 0"))
+    several = 0
+    for fig in figures:
+        legend_texts = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+        for ax in fig.axes:
+            lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            if len(ax.get_lines()) > 1:
+                several += 1
+                assert len(lines) == len(ax.get_lines()), "every line is labelled"
+                texts = legend_texts + ([t.get_text() for t in ax.get_legend().get_texts()]
+                                        if ax.get_legend() else [])
+                assert {line.get_label() for line in lines} <= set(texts)
+    assert several == 2  # the spectrum's two layers, each a line per head
+    assert sorted(t.get_text() for t in figures[0].legends[0].get_texts()) == \
+        ["head 0", "head 1", "head 2", "head 3"]

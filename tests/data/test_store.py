@@ -418,3 +418,16 @@ def test_prepare_an_hf_dataset_folder_in_streaming_mode(tmp_path, tok):
     assert store.num_documents == 50
     direct = load_tokens(f"hf:{folder}", tok, "train[:50]", use_cache=False, progress=False)
     assert np.array_equal(np.asarray(store.slice()[0]), direct.ids)
+
+
+def test_cli_prepare_says_once_that_it_trains_a_tokenizer_and_not_when_it_does_not(tmp_path, corpus):
+    folder, _ = corpus
+    argv = ["data", "prepare", "--data", str(folder), "--out", str(tmp_path / "s"),
+            "--vocab-size", "500", "--sample-docs", "100", "--no-progress"]
+    for expected in (1, 0):  # the second run finds the store complete: no tokenizer to train
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli(argv) == 0
+        lines = [line for line in out.getvalue().splitlines() if "training" in line]
+        assert len(lines) == expected, out.getvalue()
+    assert (tmp_path / "s" / "tokenizer.model").is_file()

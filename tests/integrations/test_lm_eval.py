@@ -191,3 +191,89 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(setup, tmp_path):
     big = Tokenizer.train([topics[k] for k in sorted(topics)[:80]], 600, str(tmp_path / "big"))
     with pytest.raises(pldr.PLDRError, match="do not belong together"):
         PLDRLM(str(setup.model_dir), tokenizer=big.path)
+
+
+# ----- pldr's task groups ---------------------------------------------------------------------
+
+# lm-eval's task folders that hold the groups' tasks: indexing these instead of all of
+# lm-eval's (about a minute) keeps the test fast; a task missing from them fails it
+TASK_FOLDERS = ("arc", "hellaswag", "openbookqa", "piqa", "siqa", "winogrande", "truthfulqa",
+                "tinyBenchmarks")
+GROUPS = {
+    "pldr_zeroshot": {"arc_easy": 0, "arc_challenge": 0, "hellaswag": 0, "openbookqa": 0,
+                      "piqa": 0, "social_iqa": 0, "winogrande": 0, "truthfulqa_mc2": 0},
+    "pldr_tiny": {"tinyArc": 25, "tinyMMLU": 0, "tinyWinogrande": 5, "tinyHellaswag": 10,
+                  "tinyTruthfulQA": 0},
+}
+
+
+@pytest.fixture
+def offline_tasks(monkeypatch):
+    """lm-eval builds its Task objects from their full configs, but without downloading
+    their datasets and without importing the `!function`s of their YAMLs (tinyBenchmarks'
+    need a package of their own): what a group expands to, offline."""
+    from pathlib import Path
+
+    import lm_eval.tasks
+    from lm_eval.api.task import ConfigurableTask, TaskConfig
+    from lm_eval.tasks import _factory, _yaml_loader
+
+    class Unloaded(ConfigurableTask):
+        def __init__(self, config):
+            self._config = TaskConfig(**config)
+
+    monkeypatch.setattr(_factory, "ConfigurableTask", Unloaded)
+    monkeypatch.setattr(_yaml_loader, "_import_func_in_yml", lambda qual, base_dir: qual)
+    return [Path(lm_eval.tasks.__file__).parent / f for f in TASK_FOLDERS]
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_pldr_task_groups_expand_to_the_papers_tasks_and_shots(offline_tasks, group):
+    manager = pldr.lm_eval.task_manager(offline_tasks, include_defaults=False)
+    assert group in manager.all_groups
+    loaded = manager.load([group])
+    assert loaded["group_map"] == {group: list(GROUPS[group])}
+    shots = {name: task.config.num_fewshot for name, task in loaded["tasks"].items()}
+    assert shots == GROUPS[group]
+    for name, task in loaded["tasks"].items():
+        metrics = {m["metric"] for m in task.config.metric_list}
+        assert metrics & {"acc", "acc_norm"}, (name, metrics)
+        if group == "pldr_zeroshot" and name in ("arc_easy", "arc_challenge", "hellaswag",
+                                                 "openbookqa", "piqa"):
+            assert {"acc", "acc_norm"} <= metrics
+
+
+def test_the_task_groups_are_package_data(tmp_path):
+    """The YAMLs install with the package: pyproject's package data names them."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p.name for pattern in data["pldr.integrations"]
+               for p in (root / "src/pldr/integrations").glob(pattern)}
+    assert {"pldr_zeroshot.yaml", "pldr_tiny.yaml"} <= shipped
+    assert pldr.lm_eval.TASKS_DIR.is_dir()
+
+
+def test_pldr_eval_finds_its_groups_without_an_include_path(setup, offline_tasks, monkeypatch,
+                                                            capsys):
+    """`pldr eval --tasks pldr_tiny` hands lm-eval a task manager that expands the group
+    (simple_evaluate itself is replaced: it would download the datasets)."""
+    import lm_eval
+
+    from pldr.integrations import lm_eval as integration
+
+    real = integration.task_manager
+    monkeypatch.setattr(integration, "task_manager", lambda include_path=None, **kw:
+                        real(list(include_path or []) + offline_tasks, include_defaults=False))
+    seen = {}
+
+    def evaluate(model, tasks, task_manager, **kw):
+        seen.update(task_manager.load(tasks)["tasks"])
+        return {"results": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
+    monkeypatch.setattr(lm_eval.utils, "make_table", lambda results: "table")
+    assert main(["eval", "--model", str(setup.model_dir), "--tasks", "pldr_tiny"]) == 0
+    assert sorted(seen) == sorted(GROUPS["pldr_tiny"])

@@ -647,3 +647,44 @@ def test_the_model_runs_in_its_own_process_and_its_death_is_a_503(model_dir):
         assert "restart the server" in r.json()["error"]["message"]
     finally:
         assert s.stop() == 0  # the server still drains and exits cleanly
+
+
+def _start_log(s: Server) -> str:
+    """What the server printed from its start to its stop."""
+    assert s.stop() == 0
+    return s.proc.stdout.read()
+
+
+def test_a_runs_final_folder_is_served_under_the_runs_name_and_the_start_is_logged(model_dir,
+                                                                                  tmp_path):
+    import shutil
+
+    final = tmp_path / "my-run" / "final"
+    shutil.copytree(model_dir, final)
+    (tmp_path / "my-run" / "train_config.json").write_text("{}")
+    s = Server(final, "--api-key", KEY)
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        models = httpx.get(s.url + "/v1/models", headers=auth, timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["my-run"]
+    finally:
+        log = _start_log(s)
+    line = next(line for line in log.splitlines() if line.startswith("serving "))
+    assert "'my-run'" in line and "layout pldr" in line and "float32" in line
+    assert f"{s.url}/v1" in line and "API key required" in line
+
+
+def test_served_model_name_chooses_the_id_and_a_port_directory_says_its_layout(model_dir,
+                                                                              tmp_path):
+    from pldr.checkpoint.convert import convert_model
+
+    port = convert_model(load_model(model_dir), tmp_path / "port", "hf-port")
+    s = Server(port, "--tokenizer", str(model_dir / "tokenizer.model"),
+               "--served-model-name", "pldr-small")
+    try:
+        models = httpx.get(s.url + "/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["pldr-small"]
+    finally:
+        log = _start_log(s)
+    line = next(line for line in log.splitlines() if line.startswith("serving "))
+    assert "'pldr-small'" in line and "layout hf-port" in line and "no API key" in line

@@ -537,3 +537,29 @@ def test_a_trained_tokenizer_does_not_make_the_run_read_the_data_twice(tmp_path,
                       batch_size=4, context_length=32, progress=False, tensorboard=False,
                       cache_dir=str(tmp_path / "cache")))
     assert sorted(reads) == sorted(["train[:90%]", "train[90%:]"])  # each split read once
+
+
+# ----- defaults that keep a newcomer's run sound --------------------------------------------
+
+
+def test_a_warmup_longer_than_the_run_is_capped_so_the_peak_lr_is_reached(shared, tmp_path,
+                                                                          caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="pldr"):
+        result = quiet_train(small_cfg(shared, out, max_steps=4, warmup_steps=100, lr=1e-3))
+    lrs = [r["lr"] for r in result.records if r["split"] == "train"]
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-12)  # the peak --lr, reached
+    said = [r.getMessage() for r in caplog.records if "--warmup-steps" in r.getMessage()]
+    assert len(said) == 1 and "100" in said[0], said
+    capped = json.loads((out / "train_config.json").read_text())["warmup_steps"]
+    assert 1 <= capped < 4  # recorded, so a resumed run keeps the same schedule
+
+
+def test_checkpoints_are_saved_at_an_interval_by_default_and_help_says_what_it_is(capsys):
+    assert TrainConfig().save_every > 0  # an interrupted long run keeps its work
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {TrainConfig().save_every})" in help_text
+    assert "0: only at the end" in help_text
+    assert "capped" in help_text  # what --warmup-steps does when longer than the run

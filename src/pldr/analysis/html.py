@@ -28,6 +28,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _img(src: str, alt: str) -> str:
+    """A picture: shown inline (PNG, SVG), or a link to it (PDF, which `img` cannot show)."""
+    if src.endswith(".pdf"):
+        return f'<p><a href="{html.escape(src)}">{html.escape(alt)} (PDF)</a></p>'
     return f'<p><img src="{html.escape(src)}" alt="{html.escape(alt)}"></p>'
 
 

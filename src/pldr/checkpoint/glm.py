@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, PLDRError
-from ..files import atomic_path, atomic_write_bytes
+from ..files import atomic_write_bytes, save_safetensors
 from ..model.cache import stack_per_layer
 from ..model.pretrained import read_safetensors
 from .original import (
@@ -72,8 +72,6 @@ def save_G_LM(G_LM: Tensor | Sequence[Tensor], path: str | os.PathLike,
               A_LM: Tensor | Sequence[Tensor] | None = None) -> None:
     """Write per-layer G_LM (and optionally A_LM) as a `.safetensors` file that `load_G_LM`
     reads: tensors `G_LM` (and `A_LM`) [L, H, dk, dk], metadata content "pldr.G_LM"."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save_G_LM writes safetensors; name the file *.safetensors, "
@@ -84,8 +82,7 @@ def save_G_LM(G_LM: Tensor | Sequence[Tensor], path: str | os.PathLike,
         if tensors["A_LM"].shape != tensors["G_LM"].shape:
             raise CheckpointError(f"A_LM has shape {list(tensors['A_LM'].shape)} but G_LM "
                                   f"{list(tensors['G_LM'].shape)}; they must match")
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", "content": "pldr.G_LM"})
+    save_safetensors(tensors, path, metadata={"format": "pt", "content": "pldr.G_LM"})
 
 
 def save_G_LM_original(G_LM: Tensor | Sequence[Tensor], path: str | os.PathLike) -> None:

@@ -252,8 +252,7 @@ def read_port_weights(directory: Path) -> dict[str, Tensor]:
 def write_port_files(model: Any, directory: Path) -> None:
     """config.json, generation_config.json and model.safetensors of the port, into an
     existing (temporary) directory."""
-    from safetensors.torch import save_file
-
+    from ..files import save_safetensors
     from ..model.pretrained import _plain_tensors
 
     config = model.config
@@ -265,4 +264,4 @@ def write_port_files(model: Any, directory: Path) -> None:
                       "pad_token_id": config.pad_id, "use_cache": True}
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     state = state_to_port(_plain_tensors(model.state_dict()), config)
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(state, directory / "model.safetensors", metadata={"format": "pt"})

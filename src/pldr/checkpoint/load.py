@@ -151,6 +151,16 @@ def require_existing(path: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoint_layout(path: str | os.PathLike) -> str:
+    """Which layout `path` is in, as `pldr convert --to` names them: "hf-port" (a directory
+    of the transformers port), "pldr" (our directory, or a lone .safetensors file) or
+    "original" (a .pth checkpoint); read from config.json only, no tensors."""
+    path = Path(path)
+    if path.is_dir():
+        return "hf-port" if read_port_config(path) is not None else "pldr"
+    return "pldr" if path.suffix == ".safetensors" else "original"
+
+
 def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, Tensor], PLDRConfig]:
     """The state dict of `path` (prefixes stripped, on CPU) and the config it goes with, its
     variant set from the keys. Reads only tensors; builds no model."""

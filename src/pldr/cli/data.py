@@ -56,11 +56,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     from ..data.prepare import prepare_store
     from ..data.tokenizer import Tokenizer
 
+    # without --tokenizer, prepare_store says (once, and only when it trains one) that it
+    # trains a tokenizer and where it keeps it
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
-    if tokenizer is None:
-        print(f"no --tokenizer: training one ({args.vocab_size} pieces) on the first "
-              f"{args.sample_docs} documents; it is saved as {args.out}/tokenizer.model",
-              flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     report = prepare_store(args.data, args.out, tokenizer, split=args.split,
                            text_column=args.text_column, workers=args.workers,

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "for every request) is scored beside the model itself.")
     add_model_args(p, G_LM_help="also score with this predefined G_LM for every request (v510Gi)",
                    dtypes=SUPPORTED_DTYPES)
-    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. "
-                   "arc_easy,arc_challenge,hellaswag,winogrande,truthfulqa_mc2,openbookqa,piqa,siqa")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group "
+                   "names: pldr_zeroshot (the papers' 0-shot suite), pldr_tiny (their "
+                   "tinyBenchmarks set), or lm-eval's own, e.g. arc_easy,piqa")
     p.add_argument("--include-path", metavar="DIR", help="a folder of local task YAML files")
     p.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
@@ -42,15 +43,18 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError(f"--include-path {args.include_path!r} is not a folder")
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
         from lm_eval.utils import make_table
 
-        from ..integrations.lm_eval import PLDRLM
+        from ..integrations import lm_eval as integration
     except ImportError as e:
         raise PLDRError(f"pldr eval needs the eval extra ({e.name} is missing): "
                         "pip install -c constraints.txt -e '.[eval]'") from None
-    manager = TaskManager(include_path=args.include_path,
-                          include_defaults=args.include_path is None)
+    # pldr's groups are always on the include path; lm-eval's own tasks (slow to index) only
+    # when a task asked for is not one of --include-path's (the groups are made of them)
+    own = [args.include_path] if args.include_path else []
+    manager = integration.task_manager(own, include_defaults=False)
+    if not all(t in manager.all_subtasks for t in tasks):
+        manager = integration.task_manager(own)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" in {args.include_path!r}" if args.include_path else ""
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     runs = {"model": None} | ({"G_LM": args.G_LM} if args.G_LM else {})
     report = {}
     for name, G_LM in runs.items():
-        lm = PLDRLM(args.model, tokenizer=args.tokenizer, config=args.config, G_LM=G_LM,
+        lm = integration.PLDRLM(args.model, tokenizer=args.tokenizer, config=args.config, G_LM=G_LM,
                     batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit,
                                           num_fewshot=args.num_fewshot, task_manager=manager,

@@ -4,6 +4,7 @@ written as a predefined G_LM file (pldr.analysis.extract_G_LM)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..devices import ANALYSIS_DTYPES
 from ..errors import PLDRError
@@ -17,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Average the G_LM (and A_LM) that the model infers over the "
                        "first --samples chunks of --data, streamed in batches, and write it as a "
                        "G_LM file that --G-LM, pldr.load_G_LM and v510G models read. A report "
-                       "of its spread over the chunks goes to FILE's stem + .report.json.")
+                       "of its spread over the chunks goes beside it as FILE.report.json "
+                       "(G.safetensors -> G.safetensors.report.json), so outputs of two "
+                       "formats never share a report.")
     add_model_args(p, G_LM_help="G_LM file for a v510G checkpoint",
                    dtypes=ANALYSIS_DTYPES)
     p.add_argument("--data", required=True, metavar="SOURCE",
@@ -37,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from ..analysis.extract import chunk_batches, data_chunks, extract_G_LM, spread_report
     from ..checkpoint.glm import save_G_LM, save_G_LM_original
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                   A_LM=None if result.A_LM is None else result.A_LM.float())
     report = {"model": args.model, "data": args.data, "split": args.split, "context_length": T,
               "format": args.format, "file": str(out), **spread_report(result)}
-    report_path = out.with_name(out.stem + ".report.json")
+    report_path = report_path_of(out)
     atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
     rows = [["layer", "G_LM rms", "rmse to mean", "relative"]]
     for L in report["layers"]:
@@ -77,3 +79,9 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     print(f"mean G_LM over {result.samples} chunks of {T} tokens -> {out} (report {report_path})")
     return 0
+
+
+def report_path_of(out: Path) -> Path:
+    """The report of G_LM file `out`: its full name + .report.json, so two outputs that differ
+    only in suffix (G.safetensors, G.pkl) never write the same report."""
+    return out.with_name(out.name + ".report.json")

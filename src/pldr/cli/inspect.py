@@ -7,6 +7,7 @@ import argparse
 
 from ..devices import ANALYSIS_DTYPES
 from ..errors import PLDRError
+from ..analysis.plots import DEFAULT_DPI, FORMATS as PICTURE_FORMATS  # no matplotlib yet
 from .common import add_model_args, load_tokenizer_arg
 
 
@@ -15,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run the model on each input, draw its deductive outputs per "
                        "layer, measure how much G_LM varies between the inputs (RMSE), its det "
                        "and singular values, and how much the caches change the deductive "
-                       "outputs. Writes report.json, PNGs and index.html to --out.")
+                       "outputs. Writes report.json, pictures and index.html to --out; an "
+                       "earlier inspect output there is replaced as a whole.")
     add_model_args(p, G_LM_help="G_LM file for a v510G checkpoint",
                    dtypes=ANALYSIS_DTYPES,
                    dtype_help="float64 shows the cache check at its exact size (about 1e-15)")
@@ -26,10 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, PNGs, index.html")
     p.add_argument("--layers", metavar="0,2-4", help="layers to report (default: all)")
     p.add_argument("--no-pictures", action="store_true", help="report.json only (no matplotlib needed)")
+    p.add_argument("--dpi", type=int, default=DEFAULT_DPI, metavar="N",
+                   help=f"dots per inch of PNG pictures (default {DEFAULT_DPI}: the labels of "
+                   "a 14-head figure stay legible; lower it for smaller files)")
+    p.add_argument("--format", choices=PICTURE_FORMATS, default="png",
+                   help="picture format (default png; svg and pdf scale without blur)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..analysis.inspection import inspect_model
     from ..analysis.plots import require_matplotlib
     from ..analysis.report import headline_rows
@@ -50,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
                       "dk": model.config.dk},
             "texts": list(args.text)}
     report = inspect_model(model, texts + id_inputs, args.out, labels=labels, layers=layers,
-                           meta=meta, pictures=not args.no_pictures)
+                           meta=meta, pictures=not args.no_pictures, dpi=args.dpi,
+                           fmt=args.format)
     print_table(headline_rows(report))
-    print(f"wrote {args.out}/report.json" + ("" if args.no_pictures else f" and {args.out}/index.html"))
+    out = Path(args.out)
+    print(f"wrote {out / 'report.json'}" + ("" if args.no_pictures else f" and {out / 'index.html'}"))
     return 0
 
 

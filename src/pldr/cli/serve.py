@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from typing import Callable
 
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
 from .common import add_model_args, load_tokenizer_arg
+
+log = logging.getLogger("pldr")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    dtypes=INFERENCE_DTYPES,
                    dtype_help="float32, bfloat16, or int8 (CPU; int8 weights, activations "
                    "rounded to int8 per call)")
-    p.add_argument("--model-name", help="the id clients send as `model` (default: the folder "
-                   "or file name)")
+    p.add_argument("--served-model-name", "--model-name", dest="model_name", metavar="NAME",
+                   help="the id clients send as `model` and GET /v1/models lists (default: "
+                   "the model folder's name, or for a training run's RUN/final the run's "
+                   "name, RUN)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (slots)")
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
                         "pip install -c constraints.txt -e '.[serve]'") from None
+    from ..checkpoint.load import checkpoint_layout
     from ..serve import EngineRunner, EngineSpec
 
     tokenizer = load_tokenizer_arg(args, "pldr serve and its text prompts")
@@ -73,14 +80,33 @@ def run(args: argparse.Namespace) -> int:
         if tokenizer.vocab_size > runner.config.vocab_size:
             raise PLDRError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model "
                             f"only {runner.config.vocab_size}; pass the model's own tokenizer")
-        name = args.model_name or Path(args.model.rstrip("/")).name
+        name = args.model_name or served_model_name(args.model)
         settings = ServeSettings(model_name=name, max_queue=args.max_queue,
                                  api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        what = (f"serving {name!r} (layout {checkpoint_layout(args.model)}, {runner.dtype}, "
+                f"from {args.model})")
+        key = "API key required (--api-key / PLDR_API_KEY)" if args.api_key else "no API key required"
         _run_server(create_app(runner, tokenizer, settings), args.host, args.port,
-                    args.shutdown_timeout)
+                    args.shutdown_timeout,
+                    on_start=lambda url: log.info("%s at %s/v1; %s", what, url, key))
     finally:
         runner.stop()
     return 0
+
+
+def served_model_name(model: str) -> str:
+    """The default model id: the model folder's (or file's) name, except that a training
+    run's final model (RUN/final, beside RUN/train_config.json) is named after the run, as
+    every run's final folder is called "final"."""
+    from pathlib import Path
+
+    from ..training.prepare import TRAIN_CONFIG_FILE
+    from ..training.checkpointing import FINAL
+
+    path = Path(model).absolute()
+    if path.name == FINAL and (path.parent / TRAIN_CONFIG_FILE).is_file():
+        return path.parent.name
+    return path.name
 
 
 def _check_port(host: str, port: int) -> None:
@@ -105,15 +131,24 @@ def default_threads() -> int:
     return max(1, (cores or 1) - 1)
 
 
-def _run_server(app, host: str, port: int, shutdown_timeout: float) -> None:
+def _run_server(app, host: str, port: int, shutdown_timeout: float,
+                on_start: Callable[[str], None] = lambda url: None) -> None:
     """uvicorn until SIGTERM/SIGINT: it stops accepting, lets running requests finish (up to
-    `shutdown_timeout` seconds) and returns, so the command exits 0."""
+    `shutdown_timeout` seconds) and returns, so the command exits 0. `on_start(url)` is
+    called once it listens (the URL has the port it got, for --port 0)."""
     import contextlib
     import signal
 
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and self.servers and self.servers[0].sockets:
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                shown = f"[{host}]" if ":" in host else host
+                on_start(f"http://{shown}:{bound}")
+
         # uvicorn raises a signal that stopped it once more on the way out (exit status
         # -15); a stop the operator asked for is a normal end here
         @contextlib.contextmanager

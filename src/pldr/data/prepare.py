@@ -164,8 +164,8 @@ def _begin(out: Path, tokenizer: Tokenizer | None, streamed: Any, source: dict[s
         raise DataError(f"--out {str(out)!r} exists and is not a token store; choose a new or "
                         "empty folder")
     if tokenizer is None:
-        log.info("no tokenizer given: training one (vocab %d) on the first %d documents",
-                 vocab_size, sample_docs)
+        log.info("no tokenizer given: training a tokenizer (%d pieces) on the first %d documents; "
+                 "it is kept as %s", vocab_size, sample_docs, out / TOKENIZER_FILE)
         tokenizer = Tokenizer.train(islice(streamed.documents(), sample_docs), vocab_size,
                                     shuffle_input_sentence=True)
     out.mkdir(parents=True, exist_ok=True)

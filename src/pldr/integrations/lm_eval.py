@@ -3,6 +3,12 @@
     import pldr.lm_eval   # registers the model name "pldr"
     lm_eval.simple_evaluate(model="pldr", model_args="pretrained=DIR,G_LM=FILE", tasks=[...])
 
+The papers' suites ship as lm-eval groups in `TASKS_DIR` (pldr_zeroshot, pldr_tiny); the task
+manager of `task_manager()` finds them beside lm-eval's own tasks:
+
+    lm_eval.simple_evaluate(model="pldr", model_args="pretrained=DIR", tasks=["pldr_zeroshot"],
+                            task_manager=pldr.lm_eval.task_manager())
+
 Requests are scored in batches sorted by length, right-padded with the pad id and given the
 matching `attention_mask`, so a row scores the same alone or in a batch. A full forward sums
 the metric tensor A over the row's real tokens, context and continuation together, as the
@@ -14,7 +20,8 @@ tokenizer does for prompts: no BOS and no EOS; the EOS id stands in for the empt
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +40,28 @@ try:
     import lm_eval.models  # noqa: F401
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
+    from lm_eval.tasks import TaskManager
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError(f"pldr.lm_eval needs lm-eval ({e.name} is missing): pip install -c "
                       "constraints.txt -e '.[eval]'") from None
+
+
+# lm-eval group YAMLs installed with pldr (package data): the papers' evaluation suites
+TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
+TASK_GROUPS = ("pldr_zeroshot", "pldr_tiny")
+
+
+def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                 *, include_defaults: bool = True, **kwargs: Any) -> "TaskManager":
+    """lm-eval's TaskManager with pldr's task groups (`TASKS_DIR`) on its include path,
+    before `include_path` (a folder or a list of folders of your own task YAMLs, which win
+    on a name clash). `include_defaults=False` leaves out lm-eval's own tasks (indexing them
+    takes a while), which the groups are made of."""
+    if isinstance(include_path, (str, os.PathLike)):
+        include_path = [include_path]
+    paths = [str(TASKS_DIR)] + [str(p) for p in include_path or ()]
+    return TaskManager(include_path=paths, include_defaults=include_defaults, **kwargs)
 
 
 @register_model("pldr")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config import PLDRConfig
 from ..errors import CheckpointError, PLDRTypeError
-from ..files import atomic_write_text, give_default_mode, replace_dir, sha256_of, temp_sibling
+from ..files import atomic_write_text, replace_dir, save_safetensors, sha256_of, temp_sibling
 
 if TYPE_CHECKING:
     from .model import PLDRModel
@@ -80,13 +80,10 @@ def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, 
     Shared by `save_pretrained` and training checkpoints, so both hold the same files.
     `weights=False` leaves out model.safetensors, for a sharded run whose weights are written
     by Distributed Checkpoint instead."""
-    from safetensors.torch import save_file
-
     write_config(model, directory / CONFIG_FILE)
     if weights:
-        save_file(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
-                  metadata={"format": "pt"})
-        give_default_mode(directory / WEIGHTS_FILE)
+        save_safetensors(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
+                         metadata={"format": "pt"})
     if tokenizer is not None:
         _write_tokenizer(tokenizer, directory / TOKENIZER_FILE, model.config.vocab_size)
     write_manifest(directory)

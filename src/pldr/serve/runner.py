@@ -99,7 +99,7 @@ class EngineRunner:
     """The engine process seen from the server; `submit` and `cancel` may be called from any
     thread. `start` launches the process and waits until the model is loaded (a load that
     fails raises its PLDRError here, before the server binds); then `config` (the model's
-    PLDRConfig) and `max_len` are known.
+    PLDRConfig), `max_len` and `dtype` are known.
 
     `on_finish(job)` (optional) is called when a job ends, for metrics."""
 
@@ -108,6 +108,7 @@ class EngineRunner:
         self.spec, self.max_queue, self.on_finish = spec, max_queue, on_finish
         self.config: Any = None
         self.max_len = 0
+        self.dtype = ""                   # what the model runs in (float32, bfloat16, int8)
         self.error: str | None = None     # why the engine process stopped, once it has
         self._live: dict[int, Job] = {}   # submitted, not ended
         self._ids = itertools.count()
@@ -149,7 +150,7 @@ class EngineRunner:
         if kind == "failed":
             self.stop()
             raise PLDRError(rest[0])
-        config, self.max_len = rest
+        config, self.max_len, self.dtype = rest
         self.config = PLDRConfig.from_dict(config)
         self._reader = threading.Thread(target=self._read, name="pldr-engine-reader",
                                         daemon=True)
@@ -293,7 +294,9 @@ def engine_main(spec: EngineSpec, commands: Connection, results: Connection) -> 
             pass  # the server is gone already
         return
     try:
-        results.send(("ready", engine.model.config.to_dict(), engine.max_len))
+        dtype = spec.dtype if spec.dtype == "int8" else \
+            str(engine.model.dtype).removeprefix("torch.")  # bfloat16 may have fallen back
+        results.send(("ready", engine.model.config.to_dict(), engine.max_len, dtype))
         _serve(engine, G_LM, commands, results)
     except (EOFError, BrokenPipeError, OSError):
         return  # the server is gone

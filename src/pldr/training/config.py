@@ -72,14 +72,18 @@ class TrainConfig:
     context_length: int | None = setting(None, "tokens per row (default: the model's "
                                          "max_seq_len)")
     lr: float = setting(1e-3, "peak learning rate")
-    warmup_steps: int = setting(100, "linear warm-up steps")
+    warmup_steps: int = setting(100, "linear warm-up steps; a new run shorter than the "
+                                "warm-up has it capped at a tenth of the run (at least 1, "
+                                "logged and recorded) so the peak --lr is reached")
     lr_alpha: float = setting(0.1, "final learning rate as a fraction of --lr")
     lr_total_steps: int | None = setting(None, "step where the cosine decay ends (default: "
                                          "the run's total steps)")
     weight_decay: float = setting(0.1, "AdamW weight decay")
     seed: int = setting(0, "seed of the initial weights and the data order")
-    save_every: int = setting(0, "checkpoint every N steps (default 0: at the end and on Ctrl-C "
-                         "only)")
+    save_every: int = setting(1000, "checkpoint every N optimizer steps, besides the one at "
+                              "the end and on Ctrl-C, so an interrupted run resumes from the "
+                              "last (--keep-checkpoints are kept); 0: only at the end and on "
+                              "Ctrl-C (default 1000)")
     eval_every: int = setting(0, "validate every N steps (default 0: at the end only)")
     eval_batches: int | None = setting(None, "validation batches per evaluation (default: all)")
     log_every: int = setting(10, "report every N steps")

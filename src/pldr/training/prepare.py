@@ -150,6 +150,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         total = by_epochs
     else:
         total = cfg.max_steps if cfg.epochs is None else min(cfg.max_steps, by_epochs)
+    if resume_dir is None:  # a resumed run keeps the schedule it started with
+        cfg = fit_warmup(cfg, total, dist.is_main)
     return PreparedRun(cfg=cfg, dist=dist, out=out, config=config, tokenizer=tokenizer,
                context_length=context_length, train_loader=train_loader,
                val_loader=val_loader, total_steps=total,
@@ -157,6 +159,20 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                amp_dtype=parse_dtype(cfg.dtype) if cfg.dtype != "float32" else None,
                tensorboard=tensorboard, progress=progress, resume_dir=resume_dir,
                fork_of=fork_of)
+
+
+def fit_warmup(cfg: TrainConfig, total: int, say: bool = True) -> TrainConfig:
+    """`cfg` with a warm-up that ends within the run: one of `total` steps or more (the
+    learning rate would never reach its peak) is capped at a tenth of the run, at least 1
+    step, with one logged line; train_config.json then records the capped value."""
+    if cfg.warmup_steps < total or cfg.warmup_steps <= 1:
+        return cfg
+    capped = max(1, total // 10)
+    if say:
+        log.warning(f"note: --warmup-steps {cfg.warmup_steps} is not shorter than the run's "
+                    f"{total} steps, so the learning rate would never reach --lr; warming up "
+                    f"over {capped} steps instead (a tenth of the run)")
+    return cfg.replace(warmup_steps=capped)
 
 
 def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path, Path | None]:
