@@ -64,7 +64,12 @@ def load_model(path: str | os.PathLike,
     `config` (a PLDRConfig, an hpdict/config dict or a JSON path) is required for an original
     checkpoint and overrides the directory's `config.json` otherwise. The checkpoint's keys
     decide the variant: without metric-learner keys it is v510G, which needs `G_LM` (tensor,
-    list or G_LM file) unless the G_LM buffers are saved with it (our directories)."""
+    list or G_LM file) unless the G_LM buffers are saved with it (our directories). An
+    adapter directory (`pldr finetune --lora-r`) loads its base model with the adapters."""
+    from .adapters import is_adapter_dir, load_adapter
+
+    if is_adapter_dir(path):
+        return load_adapter(path, device=device, dtype=dtype)
     state, config = read_state(path, config)
     state, G = _attach_G_LM(state, config, G_LM)
     model = _build(config, state, G)
