@@ -41,7 +41,8 @@ def batch_loss(task: str, model: nn.Module, batch: dict[str, Tensor],
     with autocast:
         out = _forward(task, model, batch)
     if task == "causal":
-        logits, y = out.logits[:, :-1].float(), batch["labels"][:, 1:]        # [b, T-1, V]
+        logits = out.logits[:, :-1].float()                                   # [b, T-1, V]
+        y = batch["labels"][:, 1:].masked_fill(batch["loss_mask"][:, 1:] == 0, IGNORE)
         n = (y != IGNORE).sum()
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                reduction="sum") / n.clamp(min=1)

@@ -410,4 +410,35 @@ def finetune(fcfg: FinetuneConfig, *,
 
 
 __all__ = ["FinetuneRun", "FinetuneTrainer", "prepare_finetune", "finetune", "head_class",
-           "load_start_model", "eval_source", "METRICS_OF"]
+           "load_start_model", "eval_source", "score", "METRICS_OF"]
+
+
+def score(task: str, model_path: str, data: str, split: str = "train", *,
+          columns: dict[str, str | None] | None = None, tokenizer: str | None = None,
+          max_length: int | None = None, doc_stride: int = 64, max_answer_length: int = 30,
+          batch_size: int = 16, device: Any = None) -> dict[str, Any]:
+    """`pldr eval --task`: the loss and the task's metrics of a fine-tuned model (a model
+    or adapter directory) on a labelled split, with its own labels; nothing is written."""
+    from ..checkpoint.load import load_model
+    from ..devices import resolve_device
+
+    fcfg = FinetuneConfig(task=task, model=model_path, data=data, tokenizer=tokenizer)
+    model = load_model(model_path, device=resolve_device(device))
+    cls = head_class(task)
+    if (cls is None and not isinstance(model, PLDRModel)) or (cls is not None
+                                                             and not isinstance(model, cls)):
+        raise CheckpointError(f"--model {model_path!r} is a {type(model).__name__}, not a model "
+                              f"for --task {task}: score a model fine-tuned for it")
+    tok = _tokenizer(fcfg, model.config.vocab_size)
+    max_len = max_length or model.config.max_seq_len
+    cols = columns_of(task, columns or {})
+    table = D.read_split(data, split)
+    labels = D.find_labels(task, table, cols, None, _model_labels(model)) \
+        if cls is not None and task != "question-answering" else None
+    encoded = D.encode_split(task, table, cols, tok, max_len, labels, doc_stride,
+                             f"{data} {split}")
+    figures = evaluate(task, model, encoded, batch_size=batch_size, pad_id=model.config.pad_id,
+                       max_answer_length=max_answer_length,
+                       id2label=list(labels.names) if labels else None)
+    return {"task": task, "model": str(model_path), "data": data, "split": split,
+            "rows": encoded.rows, **figures}

@@ -11,11 +11,13 @@ is written, and examples become right-padded batches.
                                                                       context, answers), windows
                                                                       of a long context overlap
                                                                       by --doc-stride pieces
-    causal                   prompt pieces + completion pieces + EOS, labels on the completion
-                                                                      (and EOS) only
+    causal                   prompt pieces + completion pieces + EOS, the loss on the
+                                                                      completion (and EOS) only
 
 Batches are dicts of LongTensors: `ids` [b, T], `attention_mask` [b, T] (1 = real), and
-`labels` [b] or [b, T] (-100 ignored), or `start_positions`/`end_positions` [b].
+`labels` [b] or [b, T] (-100 ignored), or `start_positions`/`end_positions` [b]; causal
+batches also carry `loss_mask` [b, T] (1 = a completion position, whose next-token target
+counts).
 """
 
 from __future__ import annotations
@@ -240,9 +242,10 @@ def _answer_pieces(spans: list[tuple[int, int]], a: int, b: int) -> tuple[int, i
 
 def encode_causal(table: Any, cols: dict[str, str], tok: Any, max_len: int,
                   what: str) -> TaskData:
-    """Prompt pieces + completion pieces + EOS; labels are the completion's ids and EOS,
-    -100 on the prompt (the loss never counts prompt tokens). Long rows lose their
-    completion's end."""
+    """Prompt pieces + completion pieces + EOS; `labels` are the ids themselves (the next
+    token targets) and `start` the prompt's length: the loss counts only targets from
+    `start` on (collate's `loss_mask`), so prompt tokens never count, whatever their labels.
+    Long rows lose their completion's end."""
     examples = []
     for i, (prompt, completion) in enumerate(zip(table[cols["prompt"]],
                                                  table[cols["completion"]])):
@@ -254,7 +257,7 @@ def encode_causal(table: Any, cols: dict[str, str], tok: Any, max_len: int,
         if len(p) >= len(ids):
             raise DataError(f"row {i} of {what}: the prompt fills all {max_len} positions; "
                             "shorten it or raise --max-length")
-        examples.append(Example(ids, i, labels=[IGNORE] * len(p) + ids[len(p):]))
+        examples.append(Example(ids, i, labels=list(ids), start=len(p)))
     return TaskData(examples, len(examples))
 
 
@@ -279,6 +282,10 @@ def collate(task: str, examples: Sequence[Example], pad_id: int) -> dict[str, Te
         for r, e in enumerate(examples):
             labels[r, :len(e.labels)] = torch.tensor(e.labels)
         batch["labels"] = labels
+        if task == "causal":
+            pos = torch.arange(T)[None]                                       # [1, T]
+            start = torch.tensor([e.start for e in examples])[:, None]        # [b, 1]
+            batch["loss_mask"] = ((pos >= start) & (mask > 0)).long()
     else:
         batch["start_positions"] = torch.tensor([e.start for e in examples])
         batch["end_positions"] = torch.tensor([e.end for e in examples])
@@ -291,7 +298,7 @@ def loss_items(task: str, batch: dict[str, Tensor]) -> int:
     if task == "token-classification":
         return int((batch["labels"] != IGNORE).sum())
     if task == "causal":
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return int(batch["loss_mask"][:, 1:].sum())
     return int(batch["ids"].shape[0])
 
 
