@@ -11,6 +11,9 @@ from .inference import Engine, generate, stream
 from .model import (
                     Deductive,
                     InferenceCache,
+                    PLDRForQuestionAnswering,
+                    PLDRForSequenceClassification,
+                    PLDRForTokenClassification,
                     PLDRModel,
                     PLDROutput,
                     dag_values,
@@ -23,7 +26,8 @@ from .model import (
 
 __all__ = [
     "PLDRConfig", "PLDRError", "ConfigError", "CheckpointError", "DataError",
-    "PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "InferenceCache",
+    "PLDRModel", "PLDROutput", "PLDRForSequenceClassification", "PLDRForTokenClassification",
+    "PLDRForQuestionAnswering", "Deductive", "infer_G_LM", "to_v510G", "InferenceCache",
     "masked_loss", "masked_accuracy", "dag_values", "loss_with_dag",
     "load_model", "load_G_LM", "save_G_LM", "generate", "stream", "Engine", "Tokenizer",
 ]

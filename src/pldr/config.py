@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,8 +46,12 @@ _HPDICT_TRAINING_KEYS = frozenset({
 _NOT_FIELDS = frozenset({
     "model_type", "architectures", "dk", "transformers_version", "dtype", "torch_dtype",
     "use_cache", "pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings",
-    "_name_or_path",
+    "_name_or_path", "label2id",
 })
+# the task-head fields (model/heads.py): written to config.json only when one differs from its
+# default, so a causal model's config is what it always was
+HEAD_FIELDS = ("num_labels", "id2label", "problem_type", "classifier_dropout")
+PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,14 @@ class PLDRConfig:
     eos_id: int = 3
     metric_includes_pad: bool = False
     rope_style: str = "interleaved"
+    # task heads (pldr.PLDRForSequenceClassification, ...; ignored by the causal model), as in
+    # transformers: id2label maps 0..num_labels-1 to names (LABEL_i when not given);
+    # problem_type None lets the sequence classifier choose from num_labels and the labels'
+    # dtype; classifier_dropout is the token classifier's dropout before its linear layer
+    num_labels: int = 2
+    id2label: dict[int, str] | None = field(default=None, hash=False)
+    problem_type: str | None = None
+    classifier_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -116,6 +128,47 @@ class PLDRConfig:
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must lie in "
                                   f"[0, vocab_size={self.vocab_size})")
+        self._check_head_fields()
+
+    def _check_head_fields(self) -> None:
+        """num_labels >= 1; id2label normalised to {0: name, ..., n-1: name} (JSON's string
+        keys accepted); a known problem_type; a dropout probability in [0, 1)."""
+        if self.num_labels < 1:
+            raise ConfigError(f"config field 'num_labels' must be >= 1, got {self.num_labels}")
+        names = self.id2label
+        if names is None:
+            names = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if not isinstance(names, Mapping):
+            raise ConfigError(f"config field 'id2label' must map label ids to names, got "
+                              f"{type(names).__name__}")
+        try:
+            names = {int(k): v for k, v in names.items()}
+        except (TypeError, ValueError):
+            raise ConfigError("config field 'id2label' must have integer ids as keys, got "
+                              f"{sorted(map(str, names))}") from None
+        if sorted(names) != list(range(self.num_labels)):
+            raise ConfigError(f"id2label has ids {sorted(names)} but num_labels is "
+                              f"{self.num_labels}; give one name for each id 0..num_labels-1")
+        if not all(isinstance(v, str) and v for v in names.values()):
+            raise ConfigError("config field 'id2label' must map each id to a non-empty name")
+        if len(set(names.values())) != len(names):
+            raise ConfigError("config field 'id2label' names a label twice; label names must "
+                              "be distinct (label2id is its inverse)")
+        object.__setattr__(self, "id2label", dict(sorted(names.items())))
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"config field 'problem_type' must be one of {PROBLEM_TYPES}, got "
+                              f"{self.problem_type!r}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ConfigError("problem_type 'single_label_classification' needs num_labels >= 2 "
+                              "(use 'regression' for one output)")
+        if not 0 <= self.classifier_dropout < 1:
+            raise ConfigError(f"config field 'classifier_dropout' must lie in [0, 1), got "
+                              f"{self.classifier_dropout!r}")
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """The inverse of id2label: label name -> id."""
+        return {name: i for i, name in self.id2label.items()}
 
     @property
     def dk(self) -> int:
@@ -123,7 +176,16 @@ class PLDRConfig:
         return self.d_model // self.num_heads
 
     def replace(self, **changes: Any) -> "PLDRConfig":
-        """A copy with some fields changed (the config itself is frozen)."""
+        """A copy with some fields changed (the config itself is frozen).
+
+        Labels follow each other as in transformers: a new `id2label` alone sets num_labels
+        to its length; a new `num_labels` alone renames the labels LABEL_0.. (when the
+        current names do not fit it)."""
+        if "id2label" in changes and "num_labels" not in changes and changes["id2label"] is not None:
+            changes["num_labels"] = len(changes["id2label"])
+        elif ("num_labels" in changes and "id2label" not in changes
+              and changes["num_labels"] != self.num_labels):
+            changes["id2label"] = None
         return dataclasses.replace(self, **changes)
 
     # ----- presets -----------------------------------------------------------------------
@@ -205,8 +267,24 @@ class PLDRConfig:
 
     # ----- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """All fields, plus `model_type` so a Hugging Face adapter recognises the file."""
-        return {"model_type": "pldr_llm", **dataclasses.asdict(self)}
+        """All fields, plus `model_type` so a Hugging Face adapter recognises the file. The
+        head fields (with `label2id`, as transformers writes it) only when one of them
+        differs from its default."""
+        d = {"model_type": "pldr_llm", **dataclasses.asdict(self)}
+        if not self.has_head_fields():
+            return {k: v for k, v in d.items() if k not in HEAD_FIELDS}
+        d["id2label"] = {str(i): name for i, name in self.id2label.items()}
+        d["label2id"] = self.label2id
+        return d
+
+    def has_head_fields(self) -> bool:
+        """Whether a head field differs from its default (num_labels 2 named LABEL_0/1, no
+        problem_type, dropout 0.1)."""
+        default = PLDRConfig.__dataclass_fields__
+        return (self.num_labels != default["num_labels"].default
+                or self.id2label != {i: f"LABEL_{i}" for i in range(self.num_labels)}
+                or self.problem_type is not None
+                or self.classifier_dropout != default["classifier_dropout"].default)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PLDRConfig":
@@ -227,8 +305,11 @@ class PLDRConfig:
             raise ConfigError(f"config is missing the key(s) {', '.join(required)}")
         if isinstance(d.get("rope_base"), int) and not isinstance(d.get("rope_base"), bool):
             d["rope_base"] = float(d["rope_base"])
-        if isinstance(d.get("layernorm_eps"), int) and not isinstance(d.get("layernorm_eps"), bool):
-            d["layernorm_eps"] = float(d["layernorm_eps"])
+        for name in ("layernorm_eps", "classifier_dropout"):
+            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+                d[name] = float(d[name])
+        if d.get("id2label") is not None and "num_labels" not in d:
+            d["num_labels"] = len(d["id2label"])  # transformers writes id2label only
         return cls(**d)
 
     @classmethod

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..config import PLDRConfig
 from ..errors import CheckpointError
 from ..files import replace_dir, temp_sibling
+from ..model.heads import is_head_model
 from ..model.pretrained import TOKENIZER_FILE, _plain_tensors, _write_tokenizer
 from .hf_port import write_port_files
 
@@ -79,7 +80,8 @@ def permute_rope_style(state: Mapping[str, Tensor], config: PLDRConfig,
 # ----- writers ----------------------------------------------------------------------------------
 
 def convert_model(model: Any, dest: str | os.PathLike, to: str, tokenizer: Any = None) -> Path:
-    """Write `model` (a PLDRModel) to the directory `dest` in layout `to` (one of LAYOUTS).
+    """Write `model` (a PLDRModel, or a task head for pldr and hf-port) to the directory
+    `dest` in layout `to` (one of LAYOUTS).
 
     Written into a temporary folder next to `dest` and renamed; an existing `dest` is replaced
     only when it is empty or holds a model of one of these layouts."""
@@ -87,6 +89,9 @@ def convert_model(model: Any, dest: str | os.PathLike, to: str, tokenizer: Any =
 
     if to not in LAYOUTS:
         raise CheckpointError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
+    if to == "original" and is_head_model(model):
+        raise CheckpointError(f"the original release has no task heads, so a {model.task} "
+                              "model cannot be written in its layout; use --to pldr or hf-port")
     target = Path(dest).absolute()
     if to == "pldr":
         save_pretrained(model, target, tokenizer=tokenizer)

@@ -11,6 +11,12 @@ Its parameter names are the original's, which are ours, so the weights need no r
   `decoder.dec_layers.{l}.mha1.G_LM` [H, dk, dk].
 What the port can express but we cannot (no biases, RoPE scaling, tied embeddings, other
 activations) is refused with an error that names the key.
+
+The port's task heads (`PldrllmForSequenceClassification`, `...ForTokenClassification`,
+`...ForQuestionAnswering`) keep the decoder's keys and add `score.*` / `qa_outputs.*` instead
+of `final_layer.*`; their labels (`id2label`, `label2id`, `problem_type`,
+`classifier_dropout`) map onto PLDRConfig's head fields. A head directory has no
+generation_config.json.
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ _IGNORED = frozenset({
     "_name_or_path", "auto_map", "initializer_range", "use_cache", "output_pldr_attentions",
     "output_attentions", "output_hidden_states", "return_dict", "bos_token_id",
     "attention_dropout", "cache_first_G", "_attn_implementation_autoset", "is_decoder",
-    "rope_type",
+    "rope_type", "label2id",
 })
+# the head keys of a PretrainedConfig that PLDRConfig carries (label2id is id2label's inverse)
+_HEAD_KEYS = ("id2label", "num_labels", "problem_type", "classifier_dropout")
 # port key -> (the value we need, why) for what our model cannot represent otherwise
 _REQUIRED = {
     "attention_bias": (True, "our attention projections always have biases"),
@@ -86,7 +94,7 @@ def config_from_port(d: Mapping[str, Any]) -> PLDRConfig:
     if dff is None:
         dff = int(math.floor(H * dk * 4 * 2 / 3))
     unknown = sorted(set(d) - set(_PORT_DEFAULTS) - set(_REQUIRED) - _IGNORED
-                     - {"rope_scaling", "rope_parameters"})
+                     - {"rope_scaling", "rope_parameters"} - set(_HEAD_KEYS))
     if unknown:
         log.warning("ignoring port config key(s) %s", ", ".join(unknown))
     if d.get("cache_first_G"):
@@ -99,7 +107,17 @@ def config_from_port(d: Mapping[str, Any]) -> PLDRConfig:
         variant="v510" if learned else "v510G", rope_base=float(theta),
         layernorm_eps=float(d["layer_norm_eps"]), pad_id=_one_id(d, "pad_token_id"),
         eos_id=_one_id(d, "eos_token_id"),
-        rope_style="interleaved" if d["reference_rope"] else "half")
+        rope_style="interleaved" if d["reference_rope"] else "half", **_head_fields(d))
+
+
+def _head_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """PLDRConfig's head fields from a port config (only those it sets)."""
+    out = {k: d[k] for k in _HEAD_KEYS if d.get(k) is not None}
+    if "id2label" in out:
+        out["num_labels"] = len(out["id2label"])
+    if isinstance(out.get("classifier_dropout"), int):
+        out["classifier_dropout"] = float(out["classifier_dropout"])
+    return out
 
 
 def _rope_theta(d: Mapping[str, Any]) -> float:
@@ -124,8 +142,10 @@ def _one_id(d: Mapping[str, Any], key: str) -> int:
     return value
 
 
-def config_to_port(config: PLDRConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """The port's config.json for `config` (weights of `dtype`)."""
+def config_to_port(config: PLDRConfig, dtype: torch.dtype,
+                   architecture: str = PORT_ARCHITECTURE) -> dict[str, Any]:
+    """The port's config.json for `config` (weights of `dtype`) and the port's class
+    `architecture`; a head's labels as transformers writes them."""
     c = config
     learned = c.variant == "v510"
     if c.metric_includes_pad:
@@ -144,8 +164,22 @@ def config_to_port(config: PLDRConfig, dtype: torch.dtype) -> dict[str, Any]:
         "reference_rope": c.rope_style == "interleaved", "attention_dropout": 0.0,
         "num_reslayerA": c.num_reslayerA, "num_denseA": c.num_denseA, "A_dff": c.A_dff,
         "custom_G_type": None if learned else "external", "cache_first_G": False,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."), **_head_keys(config, architecture),
     }
+
+
+def _head_keys(config: PLDRConfig, architecture: str) -> dict[str, Any]:
+    """id2label / label2id (a head's, or any config's non-default ones), problem_type and
+    classifier_dropout where set."""
+    if architecture == PORT_ARCHITECTURE and not config.has_head_fields():
+        return {}
+    out: dict[str, Any] = {"id2label": {str(i): n for i, n in config.id2label.items()},
+                           "label2id": config.label2id}
+    if config.problem_type is not None:
+        out["problem_type"] = config.problem_type
+    if config.classifier_dropout != PLDRConfig.__dataclass_fields__["classifier_dropout"].default:
+        out["classifier_dropout"] = config.classifier_dropout
+    return out
 
 
 # ----- weights --------------------------------------------------------------------------------
@@ -223,10 +257,12 @@ def write_port_files(model: Any, directory: Path) -> None:
     from ..model.pretrained import _plain_tensors
 
     config = model.config
-    port = config_to_port(config, model.dtype)
+    head = getattr(model, "port_architecture", None)  # a task head (model/heads.py)
+    port = config_to_port(config, model.dtype, head or PORT_ARCHITECTURE)
     (directory / "config.json").write_text(json.dumps(port, indent=2, sort_keys=True) + "\n")
-    generation = {"bos_token_id": 2, "eos_token_id": config.eos_id,
-                  "pad_token_id": config.pad_id, "use_cache": True}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if head is None:  # the port saves a generation config with its causal LM only
+        generation = {"bos_token_id": 2, "eos_token_id": config.eos_id,
+                      "pad_token_id": config.pad_id, "use_cache": True}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     state = state_to_port(_plain_tensors(model.state_dict()), config)
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})

@@ -1,6 +1,11 @@
-"""`load_model`: any supported layout -> a `PLDRModel` in eval mode, built on the meta
-device so the loaded tensors are used as they are (no second copy, no random init); and
+"""`load_model`: any supported layout -> a `PLDRModel` (or, for a directory that holds a
+task head, the head model of model/heads.py) in eval mode, built on the meta device so the
+loaded tensors are used as they are (no second copy, no random init); and
 `inspect_checkpoint`, what `pldr info` shows.
+
+Which model a directory holds is what its config.json's `architectures` names: a
+`...ForSequenceClassification`, `...ForTokenClassification` or `...ForQuestionAnswering`
+(ours, the port's or pldr.hf's) is that head; anything else, or none, is the causal LM.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ..config import PLDRConfig
 from ..devices import load_dtype, parse_dtype, resolve_device
 from ..errors import CheckpointError, PLDRError
 from ..model.cache import stack_per_layer
+from ..model.heads import head_class
 from ..model.model import PLDRModel
 from ..model.pretrained import (
     CONFIG_FILE,
@@ -59,7 +65,8 @@ def load_model(path: str | os.PathLike,
                device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> PLDRModel:
     """A `PLDRModel` in eval mode from an original checkpoint, a `save_pretrained` directory
-    or a directory of the transformers port (config.json with model_type "pldrllm").
+    or a directory of the transformers port (config.json with model_type "pldrllm"); the
+    head model (`PLDRForSequenceClassification`, ...) when the directory holds a task head.
 
     `config` (a PLDRConfig, an hpdict/config dict or a JSON path) is required for an original
     checkpoint and overrides the directory's `config.json` otherwise. The checkpoint's keys
@@ -72,8 +79,32 @@ def load_model(path: str | os.PathLike,
         return load_adapter(path, device=device, dtype=dtype)
     state, config = read_state(path, config)
     state, G = _attach_G_LM(state, config, G_LM)
-    model = _build(config, state, G)
+    model = _build(config, state, G, model_class(path))
     return _place(model, device, dtype).eval()
+
+
+def model_class(path: str | os.PathLike) -> type[torch.nn.Module]:
+    """The class a checkpoint holds: the head that a directory's config.json names in
+    `architectures`, else PLDRModel (original checkpoints never hold a head)."""
+    path = Path(path)
+    config = path / CONFIG_FILE if path.is_dir() else None
+    if config is None or not config.is_file():
+        return PLDRModel
+    try:
+        d = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return PLDRModel  # read_state names the unreadable file
+    architectures = d.get("architectures") if isinstance(d, dict) else None
+    return head_class(architectures if isinstance(architectures, list) else None) or PLDRModel
+
+
+def require_causal(path: str | os.PathLike, purpose: str) -> None:
+    """Refuse a task-head checkpoint where a causal LM is needed, naming the head."""
+    cls = model_class(path)
+    if cls is not PLDRModel:
+        raise CheckpointError(f"{str(path)!r} holds a {cls.task} model ({cls.__name__}), "
+                              f"which has no language-model head; {purpose} needs a causal "
+                              "PLDR-LLM")
 
 
 def load_for_inference(path: str | os.PathLike,
@@ -89,6 +120,7 @@ def load_for_inference(path: str | os.PathLike,
     replaced), and for a v510 model it is returned, to be given to generation."""
     if isinstance(G_LM, (str, os.PathLike)):
         G_LM = load_G_LM(G_LM)
+    require_causal(path, "generation")
     state, config = read_state(path, config)
     if config.variant == "v510G":
         state, G = _attach_G_LM(state, config, G_LM)
@@ -204,10 +236,12 @@ def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,
     return state, G
 
 
-def _build(config: PLDRConfig, state: dict[str, Tensor], G: Tensor | None) -> PLDRModel:
-    """A model built on the meta device that takes the state's tensors (assign=True)."""
+def _build(config: PLDRConfig, state: dict[str, Tensor], G: Tensor | None,
+           cls: type[torch.nn.Module] = PLDRModel) -> PLDRModel:
+    """A model of `cls` (PLDRModel or a head) built on the meta device that takes the
+    state's tensors (assign=True)."""
     with torch.device("meta"):
-        model = PLDRModel(config, G_LM=G)
+        model = cls(config, G_LM=G)
     check_state_fits(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
@@ -261,14 +295,16 @@ def inspect_checkpoint(path: str | os.PathLike, config: Any = None) -> dict[str,
     """What `pldr inspect` shows: variant, parameter count, dtype(s) and config of a
     checkpoint, after checking that every key and shape fits (no G_LM needed)."""
     state, config = read_state(path, config)
+    cls = model_class(path)
     with torch.device("meta"):
-        model = PLDRModel(config)
+        model = cls(config)
     buffers = {k: t for k, t in model.state_dict().items() if k.endswith(".mha1.G_LM")}
     check_state_fits(model, {**buffers, **state})  # an original v510G file has no G_LM
     return {
         "path": str(path),
         "format": "directory" if Path(path).is_dir() else "file",
         "variant": config.variant,
+        "task": getattr(cls, "task", "causal"),
         "num_parameters": model.num_parameters(),
         "num_tensors": len(state),
         "has_G_LM": config.variant == "v510G" and G_LM_key(0) in state,

@@ -3,9 +3,19 @@
 leaves of `pldr` (config, errors, devices, files)."""
 
 from .cache import CACHE_MODES, InferenceCache, stack_per_layer
+from .heads import (
+    PLDRForQuestionAnswering,
+    PLDRForSequenceClassification,
+    PLDRForTokenClassification,
+    QuestionAnsweringOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 from .losses import dag_values, loss_with_dag, masked_accuracy, masked_loss
 from .model import Deductive, PLDRModel, PLDROutput, infer_G_LM, to_v510G
 
 __all__ = ["PLDRModel", "PLDROutput", "Deductive", "infer_G_LM", "to_v510G", "InferenceCache",
            "CACHE_MODES", "stack_per_layer", "masked_loss", "masked_accuracy", "dag_values",
-           "loss_with_dag"]
+           "loss_with_dag", "PLDRForSequenceClassification", "PLDRForTokenClassification",
+           "PLDRForQuestionAnswering", "SequenceClassifierOutput", "TokenClassifierOutput",
+           "QuestionAnsweringOutput"]

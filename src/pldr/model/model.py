@@ -128,7 +128,7 @@ class PLDRModel(nn.Module):
     def init_weights(self) -> None:
         """Initialise from scratch as the original intends (wv included) and set the v510G
         G_LM. Call after `to_empty()` when built on the meta device."""
-        if self.final_layer.weight.is_meta:
+        if self.decoder.embedding.weight.is_meta:
             return
         nn.init.normal_(self.decoder.embedding.weight)
         for module in self.modules():
@@ -145,8 +145,9 @@ class PLDRModel(nn.Module):
                     G = (self._given_G_LM[module.layer_idx] if self._given_G_LM is not None
                          else torch.eye(module.dk).expand_as(module.G_LM))
                     module.G_LM.copy_(G)
-        nn.init.xavier_uniform_(self.final_layer.weight)
-        nn.init.zeros_(self.final_layer.bias)
+        if isinstance(self.final_layer, nn.Linear):  # a task head's body has none (heads.py)
+            nn.init.xavier_uniform_(self.final_layer.weight)
+            nn.init.zeros_(self.final_layer.bias)
 
     # ----- forward ---------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, 
     by Distributed Checkpoint instead."""
     from safetensors.torch import save_file
 
-    model.config.to_json(directory / CONFIG_FILE)
+    write_config(model, directory / CONFIG_FILE)
     if weights:
         save_file(_plain_tensors(model.state_dict()), directory / WEIGHTS_FILE,
                   metadata={"format": "pt"})
@@ -90,6 +90,16 @@ def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, 
     if tokenizer is not None:
         _write_tokenizer(tokenizer, directory / TOKENIZER_FILE, model.config.vocab_size)
     write_manifest(directory)
+
+
+def write_config(model: PLDRModel, path: Path) -> None:
+    """config.json: the model's config, and for a task head (model/heads.py) the class in
+    "architectures", as transformers writes it, so loading knows which head it is."""
+    config = model.config.to_dict()
+    architecture = getattr(model, "architecture", None)
+    if architecture is not None:
+        config["architectures"] = [architecture]
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_manifest(directory: Path) -> None:
