@@ -57,8 +57,9 @@ class FinetuneConfig:
                                      "column's names, or the largest label + 1)")
     max_length: int | None = setting(None, "pieces per example, EOS included (default: the "
                                      "model's max_seq_len)")
-    doc_stride: int = setting(64, "question-answering: pieces shared by consecutive windows "
-                              "of a long context")
+    doc_stride: int | None = setting(None, "question-answering: pieces shared by consecutive "
+                                     "windows of a long context (default: a third of the "
+                                     "window)")
     max_answer_length: int = setting(30, "question-answering: longest answer in pieces")
     epochs: int | None = setting(2, "passes over the training rows (with --max-steps, "
                                  "whichever ends first)")

@@ -62,7 +62,7 @@ def find_labels(task: str, table: Any, cols: dict[str, str], num_labels: int | N
 
 
 def encode_split(task: str, table: Any, cols: dict[str, str], tokenizer: Any, max_len: int,
-                 labels: Labels | None, stride: int, what: str) -> T.TaskData:
+                 labels: Labels | None, stride: int | None, what: str) -> T.TaskData:
     """Every row of `table` encoded for `task` (T.encode_*), each checked: a bad row is one
     DataError naming it, before anything is written."""
     T.check_columns(table, cols, what)

@@ -189,9 +189,8 @@ def _head_config(config: Any, labels: D.Labels | None, task: str, new_head: bool
     if not new_head or labels is None:
         return config
     names = list(labels.names)
-    return config.replace(num_labels=len(names),
-                          id2label={i: n for i, n in enumerate(names)},
-                          label2id={n: i for i, n in enumerate(names)})
+    return config.replace(num_labels=len(names), id2label=dict(enumerate(names)),
+                          problem_type="regression" if len(names) == 1 else None)
 
 
 class FinetuneTrainer(Trainer):
@@ -415,7 +414,7 @@ __all__ = ["FinetuneRun", "FinetuneTrainer", "prepare_finetune", "finetune", "he
 
 def score(task: str, model_path: str, data: str, split: str = "train", *,
           columns: dict[str, str | None] | None = None, tokenizer: str | None = None,
-          max_length: int | None = None, doc_stride: int = 64, max_answer_length: int = 30,
+          max_length: int | None = None, doc_stride: int | None = None, max_answer_length: int = 30,
           batch_size: int = 16, device: Any = None) -> dict[str, Any]:
     """`pldr eval --task`: the loss and the task's metrics of a fine-tuned model (a model
     or adapter directory) on a labelled split, with its own labels; nothing is written."""

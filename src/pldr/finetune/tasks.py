@@ -182,7 +182,7 @@ def encode_tokens(table: Any, cols: dict[str, str], tok: Any, max_len: int,
     return TaskData(examples, len(gold), gold)
 
 
-def encode_qa(table: Any, cols: dict[str, str], tok: Any, max_len: int, stride: int,
+def encode_qa(table: Any, cols: dict[str, str], tok: Any, max_len: int, stride: int | None,
               what: str) -> TaskData:
     """Question + a window of the context + EOS per example; a context longer than the
     window gives several windows, each starting `stride` pieces before the last one's end.
@@ -201,6 +201,7 @@ def encode_qa(table: Any, cols: dict[str, str], tok: Any, max_len: int, stride: 
         q_ids = tok.encode(q, eos=False)[:max(1, max_len // 2)]
         c_ids, c_spans = tok.encode_with_offsets(ctx)
         room = max_len - len(q_ids) - 1
+        stride = room // 3 if stride is None else stride
         if stride >= room:
             raise DataError(f"--doc-stride {stride} must be smaller than the context window "
                             f"of {room} pieces (max length {max_len} less the question)")
