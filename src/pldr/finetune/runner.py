@@ -137,6 +137,10 @@ def prepare_finetune(fcfg: FinetuneConfig) -> FinetuneRun:
     else:
         _check_leftovers(out, cfg.tokenizer)
     base, new_head = load_start_model(fcfg)
+    if fcfg.lora_r:
+        from ..checkpoint.adapters import lora_modules
+
+        lora_modules(base, fcfg.targets)  # a target that names no layer fails here
     tok = _tokenizer(fcfg, base.config.vocab_size)
     max_len = fcfg.max_length or base.config.max_seq_len
     if max_len > base.config.max_seq_len:
