@@ -132,3 +132,26 @@ def test_bad_input_is_one_line_before_anything_is_written(base, tmp_path, capsys
     err = bad(tmp_path, capsys, "--task", "token-classification", "--model", str(head),
               "--data", write_jsonl(tmp_path / "tok.jsonl", rows))
     assert "PLDRForSequenceClassification" in err and "token-classification" in err
+
+
+def test_config_file_and_early_stopping(base, tmp_path, capsys):
+    """Settings from --config (flags override them); evaluations that stop improving end
+    the run early, with OUT/final written and OUT/best at the best evaluation."""
+    train, val = data_files(tmp_path, sequence_rows, 64)
+    config = tmp_path / "ft.json"
+    config.write_text(json.dumps({"task": "sequence-classification", "model": base["model"],
+                                  "data": train, "eval_data": val, "lr": "1e-9",
+                                  "warmup_steps": 0, "batch_size": 8, "max_steps": 8,
+                                  "eval_every": 2, "early_stopping": 1, "metric": "accuracy",
+                                  "tensorboard": False}))
+    out = tmp_path / "out"
+    assert cli_main(["finetune", "--config", str(config), "--out", str(out), "--no-progress",
+                     "--max-steps", "10"]) == 0
+    assert "fine-tuned 4 steps" in capsys.readouterr().out  # evaluations at 2 and 4
+    val_steps = [r["step"] for r in read_metrics(out, "val")]
+    assert val_steps == [2, 4]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "best" / "model.safetensors").is_file()
+    state = json.loads(sorted((out / "checkpoints").iterdir())[-1].joinpath(
+        "trainer_state.json").read_text())
+    assert state["extra"]["best"]["step"] == 2 and state["extra"]["finetune"]["max_steps"] == 10

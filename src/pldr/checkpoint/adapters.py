@@ -10,7 +10,7 @@ model loads.
                                    head), under the model's own parameter names
         pldr_adapter.json        the model config (with the head's labels) and the class
         tokenizer.model
-    load_adapter(dir)            base model (load_model) -> its head, if the adapter has one
+    load_adapter(dir, load_model) base model (load_model) -> its head, if the adapter has one
                                  -> LoRA -> the saved tensors; eval mode
 
 `attach_head(model, cls, config)` puts a task head on a causal model's decoder (shared by
@@ -143,12 +143,12 @@ def attach_head(model: nn.Module, cls: type, config: PLDRConfig) -> nn.Module:
     return head.to(next(model.parameters()).device)
 
 
-def load_adapter(path: str | os.PathLike, *, device: Any = None, dtype: Any = None) -> nn.Module:
-    """The model of an adapter directory: its base model (by `load_model`), with the head
-    the adapter was trained with, LoRA, and the adapter's tensors; in eval mode."""
+def load_adapter(path: str | os.PathLike, load_model: Any, *, device: Any = None,
+                 dtype: Any = None) -> nn.Module:
+    """The model of an adapter directory: its base model (read by `load_model`, which
+    passes itself in), with the head the adapter was trained with, LoRA, and the adapter's
+    tensors; in eval mode."""
     from safetensors.torch import load_file
-
-    from .load import load_model
 
     path = Path(path)
     try:
@@ -166,9 +166,9 @@ def load_adapter(path: str | os.PathLike, *, device: Any = None, dtype: Any = No
     config = PLDRConfig.from_dict(meta["config"])
     model = load_model(base, device="cpu")
     if type(model).__name__ != meta["class"]:
-        from .. import model as models
+        from ..model import heads
 
-        model = attach_head(model, getattr(models, meta["class"]), config)
+        model = attach_head(model, getattr(heads, meta["class"]), config)
     add_lora(model, int(lora["r"]), float(lora["lora_alpha"]), float(lora["lora_dropout"]),
              sorted({t.rsplit(".", 1)[-1] for t in lora["target_modules"]}))
     state = load_file(path / ADAPTER_WEIGHTS, device="cpu")

@@ -76,7 +76,7 @@ def load_model(path: str | os.PathLike,
     from .adapters import is_adapter_dir, load_adapter
 
     if is_adapter_dir(path):
-        return load_adapter(path, device=device, dtype=dtype)
+        return load_adapter(path, load_model, device=device, dtype=dtype)
     state, config = read_state(path, config)
     state, G = _attach_G_LM(state, config, G_LM)
     model = _build(config, state, G, model_class(path))

@@ -52,12 +52,12 @@ METRICS_OF = {"sequence-classification": ("loss", "accuracy", "macro_f1", "mse")
 
 def head_class(task: str) -> type | None:
     """The head model class of a task (None for causal)."""
-    from .. import model as models
+    from ..model import heads
 
     names = {"sequence-classification": "PLDRForSequenceClassification",
              "token-classification": "PLDRForTokenClassification",
              "question-answering": "PLDRForQuestionAnswering"}
-    return getattr(models, names[task]) if task in names else None
+    return getattr(heads, names[task]) if task in names else None
 
 
 @dataclass
