@@ -77,8 +77,9 @@ class PLDRConfig:
     # task heads (pldr.PLDRForSequenceClassification, ...; ignored by the causal model), as in
     # transformers: id2label maps 0..num_labels-1 to names (LABEL_i when not given);
     # problem_type None lets the sequence classifier choose from num_labels and the labels'
-    # dtype; classifier_dropout is the token classifier's dropout before its linear layer
-    num_labels: int = 2
+    # dtype; classifier_dropout is the token classifier's dropout before its linear layer.
+    # num_labels None: id2label's length, or 2 without id2label (transformers' default)
+    num_labels: int | None = None
     id2label: dict[int, str] | None = field(default=None, hash=False)
     problem_type: str | None = None
     classifier_dropout: float = 0.1
@@ -133,8 +134,12 @@ class PLDRConfig:
     def _check_head_fields(self) -> None:
         """num_labels >= 1; id2label normalised to {0: name, ..., n-1: name} (JSON's string
         keys accepted); a known problem_type; a dropout probability in [0, 1)."""
-        if self.num_labels < 1:
-            raise ConfigError(f"config field 'num_labels' must be >= 1, got {self.num_labels}")
+        if self.num_labels is None:
+            object.__setattr__(self, "num_labels", 2 if self.id2label is None else len(self.id2label))
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) \
+                or self.num_labels < 1:
+            raise ConfigError(f"config field 'num_labels' must be an integer >= 1, got "
+                              f"{self.num_labels!r}")
         names = self.id2label
         if names is None:
             names = {i: f"LABEL_{i}" for i in range(self.num_labels)}
@@ -281,7 +286,7 @@ class PLDRConfig:
         """Whether a head field differs from its default (num_labels 2 named LABEL_0/1, no
         problem_type, dropout 0.1)."""
         default = PLDRConfig.__dataclass_fields__
-        return (self.num_labels != default["num_labels"].default
+        return (self.num_labels != 2
                 or self.id2label != {i: f"LABEL_{i}" for i in range(self.num_labels)}
                 or self.problem_type is not None
                 or self.classifier_dropout != default["classifier_dropout"].default)
@@ -308,8 +313,6 @@ class PLDRConfig:
         for name in ("layernorm_eps", "classifier_dropout"):
             if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
                 d[name] = float(d[name])
-        if d.get("id2label") is not None and "num_labels" not in d:
-            d["num_labels"] = len(d["id2label"])  # transformers writes id2label only
         return cls(**d)
 
     @classmethod

@@ -1,6 +1,8 @@
 """`import pldr.hf`: the transformers classes of `pldr.integrations.hf`, registered with
-AutoConfig / AutoModelForCausalLM / AutoTokenizer as model type `pldr_llm` (needs the `hf`
-extra: `pip install 'pldr-llm[hf]'`)."""
+AutoConfig / AutoModelForCausalLM / AutoTokenizer as model type `pldr_llm`, and the task heads
+of `pldr.integrations.hf_heads` with AutoModelForSequenceClassification /
+AutoModelForTokenClassification / AutoModelForQuestionAnswering and the question-answering
+pipeline (needs the `hf` extra: `pip install 'pldr-llm[hf]'`)."""
 
 from .integrations.hf import (  # noqa: F401  importing registers the classes
     MODEL_TYPE,
@@ -11,6 +13,14 @@ from .integrations.hf import (  # noqa: F401  importing registers the classes
     PLDRTokenizer,
     register,
 )
+from .integrations.hf_heads import (  # noqa: F401  importing registers the heads
+    PLDRHFForQuestionAnswering,
+    PLDRHFForSequenceClassification,
+    PLDRHFForTokenClassification,
+    PLDRQuestionAnsweringPipeline,
+)
 
 __all__ = ["PLDRHFConfig", "PLDRForCausalLM", "PLDRCache", "PLDRCausalLMOutput",
-           "PLDRTokenizer", "register", "MODEL_TYPE"]
+           "PLDRTokenizer", "register", "MODEL_TYPE", "PLDRHFForSequenceClassification",
+           "PLDRHFForTokenClassification", "PLDRHFForQuestionAnswering",
+           "PLDRQuestionAnsweringPipeline"]

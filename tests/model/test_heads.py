@@ -52,8 +52,6 @@ def test_heads_have_the_ports_parameter_names_and_output_shapes():
     assert out.start_logits.shape == out.end_logits.shape == (3, 9)
     # the decoder is the causal model's: same hidden states for the same weights
     causal = pldr.PLDRModel(_config()).double().eval()
-    causal.load_state_dict({**seq.state_dict(), "final_layer.weight": causal.final_layer.weight,
-                            "final_layer.bias": causal.final_layer.bias}, strict=False)
     causal.decoder.load_state_dict(seq.decoder.state_dict())
     assert torch.equal(causal(ids).hidden, seq(ids).hidden)
 
@@ -175,4 +173,29 @@ def test_generation_refuses_a_head_model(tmp_path):
 
 def test_question_answering_input_layout():
     ids, start = question_answering_input([5, 6], [7, 8, 9], eos_id=3)
-    assert ids == [5, 6, 3, 7, 8, 9, 3] and ids[start] == 7
+    assert ids == [5, 6, 7, 8, 9, 3] and ids[start] == 7
+
+
+def test_gradients_reach_the_decoder_and_checkpointing_keeps_them():
+    """A head trains end to end: the loss reaches the embedding and the head, and
+    activation checkpointing (recomputing each layer in backward) gives the same gradients."""
+    ids, labels = _ids(), torch.tensor([0, 2, 1])
+    grads = []
+    for checkpointed in (False, True):
+        model = _model(pldr.PLDRForSequenceClassification).train()
+        model.set_activation_checkpointing(checkpointed)
+        model(ids, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[-1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-12)
+
+
+def test_a_head_on_the_meta_device_has_no_memory_until_initialised():
+    with torch.device("meta"):
+        model = pldr.PLDRForTokenClassification(_config(variant="v510G"))
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    G = model.decoder.dec_layers[0].mha1.G_LM  # v510G: identity per head
+    assert torch.equal(G, torch.eye(16).expand_as(G)) and model.score.bias.abs().sum() == 0

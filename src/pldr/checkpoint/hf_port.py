@@ -151,7 +151,7 @@ def config_to_port(config: PLDRConfig, dtype: torch.dtype,
     if c.metric_includes_pad:
         log.info("metric_includes_pad is not a key of the port (which always includes pads)")
     return {
-        "architectures": [PORT_ARCHITECTURE], "model_type": PORT_MODEL_TYPE,
+        "architectures": [architecture], "model_type": PORT_MODEL_TYPE,
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.dff,
         "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "head_dim": c.dk, "hidden_act": "silu", "max_position_embeddings": c.max_seq_len,

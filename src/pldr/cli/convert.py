@@ -13,7 +13,7 @@ _LAYOUTS = ("pldr", "original", "hf-port")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a model between layouts (ours, the original's, "
-                       "the transformers port's)",
+                       "the transformers port's); task heads too, except to the original's",
                        description="Read a model (an original .pth with its hpdict, a pldr "
                        "directory, or a directory of the transformers port) and write it in "
                        "the layout --to names: pldr (config.json + model.safetensors), original "
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     out = convert_model(model, args.out, args.to, tokenizer=args.tokenizer)
     note = (" (rotate-half RoPE written as its exact interleaved twin: dk axis permuted)"
             if args.to == "original" and model.config.rope_style == "half" else "")
-    print(f"wrote {out} ({args.to} layout, {model.config.variant}, "
+    task = f"{model.task}, " if hasattr(model, "task") else ""  # a task head (model/heads.py)
+    print(f"wrote {out} ({args.to} layout, {task}{model.config.variant}, "
           f"{model.num_parameters():,} parameters, "
           f"{str(model.dtype).removeprefix('torch.')}){note}")
     return 0

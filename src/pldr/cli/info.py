@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['path']}: {info['variant']}, {info['num_parameters']:,} parameters, "
+    task = "" if info["task"] == "causal" else f"{info['task']}, "  # a task head
+    print(f"{info['path']}: {task}{info['variant']}, {info['num_parameters']:,} parameters, "
           f"{info['num_tensors']} tensors, dtype {'/'.join(info['dtypes'])}")
     for key, value in info["config"].items():
         print(f"  {key}: {value}")

@@ -73,6 +73,8 @@ class PLDRHFConfig(PreTrainedConfig):
     eos_id: int = 3
     metric_includes_pad: bool = False
     rope_style: str = "interleaved"
+    # num_labels, id2label and problem_type are PreTrainedConfig's own (same defaults)
+    classifier_dropout: float = 0.1
     use_cache: bool = True
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
@@ -221,7 +223,11 @@ class PLDRTokenizer(SentencePieceBackend):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file: str, **kwargs: Any):
+    def __init__(self, vocab_file: str, add_eos_token: bool | None = None, **kwargs: Any):
+        # classification heads learn from texts that end with [END] (pldr finetune, and the
+        # published FT-SC/FT-TC): the tokenizer of such a model's directory appends it
+        self.add_eos_token = (_classifier_directory(vocab_file) if add_eos_token is None
+                              else bool(add_eos_token))
         kwargs.setdefault("pad_token", "[PAD]")
         kwargs.setdefault("unk_token", "[UNK]")
         kwargs.setdefault("bos_token", "[START]")
@@ -232,7 +238,18 @@ class PLDRTokenizer(SentencePieceBackend):
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int],
                                          token_ids_1: list[int] | None = None) -> list[int]:
-        return token_ids_0 + (token_ids_1 or [])
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        return token_ids_0 + eos + ((token_ids_1 + eos) if token_ids_1 else [])
+
+    def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
+                                already_has_special_tokens: bool = False) -> list[int]:
+        """1 where build_inputs_with_special_tokens added [END] (pipelines skip those)."""
+        if already_has_special_tokens:
+            special = set(self.all_special_ids)
+            return [int(i in special) for i in token_ids_0]
+        eos = [1] if self.add_eos_token else []
+        mask = [0] * len(token_ids_0) + eos
+        return mask + (([0] * len(token_ids_1) + eos) if token_ids_1 else [])
 
     def _decode(self, token_ids: int | list[int], skip_special_tokens: bool = False,
                 **kwargs: Any) -> str:
@@ -242,6 +259,21 @@ class PLDRTokenizer(SentencePieceBackend):
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
         return self.sp_model.decode(ids)
+
+
+def _classifier_directory(vocab_file: str) -> bool:
+    """Whether the tokenizer sits beside a classification head's config.json."""
+    import json
+    from pathlib import Path
+
+    from ..model.heads import PLDRForQuestionAnswering, head_class
+
+    try:
+        d = json.loads((Path(vocab_file).parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, TypeError, ValueError):
+        return False
+    head = head_class(d.get("architectures")) if isinstance(d, dict) else None
+    return head is not None and head is not PLDRForQuestionAnswering
 
 
 def register() -> None:

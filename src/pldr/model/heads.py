@@ -291,7 +291,7 @@ class PLDRForQuestionAnswering(_TaskHead):
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, *,
                 start_positions: Tensor | None = None, end_positions: Tensor | None = None,
                 return_deductive: bool = False) -> QuestionAnsweringOutput:
-        """ids [B, T] (the question, then the context: `question_answering_input`) ->
+        """ids [B, T] (the question, the context, EOS: `question_answering_input`) ->
         start_logits, end_logits [B, T]; with start/end_positions [B] (token indices of the
         answer's first and last token) the loss."""
         out = self._decode(ids, attention_mask, return_deductive)
@@ -327,11 +327,10 @@ def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
 
 def question_answering_input(question: Sequence[int], context: Sequence[int],
                              eos_id: int) -> tuple[list[int], int]:
-    """The input layout of the question-answering head: the question's ids, EOS, the
-    context's ids, EOS. Returns the ids and the index of the context's first token (answer
-    positions are counted in these ids)."""
-    ids = [*question, eos_id]
-    return [*ids, *context, eos_id], len(ids)
+    """The input layout of the question-answering head (as `pldr finetune` encodes SQuAD):
+    the question's ids, the context's ids, EOS. Returns the ids and the index of the
+    context's first token (answer positions are counted in these ids)."""
+    return [*question, *context, eos_id], len(question)
 
 
 # ----- which head a checkpoint holds -------------------------------------------------------------
