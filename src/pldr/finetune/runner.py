@@ -52,12 +52,9 @@ METRICS_OF = {"sequence-classification": ("loss", "accuracy", "macro_f1", "mse")
 
 def head_class(task: str) -> type | None:
     """The head model class of a task (None for causal)."""
-    from ..model import heads
+    from ..model.heads import HEADS
 
-    names = {"sequence-classification": "PLDRForSequenceClassification",
-             "token-classification": "PLDRForTokenClassification",
-             "question-answering": "PLDRForQuestionAnswering"}
-    return getattr(heads, names[task]) if task in names else None
+    return HEADS.get(task)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..model.heads import question_answering_input
 
 IGNORE = -100  # a label position that counts for nothing (transformers' convention)
 TASKS = ("sequence-classification", "token-classification", "question-answering", "causal")
@@ -212,8 +213,9 @@ def encode_qa(table: Any, cols: dict[str, str], tok: Any, max_len: int, stride: 
             hi = min(lo + room, len(c_ids))
             offset = len(q_ids) - lo
             inside = texts and a_first >= lo and 0 <= a_last < hi
+            ids, _ = question_answering_input(q_ids, c_ids[lo:hi], tok.eos_id)
             examples.append(Example(
-                q_ids + c_ids[lo:hi] + [tok.eos_id], i,
+                ids, i,
                 start=a_first + offset if inside else 0, end=a_last + offset if inside else 0,
                 spans=[None] * len(q_ids) + list(c_spans[lo:hi]) + [None]))
             if hi >= len(c_ids):
