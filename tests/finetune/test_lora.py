@@ -87,3 +87,18 @@ def test_the_adapter_directory_loads_and_merging_keeps_the_logits(adapted, base)
         plain = pldr.load_model(adapted["merged"][1].final_dir)
         assert not (adapted["merged"][1].final_dir / ADAPTER_CONFIG).exists()
         torch.testing.assert_close(plain(ids, mask).logits, adapted_logits, atol=1e-5, rtol=0)
+
+
+def test_a_causal_adapter_generates_with_pldr_generate(base, tmp_path, capsys):
+    from finetune_data import causal_rows
+    from pldr.cli import main as cli_main
+    from pldr.finetune import finetune
+
+    data = write_jsonl(tmp_path / "c.jsonl", causal_rows(32, 0))
+    result = finetune(FinetuneConfig(task="causal", model=base["model"], data=data,
+                                     out=str(tmp_path / "out"), **{**LORA, "max_steps": 2}))
+    assert (result.final_dir / ADAPTER_CONFIG).is_file()
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(result.final_dir), "--ids", "5,6,7",
+                     "--max-new-tokens", "3", "--temperature", "0"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip()
