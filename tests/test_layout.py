@@ -19,6 +19,7 @@ ALLOWED = {
     "analysis": LEAVES | {"model", "inference", "data", "checkpoint"},
     "integrations": LEAVES | {"model", "checkpoint", "inference", "data"},
     "serve": LEAVES | {"inference", "checkpoint", "data"},
+    "finetune": LEAVES | {"model", "checkpoint", "data", "training"},
     "hf": {"integrations"},  # pldr/hf.py: `import pldr.hf` names pldr.integrations.hf
     "lm_eval": {"integrations"},  # pldr/lm_eval.py: `import pldr.lm_eval` registers the model
 }

@@ -39,6 +39,22 @@ def test_bench_train_with_activation_checkpointing_adds_a_run_and_its_ratios(tmp
     assert "train checkpointed" in capsys.readouterr().out
 
 
+def test_bench_finetune_measures_full_against_lora(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--what", "finetune", "--lora-r", "2",
+                 "--repeats", "1", "--train-batch", "2", "--train-len", "16",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["spec"]["what"], r["spec"]["lora_r"]) for r in data["results"]] == [
+        ("finetune", 0), ("finetune", 2)]
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in data["results"])
+    for key in ("finetune lora r2 float32 / full tokens/s",
+                "finetune lora r2 float32 / full peak RSS"):
+        assert data["ratios"][key] > 0, data["ratios"]
+    text = capsys.readouterr().out
+    assert "finetune full" in text and "finetune lora r2" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--what", "fly"], "--what 'fly' is unknown"),
     (["--cache", "kv"], "--cache 'kv' is unknown"),

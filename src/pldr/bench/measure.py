@@ -34,7 +34,7 @@ import torch
 
 from ..errors import PLDRError
 
-MEASUREMENTS = ("decode", "prefill", "train", "engine", "gemv")
+MEASUREMENTS = ("decode", "prefill", "train", "engine", "gemv", "finetune")
 # dtypes a spec may name: the float dtypes, and int8 weights (model/quantize.py) for decoding
 BENCH_DTYPES = ("float32", "bfloat16", "int8")
 GEMV_ITERS = 10  # matrix-vector products per timed gemv run
@@ -60,6 +60,7 @@ class BenchSpec:
     batch: int = 1                # engine: running requests
     compile: bool = False         # decode (kv modes) and engine: torch.compile the step
     activation_checkpointing: bool = False  # train: recompute each decoder layer in backward
+    lora_r: int = 0               # finetune: LoRA rank (0: every weight trains)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _build_model(spec: BenchSpec):
     if spec.dtype == "int8" and spec.what == "train":
         raise PLDRError("int8 weights are for inference; train with float32 or bfloat16")
     # training keeps float32 weights and runs bf16 under autocast, as `pldr train --dtype`
-    train = spec.what == "train"
+    train = spec.what in ("train", "finetune")
     dtype = torch.float32 if train else parse_dtype(load_dtype(spec.dtype, spec.device))
     if os.path.isdir(spec.model):
         model = load_model(spec.model, device=spec.device, dtype=dtype)
@@ -250,6 +251,8 @@ def run_one(spec: BenchSpec) -> BenchResult:
             update(model, opt, lr=1e-3)
             lo.loss.item()
         warm, tokens = job, spec.train_batch * spec.train_len
+    elif spec.what == "finetune":
+        job, warm, tokens = _finetune_job(model, spec, ids)
     else:
         raise PLDRError(f"unknown measurement {spec.what!r}; choose from {', '.join(MEASUREMENTS)}")
     warm()
@@ -271,6 +274,41 @@ def run_one(spec: BenchSpec) -> BenchResult:
         extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return BenchResult(spec=spec, seconds=times, median_s=med, tokens_per_s=tokens / med,
                        peak_rss_mb=_rss_mb(), rss_after_build_mb=rss_built, extra=extra)
+
+
+def _finetune_job(model, spec: BenchSpec, ids):
+    """A step of `pldr finetune --task sequence-classification` on [train_batch, train_len]
+    tokens: the model's decoder under a new 2-label head (LoRA of rank `lora_r` on the
+    default targets, or every weight), the task's loss, backward, norm clipping at 1.0 and
+    AdamW over the trainable parameters (pldr.finetune's step without its bookkeeping)."""
+    from ..checkpoint.adapters import add_lora, attach_head
+    from ..finetune.config import DEFAULT_LORA_TARGETS
+    from ..finetune.evaluate import batch_loss
+    from ..model.heads import PLDRForSequenceClassification
+    from ..training.step import ADAMW_BETAS, ADAMW_EPS
+
+    torch.manual_seed(0)
+    head = attach_head(model, PLDRForSequenceClassification, model.config.replace(num_labels=2))
+    del model
+    if spec.lora_r:
+        add_lora(head, spec.lora_r, 2.0 * spec.lora_r, 0.0, DEFAULT_LORA_TARGETS, ("score",))
+    head.train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=7e-5, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                            fused=spec.device.split(":")[0] in ("cpu", "cuda"))
+    x = ids(spec.train_batch, spec.train_len)
+    batch = {"ids": x, "attention_mask": torch.ones_like(x),
+             "labels": torch.arange(spec.train_batch, device=x.device) % 2}
+    amp = None if spec.dtype == "float32" else torch.bfloat16
+
+    def job():
+        loss, _, _ = batch_loss("sequence-classification", head, batch, amp)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+    return job, job, spec.train_batch * spec.train_len
 
 
 def measure(spec: BenchSpec) -> BenchResult:
@@ -298,6 +336,8 @@ def format_table(results: list[BenchResult]) -> str:
             name += " compiled"
         if s.activation_checkpointing:
             name += " checkpointed"
+        if s.what == "finetune":
+            name += f" lora r{s.lora_r}" if s.lora_r else " full"
         model = s.model + (f" ({s.variant})" if s.variant else "") + f" {s.dtype}"
         rows.append((name, model, f"{r.median_s:.3f}", f"{r.tokens_per_s:.1f}",
                      f"{r.peak_rss_mb:.0f}"))
@@ -323,6 +363,15 @@ def summarise(results: list[BenchResult]) -> dict[str, float]:
             tag = "train" + (f" {r.spec.variant}" if r.spec.variant else "") + f" {r.spec.dtype}"
             out[f"{tag} checkpointed / plain tokens/s"] = r.tokens_per_s / p.tokens_per_s
             out[f"{tag} checkpointed / plain peak RSS"] = r.peak_rss_mb / p.peak_rss_mb
+    full = {(r.spec.variant, r.spec.dtype): r for r in results
+            if r.spec.what == "finetune" and not r.spec.lora_r}
+    for r in results:
+        f = full.get((r.spec.variant, r.spec.dtype))
+        if r.spec.what == "finetune" and r.spec.lora_r and f is not None:
+            tag = f"finetune lora r{r.spec.lora_r} {r.spec.dtype}"
+            out[f"{tag} / full tokens/s"] = r.tokens_per_s / f.tokens_per_s
+            out[f"{tag} / full peak RSS"] = r.peak_rss_mb / f.peak_rss_mb
+    by = {k: v for k, v in by.items() if k[0] != "finetune"}
     for (what, cache, variant, dtype, batch, comp), tps in by.items():
         tag = f"{what} {cache}" + (f" {variant}" if variant else "") + f" {dtype}"
         one = by.get((what, cache, variant, dtype, 1, comp))

@@ -71,7 +71,12 @@ def load_model(path: str | os.PathLike,
     `config` (a PLDRConfig, an hpdict/config dict or a JSON path) is required for an original
     checkpoint and overrides the directory's `config.json` otherwise. The checkpoint's keys
     decide the variant: without metric-learner keys it is v510G, which needs `G_LM` (tensor,
-    list or G_LM file) unless the G_LM buffers are saved with it (our directories)."""
+    list or G_LM file) unless the G_LM buffers are saved with it (our directories). An
+    adapter directory (`pldr finetune --lora-r`) loads its base model with the adapters."""
+    from .adapters import is_adapter_dir, load_adapter
+
+    if is_adapter_dir(path):
+        return load_adapter(path, load_model, device=device, dtype=dtype)
     state, config = read_state(path, config)
     state, G = _attach_G_LM(state, config, G_LM)
     model = _build(config, state, G, model_class(path))
@@ -115,6 +120,15 @@ def load_for_inference(path: str | os.PathLike,
     replaced), and for a v510 model it is returned, to be given to generation."""
     if isinstance(G_LM, (str, os.PathLike)):
         G_LM = load_G_LM(G_LM)
+    from .adapters import is_adapter_dir, load_adapter, merge_lora
+
+    if is_adapter_dir(path):  # a causal LoRA adapter: its base model with the adapters merged
+        model = merge_lora(load_adapter(path, load_model, device=device, dtype=dtype))
+        if not isinstance(model, PLDRModel):
+            raise PLDRError(f"{str(path)!r} adapts a {type(model).__name__}; generation needs "
+                            "a causal model")
+        G = None if G_LM is None else list(stack_per_layer(G_LM, model.config, "G_LM"))
+        return model.requires_grad_(False).eval(), G
     require_causal(path, "generation")
     state, config = read_state(path, config)
     if config.variant == "v510G":

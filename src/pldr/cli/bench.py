@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="pldr-110m", help="preset name or model directory")
     p.add_argument("--what", default="decode,prefill,train",
                    help="comma-separated: decode, prefill, train, engine (continuous batching), "
-                   "serve (a load test of pldr serve; needs the serve extra)")
+                   "serve (a load test of pldr serve; needs the serve extra), finetune (a "
+                   "sequence-classification step, every weight against LoRA --lora-r)")
     p.add_argument("--batch", default="1,16",
                    help="engine: comma-separated numbers of running requests (default 1,16)")
     p.add_argument("--compile", action="store_true",
@@ -44,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--lora-r", type=int, default=8,
+                   help="finetune: the LoRA rank measured beside full fine-tuning (default 8)")
     p.add_argument("--clients", default="1,16",
                    help="serve: comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=64, help="serve: requests per client count")
@@ -105,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("--batch needs integers >= 1")
     if args.repeats < 1:
         raise PLDRError("--repeats must be >= 1")
+    if args.lora_r < 1:
+        raise PLDRError("--lora-r must be >= 1")
     if args.quick:
         args.repeats = 1
     if args.json:  # find out now, not after minutes of measuring
@@ -133,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
                         for b in (batches if w == "engine" else [1]):
                             for ac in ([False, True] if args.activation_checkpointing
                                        and w == "train" else [False]):
-                                specs.append(BenchSpec(what=w, cache=c, variant=variant,
-                                                       dtype=dtype, batch=b, compile=comp,
-                                                       activation_checkpointing=ac, **common))
+                                for r in ([0, args.lora_r] if w == "finetune" else [0]):
+                                    specs.append(BenchSpec(
+                                        what=w, cache=c, variant=variant, dtype=dtype, batch=b,
+                                        compile=comp, activation_checkpointing=ac, lora_r=r,
+                                        **common))
     info = machine_info()
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} nproc: {info['nproc']} "
           f"torch {info['torch']} threads {info['torch_threads']} load {info['loadavg']}",

@@ -7,24 +7,43 @@ import argparse
 
 from ..devices import SUPPORTED_DTYPES
 from ..errors import PLDRError
+from ..finetune.tasks import TASKS
 from .common import add_model_args
+from .finetune import COLUMN_FLAGS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a model on lm-eval tasks",
-                       description="Runs lm-eval's simple_evaluate with the model `pldr` and "
-                       "prints its results table. With --G-LM the v510Gi ablation (that G_LM "
-                       "for every request) is scored beside the model itself.")
+    p = sub.add_parser("eval", help="score a model on lm-eval tasks, or a fine-tuned model "
+                       "on a labelled split",
+                       description="With --tasks: runs lm-eval's simple_evaluate with the "
+                       "model `pldr` and prints its results table; with --G-LM the v510Gi "
+                       "ablation (that G_LM for every request) is scored beside the model "
+                       "itself. With --task: scores a fine-tuned model on labelled rows "
+                       "(--data) with the task's metrics (accuracy and macro-F1, entity "
+                       "precision/recall/F1, SQuAD exact match/F1, perplexity) and prints "
+                       "them as JSON.")
     add_model_args(p, G_LM_help="also score with this predefined G_LM for every request (v510Gi)",
                    dtypes=SUPPORTED_DTYPES)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group "
-                   "names: pldr_zeroshot (the papers' 0-shot suite), pldr_tiny (their "
-                   "tinyBenchmarks set), or lm-eval's own, e.g. arc_easy,piqa")
+    tasks = p.add_mutually_exclusive_group(required=True)
+    tasks.add_argument("--tasks", help="comma-separated lm-eval task or group names: "
+                       "pldr_zeroshot (the paper's 0-shot suite), pldr_tiny (its "
+                       "tinyBenchmarks set), or lm-eval's own, e.g. arc_easy,piqa")
+    tasks.add_argument("--task", choices=TASKS, help="a fine-tuning task: score the model on "
+                       "--data's labelled rows")
+    p.add_argument("--data", metavar="SOURCE", help="with --task: .jsonl/.csv/.parquet or "
+                   "hf:NAME[:CONFIG]")
+    p.add_argument("--split", default=None, help="with --task: the split (default: validation "
+                   "for hf: data, train for local files)")
+    p.add_argument("--max-length", type=int, help="with --task: pieces per example (default: "
+                   "the model's max_seq_len)")
+    for role in COLUMN_FLAGS:
+        p.add_argument(f"--{role}-column", metavar="NAME", help=f"with --task: the {role} "
+                       "column (default: the task's, as pldr finetune)")
     p.add_argument("--include-path", metavar="DIR", help="a folder of local task YAML files")
     p.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", metavar="FILE", help="write lm-eval's results as JSON")
+    p.add_argument("--output", metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=run)
 
 
@@ -34,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..files import atomic_write_text
 
+    if args.task is not None:
+        return run_task(args)
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks:
         raise PLDRError("--tasks names no task; e.g. --tasks arc_easy,piqa")
@@ -74,4 +95,27 @@ def run(args: argparse.Namespace) -> int:
                         if k in results}
     if args.output:
         atomic_write_text(args.output, json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """`pldr eval --task`: the fine-tuning metrics of --model on --data, as JSON."""
+    import json
+
+    from ..files import atomic_write_text
+    from ..finetune.runner import score
+
+    if not args.data:
+        raise PLDRError("--task needs --data: the labelled rows to score")
+    if args.batch_size < 1:
+        raise PLDRError("--batch-size must be >= 1")
+    split = args.split or ("validation" if args.data.startswith("hf:") else "train")
+    result = score(args.task, args.model, args.data, split,
+                   columns={r: getattr(args, f"{r}_column") for r in COLUMN_FLAGS},
+                   tokenizer=args.tokenizer, max_length=args.max_length,
+                   batch_size=args.batch_size, device=args.device)
+    text = json.dumps(result, indent=2) + "\n"
+    print(text, end="")
+    if args.output:
+        atomic_write_text(args.output, text)
     return 0

@@ -20,13 +20,13 @@ from typing import Iterator, Sequence
 
 from .._version import __version__
 from ..errors import PLDRError
-from . import (bench, convert, data, demo, evaluate, extract_g, generate, info, inspect, serve,
-               tokenizer, train, version)
+from . import (bench, convert, data, demo, evaluate, extract_g, finetune, generate, info,
+               inspect, serve, tokenizer, train, version)
 from .common import Parser
 
 # Registration order is the order in `pldr --help`.
-COMMANDS = (version, demo, train, generate, serve, bench, convert, info, inspect, extract_g,
-            evaluate, tokenizer, data)
+COMMANDS = (version, demo, train, finetune, generate, serve, bench, convert, info, inspect,
+            extract_g, evaluate, tokenizer, data)
 REPORT = "this is a bug in pldr; please report it with the traceback above"
 
 

@@ -35,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
-    """One flag of a TrainConfig field: its type from the annotation, its help from the
-    metadata with the default appended."""
-    kind = _flag_type(f)
+def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field, owner: type = TrainConfig) -> None:
+    """One flag of a field of a settings dataclass (`owner`: TrainConfig, FinetuneConfig):
+    its type from the annotation, its help from the metadata with the default appended."""
+    kind = _flag_type(f, owner)
     meta = dict(f.metadata)
     help_text = meta.pop("help")
     if "default" not in help_text:
@@ -52,10 +52,10 @@ def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     p.add_argument(f"--{flag_name(f.name)}", **kwargs)
 
 
-def _flag_type(f: dataclasses.Field) -> type:
+def _flag_type(f: dataclasses.Field, owner: type = TrainConfig) -> type:
     """int, float or bool for fields of those types (optional or not); str for the rest
     (text, and values parsed from text: the model, the DAG coefficients)."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = typing.get_type_hints(owner)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     return args[0] if len(args) == 1 and args[0] in (int, float, bool) else str
 

@@ -27,6 +27,7 @@ from .chunks import MODES, PAD_ID, Chunks, chunk_spans, chunk_tokens
 from .loader import TokenBatches, build_loaders
 from .prepare import PrepareReport, prepare_store
 from .sources import (
+           load_table,
            BUILTIN,
            DEFAULT_HF_DATA,
            TEXT_COLUMNS,
@@ -47,7 +48,7 @@ from .tokenizer import Tokenizer
 from .tokens import TokenizedDocs, load_tokens, token_cache_dir, tokenize_documents
 
 __all__ = ["Tokenizer", "DataSource", "parse_source", "load_documents", "BUILTIN",
-           "DEFAULT_HF_DATA", "TEXT_COLUMNS", "Split", "parse_split", "default_splits",
+           "DEFAULT_HF_DATA", "TEXT_COLUMNS", "load_table", "Split", "parse_split", "default_splits",
            "DEFAULT_TRAIN_SPLIT", "DEFAULT_VAL_SPLIT", "TokenizedDocs", "tokenize_documents",
            "load_tokens", "token_cache_dir", "Chunks", "chunk_spans", "chunk_tokens", "MODES",
            "PAD_ID", "TokenBatches", "build_loaders", "stream_source", "prepare_store",

@@ -221,6 +221,43 @@ def _read_group(files: list[Path], text_column: str | None, progress: bool) -> l
     return _texts(ds, column, 0, len(ds), names)
 
 
+def load_table(data: str | os.PathLike | DataSource, split: str | Split | None = None,
+               *, progress: bool = False) -> "datasets.Dataset":
+    """The rows of a structured source (.jsonl/.json/.parquet/.csv files or `hf:NAME`) and
+    split as a `datasets.Dataset`, every column and its features kept (e.g. the label names
+    of a ClassLabel column), for data that is more than one text per row (fine-tuning
+    examples). Local files have the split `train` only; a slice such as `train[:1000]` or
+    `validation[:10%]` takes part of a split."""
+    source, split = parse_source(data), parse_split(split)
+    if source.kind == "hf":
+        ds = _open_hf(source, split.name, progress)
+        what = str(source)
+    elif source.kind == "files":
+        _check_train_only(split, source.name)
+        files = _source_files(source)
+        readers = {_reader_of(p) for p in files}
+        if len(readers) != 1 or "text" in readers:
+            raise DataError(f"data {source.name!r} must be .jsonl/.json, .parquet or .csv "
+                            "files of one format (rows with named columns), not "
+                            f"{', '.join(sorted(p.suffix or p.name for p in files[:3]))}")
+        datasets = _import_datasets()
+        what = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        try:
+            with _datasets_progress(progress):
+                ds = datasets.load_dataset(next(iter(readers)),
+                                           data_files=[str(p) for p in files], split="train")
+        except Exception as e:  # datasets raises many kinds; all mean "cannot read this file"
+            raise DataError(f"could not read {what} as {next(iter(readers))}: {_short(e)}") \
+                from None
+    else:
+        raise DataError(f"data {str(source)!r} is plain text; this needs rows with named "
+                        "columns: a .jsonl/.json, .parquet or .csv file, or hf:NAME")
+    start, stop = split.bounds(len(ds))
+    if start >= stop:
+        raise _empty_split(split, what, len(ds))
+    return ds.select(range(start, stop)) if (start, stop) != (0, len(ds)) else ds
+
+
 def _resolve_hf(source: DataSource, split: Split, text_column: str | None,
                 progress: bool) -> ResolvedSource:
     """A Hugging Face dataset (hub name or local folder); the identity is its fingerprint."""

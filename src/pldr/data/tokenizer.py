@@ -183,6 +183,28 @@ class Tokenizer:
             ids += self._sp.encode(text[pos:])
         return ids + [self.eos_id] if eos else ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` (no EOS) and each piece's character span (start, end) in `text`,
+        for mapping pieces back to text (a QA answer's span). A piece made of part of a
+        character (a byte piece) spans that whole character or nothing."""
+        if not isinstance(text, str):
+            raise PLDRError(f"encode_with_offsets takes a string, got {type(text).__name__}")
+        _check_utf8(text)
+        proto = self._sp.encode(text, out_type="proto")
+        # SentencePiece counts bytes of UTF-8; chars[b] is the character index of byte b
+        chars = [0] * (len(text.encode("utf-8")) + 1)
+        b = 0
+        for i, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            chars[b:b + n] = [i] * n
+            b += n
+        chars[b] = len(text)
+        ids, spans = [], []
+        for piece in proto.pieces:
+            ids.append(piece.id)
+            spans.append((chars[piece.begin], chars[piece.end]))
+        return ids, spans
+
     @cached_property
     def _special_pattern(self) -> re.Pattern | None:
         """A regex of the special pieces `encode(parse_special=True)` reads (None if none)."""

@@ -229,6 +229,11 @@ _TEXT_OR_SWITCH = {f.name: (bool if f.type in ("bool | None", "bool") else str)
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings of a JSON or YAML file (by suffix: .yaml/.yml is YAML, anything else
     JSON), checked by `check_settings`; e.g. `{"max_steps": 1000, "lr": 0.002}`."""
+    return check_settings(read_settings_file(path), f"--config {str(path)!r}")
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of a JSON or YAML settings file, unchecked (empty file: {})."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {str(path)!r} does not exist (or is not a file)")
@@ -250,8 +255,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {str(path)!r} is not valid JSON ({e}); YAML files "
                               "need a .yaml suffix") from None
-    return check_settings(settings or {}, f"--config {str(path)!r}")
+    return settings or {}
 
 
 __all__ = ["TrainConfig", "CHUNK_MODES", "setting", "flag_name", "check_settings",
-           "read_config_file"]
+           "read_config_file", "read_settings_file"]

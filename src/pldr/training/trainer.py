@@ -121,6 +121,7 @@ class Trainer:
         self.updating = False  # True while the optimizer changes the weights
         self.probe: Tensor | None = None  # a batch [b, T+1] of the last step, run before a save
         self.log: MetricsLog | None = None
+        self.stop_early = False  # set by an evaluation hook: end the run as if complete
 
     def _say(self, text: str) -> None:
         if self.dist.is_main:
@@ -132,7 +133,7 @@ class Trainer:
         run = self.prepared
         # the model is built and the checkpoint read before the run folder is touched, so a
         # failure of either leaves the folder (and its train_config.json) as it was
-        self.model, self.optimizer = build_training(run)
+        self.model, self.optimizer = self._build()
         if run.resume_dir is not None:
             self._load(run.resume_dir)
         make_run_folder(run)
@@ -161,7 +162,7 @@ class Trainer:
                     self._evaluate()
                 if self.step != self.checkpoints.last_step:
                     self._save()
-            return self._result(final_dir=self.checkpoints.export_final(self.model))
+            return self._result(final_dir=self._export_final())
         except RuntimeError as e:
             reason = ptd.peer_failure(e) if self.dist.enabled else None
             if reason is None:
@@ -178,7 +179,7 @@ class Trainer:
         batches = self._batches()
         timer = time.perf_counter()
         tokens_at_report = self.metrics.tokens
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.stop_early:
             # where a checkpoint resumes if a KeyboardInterrupt cuts this step short
             position: dict[str, Any] | None = self._position()
             try:
@@ -374,7 +375,8 @@ class Trainer:
         """What besides model and optimizer a checkpoint must hold to continue exactly here
         (taken before every step, for a Ctrl-C mid-step)."""
         return {"loader": self.train_loader.state_dict(),
-                "metrics": self.metrics.state_dict(), "step": self.step}
+                "metrics": self.metrics.state_dict(), "step": self.step,
+                "extra": self._extra_state()}
 
     def _save(self, position: dict[str, Any] | None = None) -> Path | None:
         """A checkpoint of `position` (default: now) with the live model and optimizer.
@@ -388,7 +390,7 @@ class Trainer:
         return self.checkpoints.save(self.model, self.optimizer, position["step"], {
             "loader": position["loader"], "metrics": position["metrics"],
             "total_steps": self.total_steps, "lr_total_steps": self.prepared.lr_total_steps,
-            "train_config": self.cfg.to_dict()})
+            "train_config": self.cfg.to_dict(), "extra": position.get("extra", {})})
 
     def _load(self, ckpt: Path) -> None:
         """Restore model, optimizer, step, data position and metrics from `ckpt`."""
@@ -396,6 +398,24 @@ class Trainer:
         self.step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
         self.metrics.load_state_dict(state["metrics"])
+        self._load_extra_state(state.get("extra", {}))
+
+    # ----- hooks: what a run other than pretraining (pldr.finetune) replaces -----------------
+
+    def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The model in train mode (sharded under torchrun) and its optimizer."""
+        return build_training(self.prepared)
+
+    def _export_final(self) -> Path:
+        """Write the trained model to OUT/final; returns the directory."""
+        return self.checkpoints.export_final(self.model)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """JSON state besides the loop's own that a checkpoint must carry to resume exactly."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `_extra_state` returned."""
 
     def _result(self, final_dir: Path | None = None, interrupted: bool = False) -> TrainResult:
         return TrainResult(out_dir=self.prepared.out, step=self.step, total_steps=self.total_steps,
