@@ -25,8 +25,7 @@ from pldr import PLDRConfig
 from pldr.cli.main import main as cli
 from pldr.data import build_loaders, load_documents, load_tokens
 from pldr.data import prepare as P
-from pldr.data.sources import parse_source
-from pldr.data.stream import stream_source
+from pldr.data.sources import parse_source, stream_source
 from pldr.data.store import ShardedTokens, is_store, token_dtype
 from pldr.data.tokenizer import Tokenizer
 from pldr.errors import DataError
@@ -132,8 +131,7 @@ def test_stream_gives_the_documents_of_load_documents(tmp_path, corpus):
     assert list(stream_source(f"hf:{hf}").documents()) == small
 
 
-def test_txt_streams_in_blocks_as_it_splits_whole(tmp_path):
-    from pldr.data.stream import _stream_paragraphs
+def test_txt_parts_split_as_the_whole_text_splits(tmp_path):
     from pldr.data.tokenizer import split_paragraphs
 
     rng = np.random.default_rng(1)
@@ -142,13 +140,21 @@ def test_txt_streams_in_blocks_as_it_splits_whole(tmp_path):
         text = "".join(rng.choice(alphabet, int(rng.integers(0, 50))))
         (tmp_path / "t.txt").write_bytes(text.encode())
         want = split_paragraphs((tmp_path / "t.txt").read_text(encoding="utf-8"))
-        for block in (1, 2, 5):
-            assert list(_stream_paragraphs(tmp_path / "t.txt", block)) == want, (text, block)
+        for block in (1, 2, 5):  # byte ranges of a few bytes, cut anywhere
+            stream = stream_source(tmp_path / "t.txt", part_bytes=block)
+            assert [d for p in stream.parts for d in p.documents()] == want, (text, block)
+            if want:
+                assert list(stream.documents()) == want
+            else:
+                with pytest.raises(DataError, match="holds no documents"):
+                    list(stream.documents())
 
 
-def test_stream_split_errors():
-    with pytest.raises(DataError, match="does not know"):
-        stream_source("builtin", "train[:90%]")
+def test_stream_splits():
+    docs = load_documents("builtin")
+    stream = stream_source("builtin", "train[:90%]")  # a percentage counts the parts first
+    assert list(stream.documents()) == docs[:round(0.9 * len(docs))]
+    assert list(stream_source("builtin", "train[-5:]").documents()) == docs[-5:]
     with pytest.raises(DataError, match="only the split 'train'"):
         stream_source("builtin", "validation")
 

@@ -110,8 +110,12 @@ class ShardedTokens:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """All the ids as one array: a view of the mapped shard where it can be, a copy
+        when `copy` is True (numpy trusts the answer: a view would stay tied to the file)."""
         out = self[:]
-        return out if dtype is None else out.astype(dtype)
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            return out.astype(dtype)
+        return np.array(out, copy=True) if copy else out
 
 
 @dataclass(frozen=True)
