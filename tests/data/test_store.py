@@ -195,6 +195,34 @@ def test_one_and_two_workers_give_identical_stores(tmp_path, corpus, tok):
     assert len(one) > 10 and one == two
 
 
+@pytest.mark.parametrize("shape", ["files", "row_groups"])
+def test_the_store_is_the_same_for_1_2_and_3_workers(tmp_path, tok, shape):
+    """Workers read their own parts (.txt byte ranges, .jsonl files, parquet row groups);
+    the store does not depend on how many there are, and holds the source's tokens."""
+    docs = variations(240, seed=7)
+    if shape == "files":  # a multi-file corpus of three formats
+        folder = tmp_path / "mixed"
+        write_refinedweb(folder / "c", docs[160:], files=2, row_group=10, null_at=None)
+        (folder / "a.txt").write_text("\n\n".join(docs[:100]), encoding="utf-8")
+        (folder / "b.jsonl").write_text("".join(json.dumps({"content": d}) + "\n"
+                                                for d in docs[100:160]), encoding="utf-8")
+    else:  # one parquet file of many row groups
+        folder = write_refinedweb(tmp_path / "one", docs, files=1, row_group=12)
+        assert pq.ParquetFile(next(folder.iterdir())).num_row_groups == 21
+    stores = []
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        P.prepare_store(folder, out, tok, workers=workers, progress=False, **SMALL_SHARDS)
+        stores.append(store_files(out))
+    assert stores[0] == stores[1] == stores[2]
+    store = P.TokenStore.open(tmp_path / "w3")
+    assert len(store.manifest["shards"]) > 3  # several tasks, so several shards
+    direct = load_tokens(folder, tok, use_cache=False, progress=False)
+    ids, offsets = store.slice()
+    assert np.array_equal(np.asarray(ids), direct.ids)
+    assert np.array_equal(offsets, direct.offsets)
+
+
 def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, corpus, tok, monkeypatch):
     folder, _ = corpus
     P.prepare_store(folder, tmp_path / "ref", tok, progress=False, **SMALL_SHARDS)
