@@ -72,7 +72,7 @@ DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi ids: 128 MiB shards of uint16
 DEFAULT_BATCH_CHARS = 1 << 20   # characters of text a worker tokenises at a time
 DEFAULT_VOCAB_SIZE = 32000      # the paper's tokenizer, for a tokenizer trained here
 DEFAULT_SAMPLE_DOCS = 100_000   # documents a tokenizer trained here sees
-TASK_BATCHES = 8                # a task (one worker's unit of work) holds ~8 batches of text
+TASK_BATCHES = 4                # a task (one worker's unit of work) holds ~4 batches of text
 LAYOUT = 2                      # 2: shards end at task boundaries (1: at batch boundaries)
 
 Task = tuple[tuple[SourcePart, int, "int | None"], ...]  # (part, first unit, stop) in order

@@ -171,6 +171,7 @@ class SourceStream:
     identity: dict[str, Any]
     parts: tuple[SourcePart, ...]
     text_column: str | None = None
+    dataset: Any = field(default=None, compare=False, repr=False)  # `hf`: the opened split
     _counts: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -180,6 +181,10 @@ class SourceStream:
 
     def count(self) -> int:
         """Units (documents; dataset rows for `hf:`) of the whole named split."""
+        info = getattr(self.dataset, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        if self.split.name in splits and splits[self.split.name].num_examples:
+            return int(splits[self.split.name].num_examples)  # a dataset that knows its rows
         return sum(self.part_counts())
 
     def part_counts(self, counts: Sequence[int] | None = None) -> list[int]:
@@ -218,7 +223,8 @@ class SourceStream:
         """The split's documents in order, read part by part (never all in memory). An empty
         result is a clear error: no documents at all, or a slice that selects none."""
         start, stop = self.bounds()
-        units = chain.from_iterable(p.units() for p in self.parts)
+        units = chain.from_iterable(p.units() for p in self.parts) if self.dataset is None \
+            else hf_rows(self.dataset, self.text_column, str(self.source))  # opened once
         found = False
         for unit in islice(units, start, stop):
             if unit is not None:
@@ -511,7 +517,7 @@ def _hf_stream(source: DataSource, split: Split, text_column: str | None) -> Sou
     if local.is_dir():  # a local dataset changes with its files
         identity["files"] = [(str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns)
                              for p in sorted(local.rglob("*")) if p.is_file()]
-    return SourceStream(source, split, identity, parts, text_column)
+    return SourceStream(source, split, identity, parts, text_column, ds)
 
 
 def open_hf(source: DataSource, split_name: str) -> Any:
