@@ -214,10 +214,14 @@ def _begin(out: Path, tokenizer: Tokenizer | None, streamed: Any, source: dict[s
 
 def _written_shards(out: Path) -> list[dict[str, Any]]:
     """The shards already complete (shard-0, shard-1, ... up to the first missing one), after
-    removing temporary folders of shards that were being written and anything beyond."""
+    removing temporary shard folders and task files that were being written, and anything
+    beyond."""
     for p in out.iterdir():
         if is_temp_name(p.name):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     done: list[dict[str, Any]] = []
     while (out / shard_name(len(done)) / SHARD_FILE).is_file():
         meta = json.loads((out / shard_name(len(done)) / SHARD_FILE).read_text("utf-8"))
