@@ -346,8 +346,8 @@ def _file_parts(path: Path, text_column: str | None,
         return
     reader = STRUCTURED_SUFFIXES.get(path.suffix.lower(), "text")
     if reader == "parquet":
-        for index, rows in enumerate(_parquet_row_groups(path)):
-            yield SourcePart("parquet", str(path), text_column, index=index, size=rows)
+        for index, size in enumerate(_parquet_row_groups(path)):
+            yield SourcePart("parquet", str(path), text_column, index=index, size=size)
     elif reader == "text" and part_bytes is not None and size > part_bytes:
         for start in range(0, size, part_bytes):
             yield SourcePart("text", str(path), start=start, stop=start + part_bytes,
