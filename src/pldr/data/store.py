@@ -7,7 +7,7 @@ A store is a folder:
     DIR/tokenizer.model            the tokenizer the ids come from
     DIR/shard-000000/tokens.bin    raw token ids, uint16 when the vocabulary fits, else uint32
     DIR/shard-000000/offsets.npy   int64 [documents + 1]: where each document starts in the shard
-    DIR/shard-000000/shard.json    the shard's counts, sha256 checksums and the prepare tasks it holds
+    DIR/shard-000000/shard.json    its counts, sha256 checksums and the prepare tasks it holds
     DIR/shard-000001/ ...
 
 Documents are laid end to end in stream order, each ending with EOS, exactly as `load_tokens`
