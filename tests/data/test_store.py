@@ -25,8 +25,7 @@ from pldr import PLDRConfig
 from pldr.cli.main import main as cli
 from pldr.data import build_loaders, load_documents, load_tokens
 from pldr.data import prepare as P
-from pldr.data.sources import parse_source
-from pldr.data.stream import stream_source
+from pldr.data.sources import parse_source, stream_source
 from pldr.data.store import ShardedTokens, is_store, token_dtype
 from pldr.data.tokenizer import Tokenizer
 from pldr.errors import DataError
@@ -132,8 +131,7 @@ def test_stream_gives_the_documents_of_load_documents(tmp_path, corpus):
     assert list(stream_source(f"hf:{hf}").documents()) == small
 
 
-def test_txt_streams_in_blocks_as_it_splits_whole(tmp_path):
-    from pldr.data.stream import _stream_paragraphs
+def test_txt_parts_split_as_the_whole_text_splits(tmp_path):
     from pldr.data.tokenizer import split_paragraphs
 
     rng = np.random.default_rng(1)
@@ -142,13 +140,21 @@ def test_txt_streams_in_blocks_as_it_splits_whole(tmp_path):
         text = "".join(rng.choice(alphabet, int(rng.integers(0, 50))))
         (tmp_path / "t.txt").write_bytes(text.encode())
         want = split_paragraphs((tmp_path / "t.txt").read_text(encoding="utf-8"))
-        for block in (1, 2, 5):
-            assert list(_stream_paragraphs(tmp_path / "t.txt", block)) == want, (text, block)
+        for block in (1, 2, 5):  # byte ranges of a few bytes, cut anywhere
+            stream = stream_source(tmp_path / "t.txt", part_bytes=block)
+            assert [d for p in stream.parts for d in p.documents()] == want, (text, block)
+            if want:
+                assert list(stream.documents()) == want
+            else:
+                with pytest.raises(DataError, match="holds no documents"):
+                    list(stream.documents())
 
 
-def test_stream_split_errors():
-    with pytest.raises(DataError, match="does not know"):
-        stream_source("builtin", "train[:90%]")
+def test_stream_splits():
+    docs = load_documents("builtin")
+    stream = stream_source("builtin", "train[:90%]")  # a percentage counts the parts first
+    assert list(stream.documents()) == docs[:round(0.9 * len(docs))]
+    assert list(stream_source("builtin", "train[-5:]").documents()) == docs[-5:]
     with pytest.raises(DataError, match="only the split 'train'"):
         stream_source("builtin", "validation")
 
@@ -187,6 +193,34 @@ def test_one_and_two_workers_give_identical_stores(tmp_path, corpus, tok):
     P.prepare_store(folder, tmp_path / "w2", tok, workers=2, progress=False, **SMALL_SHARDS)
     one, two = store_files(tmp_path / "w1"), store_files(tmp_path / "w2")
     assert len(one) > 10 and one == two
+
+
+@pytest.mark.parametrize("shape", ["files", "row_groups"])
+def test_the_store_is_the_same_for_1_2_and_3_workers(tmp_path, tok, shape):
+    """Workers read their own parts (.txt byte ranges, .jsonl files, parquet row groups);
+    the store does not depend on how many there are, and holds the source's tokens."""
+    docs = variations(240, seed=7)
+    if shape == "files":  # a multi-file corpus of three formats
+        folder = tmp_path / "mixed"
+        write_refinedweb(folder / "c", docs[160:], files=2, row_group=10, null_at=None)
+        (folder / "a.txt").write_text("\n\n".join(docs[:100]), encoding="utf-8")
+        (folder / "b.jsonl").write_text("".join(json.dumps({"content": d}) + "\n"
+                                                for d in docs[100:160]), encoding="utf-8")
+    else:  # one parquet file of many row groups
+        folder = write_refinedweb(tmp_path / "one", docs, files=1, row_group=12)
+        assert pq.ParquetFile(next(folder.iterdir())).num_row_groups == 21
+    stores = []
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        P.prepare_store(folder, out, tok, workers=workers, progress=False, **SMALL_SHARDS)
+        stores.append(store_files(out))
+    assert stores[0] == stores[1] == stores[2]
+    store = P.TokenStore.open(tmp_path / "w3")
+    assert len(store.manifest["shards"]) > 3  # several tasks, so several shards
+    direct = load_tokens(folder, tok, use_cache=False, progress=False)
+    ids, offsets = store.slice()
+    assert np.array_equal(np.asarray(ids), direct.ids)
+    assert np.array_equal(offsets, direct.offsets)
 
 
 def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, corpus, tok, monkeypatch):

@@ -519,24 +519,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_a_trained_tokenizer_does_not_make_the_run_read_the_data_twice(tmp_path, monkeypatch):
-    import pldr.data.sources as data
+    from pldr.data import SourcePart
 
     reads = []
-    original = data.resolve_source
+    original = SourcePart.units
 
-    def counting(source, split, *args, **kwargs):
-        resolved = original(source, split, *args, **kwargs)
-        return data.ResolvedSource(resolved.identity,
-                              lambda: reads.append(str(split)) or resolved.read())
+    def counting(self):
+        reads.append((self.start, self.stop))
+        return original(self)
 
-    monkeypatch.setattr(data, "resolve_source", counting)
+    monkeypatch.setattr(SourcePart, "units", counting)
     train(TrainConfig(model=PLDRConfig.preset("tiny").replace(num_layers=1, d_model=32,
                                                                num_heads=2, dff=64, A_dff=16,
                                                                max_seq_len=64),
                       data="builtin", out=str(tmp_path / "run"), vocab_size=400, max_steps=1,
                       batch_size=4, context_length=32, progress=False, tensorboard=False,
                       cache_dir=str(tmp_path / "cache")))
-    assert sorted(reads) == sorted(["train[:90%]", "train[90%:]"])  # each split read once
+    # builtin is one part: read once for train[:90%] (tokenizer and tokens), once for train[90%:]
+    assert reads == [(0, None), (0, None)]
 
 
 # ----- defaults that keep a newcomer's run sound --------------------------------------------

@@ -23,11 +23,11 @@ from ..files import atomic_write_bytes, save_safetensors
 from ..model.cache import stack_per_layer
 from ..model.pretrained import read_safetensors
 from .original import (
-    _ZIP_MAGIC,
-    _first_few,
-    _restricted_unpickle,
-    _starts_with,
-    _torch_load,
+    ZIP_MAGIC,
+    first_few,
+    restricted_unpickle,
+    starts_with,
+    torch_load,
 )
 
 
@@ -52,12 +52,12 @@ def load_G_LM_pairs(path: str | os.PathLike,
         raise CheckpointError(f"G_LM file {str(path)!r} does not exist; check the path")
     if path.suffix == ".safetensors":
         obj: Any = read_safetensors(path)
-    elif _starts_with(path, _ZIP_MAGIC):
-        obj = _torch_load(path, device)
+    elif starts_with(path, ZIP_MAGIC):
+        obj = torch_load(path, device)
     else:
-        obj = _restricted_unpickle(path, device)
+        obj = restricted_unpickle(path, device)
         if isinstance(obj, int):  # legacy (non-zip) torch.save: a magic number comes first
-            obj = _torch_load(path, device)
+            obj = torch_load(path, device)
     A_LM, G_LM = _pairs_of(obj, path)
     for name, tensors in (("A_LM", A_LM), ("G_LM", G_LM)):
         for i, t in enumerate(tensors or ()):
@@ -108,7 +108,7 @@ def _pairs_of(obj: Any, path: Path) -> tuple[list[Tensor] | None, list[Tensor]]:
     if isinstance(obj, Mapping):
         if "G_LM" not in obj:
             raise CheckpointError(f"{str(path)!r} has no 'G_LM' entry (found "
-                                  f"{_first_few([str(k) for k in obj])}); see save_G_LM")
+                                  f"{first_few([str(k) for k in obj])}); see save_G_LM")
         A = obj.get("A_LM")
         G = _per_layer(obj["G_LM"], "G_LM", path)
         return (None if A is None else _per_layer(A, "A_LM", path)), G

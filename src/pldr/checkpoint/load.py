@@ -41,12 +41,12 @@ from .hf_port import (
     state_from_port,
 )
 from .original import (
-    _config_for_state,
-    _first_few,
-    _require_config,
-    _state_dict_of,
-    _strip_prefixes,
-    _torch_load,
+    config_for_state,
+    first_few,
+    require_config,
+    state_dict_of,
+    strip_prefixes,
+    torch_load,
 )
 
 
@@ -190,12 +190,12 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
         sibling = path.with_name(CONFIG_FILE)
         if config is None and sibling.is_file():
             config = sibling
-        config = _require_config(config, path)
+        config = require_config(config, path)
     else:
-        state = _state_dict_of(_torch_load(path, "cpu"), path)
-        config = _require_config(config, path)
-    state = _strip_prefixes(state)
-    return state, _config_for_state(config, state)
+        state = state_dict_of(torch_load(path, "cpu"), path)
+        config = require_config(config, path)
+    state = strip_prefixes(state)
+    return state, config_for_state(config, state)
 
 
 def _read_directory(path: Path, config: Any) -> tuple[dict[str, Tensor], PLDRConfig]:
@@ -278,10 +278,10 @@ def check_state_fits(model: torch.nn.Module, state: Mapping[str, Tensor]) -> Non
     hint = "is the config (num_layers, num_reslayerA, num_denseA, variant) right?"
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} key(s) the config needs: "
-                              f"{_first_few(missing)}; {hint}")
+                              f"{first_few(missing)}; {hint}")
     if unexpected:
         raise CheckpointError(f"the checkpoint has {len(unexpected)} key(s) the config does not "
-                              f"know: {_first_few(unexpected)}; {hint}")
+                              f"know: {first_few(unexpected)}; {hint}")
     for key, want in expected.items():
         got = state[key]
         if tuple(got.shape) != tuple(want.shape):

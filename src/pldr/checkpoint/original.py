@@ -2,7 +2,7 @@
 `torch.load(weights_only=True)` with one-line errors, their state dicts (wrapper prefixes
 stripped, the variant told by the keys), and the restricted unpickler for the paper's G_LM
 pickles, which admits only the three functions that rebuild tensors (docs/checkpoints.md,
-"Safe loading").
+"Safe loading"). Its names are public: `load.py` and `glm.py` build on them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from ..errors import CheckpointError
 
 _PREFIXES = ("module.", "_orig_mod.")          # DDP/FSDP wrappers and torch.compile
 _LEARNER_MARKERS = ("plgatt_layer", "reslayerAs")  # only v510 has these keys
-_ZIP_MAGIC = b"PK\x03\x04"
+ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _require_config(config: Any, path: Path) -> PLDRConfig:
+def require_config(config: Any, path: Path) -> PLDRConfig:
     """An original checkpoint holds no hyperparameters: the caller must give them."""
     if config is None:
         raise CheckpointError(f"{str(path)!r} holds weights only; pass its config (config= an "
@@ -33,14 +33,14 @@ def _require_config(config: Any, path: Path) -> PLDRConfig:
     return PLDRConfig.resolve(config)
 
 
-def _config_for_state(config: PLDRConfig, state: Mapping[str, Tensor]) -> PLDRConfig:
+def config_for_state(config: PLDRConfig, state: Mapping[str, Tensor]) -> PLDRConfig:
     """The config with its variant set from the keys: no metric-learner keys means v510G."""
     learned = any(m in k for k in state for m in _LEARNER_MARKERS)
     variant = "v510" if learned else "v510G"
     return config if config.variant == variant else config.replace(variant=variant)
 
 
-def _torch_load(path: Path, device: str | torch.device) -> Any:
+def torch_load(path: Path, device: str | torch.device) -> Any:
     """`torch.load(weights_only=True)` with one-line errors; refuses files that need code."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pickle protocol.*")
@@ -48,7 +48,7 @@ def _torch_load(path: Path, device: str | torch.device) -> Any:
             return torch.load(path, weights_only=True, map_location=device)
         except pickle.UnpicklingError as e:
             reason = _weights_only_reason(e)
-            if "GLOBAL" in reason or _starts_with(path, b"\x80"):  # a pickle torch refuses
+            if "GLOBAL" in reason or starts_with(path, b"\x80"):  # a pickle torch refuses
                 raise CheckpointError(f"refusing to load {str(path)!r}: it is not plain tensor "
                                       f"data ({reason}); only tensors and plain containers are "
                                       "allowed (a G_LM pickle goes to load_G_LM)") from None
@@ -68,7 +68,7 @@ def _weights_only_reason(e: Exception) -> str:
     return lines[-1].rstrip(".") if lines else type(e).__name__
 
 
-def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
+def state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
     """The state dict inside what the original saves ({'model_state_dict': ...}) or a bare one."""
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
@@ -83,7 +83,7 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop `module.` / `_orig_mod.` prefixes that wrappers add to every key."""
     state = dict(state)
     changed = True
@@ -96,7 +96,7 @@ def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _starts_with(path: Path, magic: bytes) -> bool:
+def starts_with(path: Path, magic: bytes) -> bool:
     """Whether the file's first bytes are `magic`."""
     with open(path, "rb") as f:
         return f.read(len(magic)) == magic
@@ -146,7 +146,7 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
                                                OrderedDict(), metadata)
 
 
-def _restricted_unpickle(path: Path, device: str | torch.device) -> Any:
+def restricted_unpickle(path: Path, device: str | torch.device) -> Any:
     """Unpickle `path` with `_TensorOnlyUnpickler`, all failures as CheckpointError."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
@@ -159,7 +159,11 @@ def _restricted_unpickle(path: Path, device: str | torch.device) -> Any:
             raise CheckpointError(f"cannot read {str(path)!r} as a G_LM file: "
                                   f"{type(e).__name__}: {e}") from None
 
-def _first_few(keys: Sequence[str], n: int = 3) -> str:
+def first_few(keys: Sequence[str], n: int = 3) -> str:
     """`a, b, c (and 5 more)`."""
     more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+__all__ = ["ZIP_MAGIC", "require_config", "config_for_state", "torch_load", "state_dict_of",
+           "strip_prefixes", "starts_with", "restricted_unpickle", "first_few"]

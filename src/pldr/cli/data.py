@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True,
                                parser_class=Parser)
     prep = actions.add_parser("prepare", help="tokenise a data source into a token store",
-                              description="Stream the documents of --data, tokenise them in "
-                              "--workers processes and write a token store to --out. Run the "
+                              description="Tokenise the documents of --data in --workers "
+                              "processes, each reading its own part of the input, and write a "
+                              "token store to --out (the same store for any --workers). Run the "
                               "same command again after an interruption (even kill -9) to "
                               "continue; the result is the same store.")
     prep.add_argument("--data", required=True, metavar="SOURCE",
@@ -28,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "train one on the first --sample-docs documents and keep it in DIR)")
     prep.add_argument("--workers", type=int, default=1, metavar="N",
                       help="tokenising processes (default 1)")
-    prep.add_argument("--split", metavar="SPLIT", help="hf: split name, with an optional "
-                      "count slice such as train[:1000000] (default: all of train)")
+    prep.add_argument("--split", metavar="SPLIT", help="split name (hf: data), with an "
+                      "optional slice such as train[:1000000]; a percentage first counts the "
+                      "documents (default: all of train)")
     prep.add_argument("--text-column", metavar="NAME",
                       help="text column of structured data (default: content, then text)")
     prep.add_argument("--vocab-size", type=int, default=32000, metavar="N",
@@ -39,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--shard-tokens", type=int, default=1 << 26, metavar="N",
                       help="ids per shard (default 67108864)")
     prep.add_argument("--batch-chars", type=int, default=1 << 20, metavar="N",
-                      help="characters per unit of work sent to a worker (default 1048576)")
+                      help="characters a worker tokenises at a time; a worker's task holds "
+                      "about 4 of these (default 1048576)")
     prep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="progress bar (default: when stderr is a terminal)")
     prep.set_defaults(func=run_prepare)

@@ -33,7 +33,7 @@ def chunk_spans(offsets: np.ndarray, chunk_len: int, mode: str = "pack",
     - `nopad`: it is left short.
     A piece of a single token has no target to predict and is dropped in every mode.
     Returns int64 `starts` and int64 `lengths` (real tokens, <= chunk_len)."""
-    _check_chunking(chunk_len, mode, group_size)
+    check_chunking(chunk_len, mode, group_size)
     offsets = np.asarray(offsets, dtype=np.int64)
     if mode == "pack":
         count = int(offsets[-1] - offsets[0]) // chunk_len
@@ -67,7 +67,8 @@ def chunk_tokens(samples: Sequence[Sequence[int]], chunk_len: int, mode: str = "
     return chunks
 
 
-def _check_chunking(chunk_len: int, mode: str, group_size: int | None) -> None:
+def check_chunking(chunk_len: int, mode: str, group_size: int | None) -> None:
+    """A known mode, a chunk length of at least 2 and a positive group size (or None)."""
     if mode not in MODES:
         raise DataError(f"unknown chunking mode {mode!r}; choose one of {', '.join(MODES)}")
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 2:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .chunks import Chunks, _check_chunking
+from .chunks import Chunks, check_chunking
 from .sources import DataSource, parse_source
 from .splits import default_splits
 from .tokenizer import Tokenizer
@@ -143,7 +143,7 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
             or batch_agg_count < 1:
         raise DataError(f"batch_agg_count must be a positive integer, got {batch_agg_count!r}")
     _check_batching(batch_size, rank, world_size)
-    _check_chunking(context_length + 1, mode, None)
+    check_chunking(context_length + 1, mode, None)
     split, val_split = default_splits(split, val_split)
     group_size = batch_size * batch_agg_count
 

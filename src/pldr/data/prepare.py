@@ -1,15 +1,21 @@
-"""`prepare_store`: stream a corpus, tokenise it in worker processes, and write a token store
-(store.py) that training reads memory-mapped.
+"""`prepare_store`: tokenise a corpus in worker processes that read their own part of it,
+and write a token store (store.py) that training reads memory-mapped.
 
-    source --stream--> batches of ~batch_chars characters --N workers--> ids per batch
-           --in order--> shards of >= shard_tokens ids (tmp folder, renamed) --> manifest
+    source --stream_source--> parts (files, .txt byte ranges, parquet row groups, shards)
+           --grouped--> tasks of ~TASK_BATCHES * batch_chars of text
+           --N workers: read, tokenise batch by batch, write ids to a temporary file-->
+           --in task order--> shards of >= shard_tokens ids (tmp folder, renamed) --> manifest
 
-Only a few batches and one open shard are in memory at any time, whatever the corpus size.
-The main process reads the source and writes the shards; workers only tokenise, so the
-result depends neither on their number nor on their timing. Batch and shard boundaries follow
-from the stream alone, so a prepare that was killed (kill -9 included) and is run again
-re-reads the source up to the shards already written (checking that their documents are
-unchanged), tokenises the rest and ends with the same store as an uninterrupted run.
+Each worker reads and decodes its own task's documents (the main process sends only the
+task's description), tokenises them `batch_chars` characters at a time and writes the ids to
+a temporary file beside the store; the main process appends finished tasks, in order, to the
+open shard and closes it at the end of the task that brings it to `shard_tokens` ids. Tasks
+and shard boundaries follow from the source alone, so the store is the same byte for byte
+whatever the number of workers, and memory holds a batch per worker and a few tasks'
+document lengths, whatever the corpus size. A prepare that was killed (kill -9 included)
+and is run again keeps the complete shards (after checking, in the workers, that their
+tasks still read the same text), and continues with the next task, ending with the same
+store as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,19 +31,26 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..files import atomic_write_text, is_temp_name, temp_sibling
-from .sources import STORE_MANIFEST, STORE_PENDING, DataSource, parse_source
-from .stream import stream_source
+from .sources import (
+    STORE_MANIFEST,
+    STORE_PENDING,
+    DataSource,
+    SourcePart,
+    SourceStream,
+    stream_source,
+)
 from .store import (
     OFFSETS_FILE,
     SHARD_FILE,
@@ -56,9 +69,13 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("pldr")
 
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi ids: 128 MiB shards of uint16
-DEFAULT_BATCH_CHARS = 1 << 20   # characters of text per unit of work sent to a worker
+DEFAULT_BATCH_CHARS = 1 << 20   # characters of text a worker tokenises at a time
 DEFAULT_VOCAB_SIZE = 32000      # the paper's tokenizer, for a tokenizer trained here
 DEFAULT_SAMPLE_DOCS = 100_000   # documents a tokenizer trained here sees
+TASK_BATCHES = 4                # a task (one worker's unit of work) holds ~4 batches of text
+LAYOUT = 2                      # 2: shards end at task boundaries (1: at batch boundaries)
+
+Task = tuple[tuple[SourcePart, int, "int | None"], ...]  # (part, first unit, stop) in order
 
 
 @dataclass(frozen=True)
@@ -76,25 +93,30 @@ class PrepareReport:
         return self.text_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-def prepare_store(data: str | os.PathLike | DataSource, out: str | os.PathLike,
+def prepare_store(data: str | os.PathLike | DataSource | SourceStream, out: str | os.PathLike,
                   tokenizer: Tokenizer | None = None, *, split: str | None = None,
                   text_column: str | None = None, workers: int = 1,
                   shard_tokens: int = DEFAULT_SHARD_TOKENS,
                   batch_chars: int = DEFAULT_BATCH_CHARS, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                  sample_docs: int = DEFAULT_SAMPLE_DOCS, progress: bool = True) -> PrepareReport:
-    """Tokenise the documents of `data` (any source, streamed) into a token store at `out`.
+                  sample_docs: int = DEFAULT_SAMPLE_DOCS, progress: bool = True,
+                  documents: Sequence[str] | None = None) -> PrepareReport:
+    """Tokenise the documents of `data` (any source, or a `stream_source` stream) into a
+    token store at `out`.
 
     `tokenizer` None: a SentencePiece tokenizer of `vocab_size` is trained on the first
     `sample_docs` documents (as `Tokenizer.train` makes them) and saved in the store. `workers`
-    processes tokenise. Run again on an unfinished store, it continues where it stopped; on
-    a complete one with the same source, it does nothing."""
+    processes read and tokenise. Run again on an unfinished store, it continues where it
+    stopped; on a complete one with the same source, it does nothing. `documents`: the
+    stream's documents when the caller has read them already (tokenised in this process)."""
     _check_positive(workers=workers, shard_tokens=shard_tokens, batch_chars=batch_chars,
                     vocab_size=vocab_size, sample_docs=sample_docs)
     started = time.perf_counter()
     out = Path(out)
-    streamed = stream_source(data, split, text_column)
-    source = _jsonable({"data": str(parse_source(data)), "identity": streamed.identity})
-    settings = {"shard_tokens": shard_tokens, "batch_chars": batch_chars}
+    task_chars = TASK_BATCHES * batch_chars
+    stream = data if isinstance(data, SourceStream) else \
+        stream_source(data, split, text_column, part_bytes=task_chars)
+    source = _jsonable({"data": str(stream.source), "identity": stream.identity})
+    settings = {"shard_tokens": shard_tokens, "batch_chars": batch_chars, "layout": LAYOUT}
     if is_store(out):
         store = TokenStore.open(out)
         _check_same(store.manifest, source, settings, out)
@@ -102,16 +124,26 @@ def prepare_store(data: str | os.PathLike | DataSource, out: str | os.PathLike,
             store.check_tokenizer(tokenizer)
         return PrepareReport(store, time.perf_counter() - started, 0,
                              len(store.manifest["shards"]), already_complete=True)
-    tokenizer, pending = _begin(out, tokenizer, streamed, source, settings, vocab_size,
+    tokenizer, pending = _begin(out, tokenizer, stream, source, settings, vocab_size,
                                 sample_docs)
     done = _written_shards(out)
     if done:
         log.info("resuming %s after %d complete shards", out, len(done))
     writer = _ShardWriter(out, np.dtype(pending["dtype"]), shard_tokens, len(done))
     bar = tqdm(desc="preparing", unit="doc", disable=not progress, dynamic_ncols=True)
+    job = _Job(out, writer.dtype.name, batch_chars, documents)
+    workers = workers if documents is None else 1
     try:
-        batches = _skip_done(_batches(streamed.documents(), batch_chars), done, bar)
-        text_bytes = _tokenise(batches, tokenizer, writer, workers, bar, time.perf_counter())
+        with _workers(workers, tokenizer) as pool:
+            if documents is not None:
+                tasks: list[Any] = [None]
+            else:
+                counts = list(pool.map(_count, stream.parts)) if stream.sliced else None
+                tasks = _tasks(stream.ranges(counts), task_chars)
+            first = done[-1]["tasks"][1] if done else 0
+            ahead = 1 if workers == 1 else 2 * workers
+            _check_unchanged(done, tasks, job, pool, ahead, bar)
+            text_bytes = _tokenise(tasks[first:], first, job, pool, ahead, writer, bar)
         writer.close()
     finally:
         writer.abandon()
@@ -182,10 +214,14 @@ def _begin(out: Path, tokenizer: Tokenizer | None, streamed: Any, source: dict[s
 
 def _written_shards(out: Path) -> list[dict[str, Any]]:
     """The shards already complete (shard-0, shard-1, ... up to the first missing one), after
-    removing temporary folders of shards that were being written and anything beyond."""
+    removing temporary shard folders and task files that were being written, and anything
+    beyond."""
     for p in out.iterdir():
         if is_temp_name(p.name):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     done: list[dict[str, Any]] = []
     while (out / shard_name(len(done)) / SHARD_FILE).is_file():
         meta = json.loads((out / shard_name(len(done)) / SHARD_FILE).read_text("utf-8"))
@@ -196,7 +232,25 @@ def _written_shards(out: Path) -> list[dict[str, Any]]:
     return done
 
 
-# ----- the stream ---------------------------------------------------------------------------
+# ----- tasks ------------------------------------------------------------------------------
+
+
+def _tasks(ranges: list[tuple[SourcePart, int, int | None]], task_chars: int) -> list[Task]:
+    """Consecutive part ranges grouped into tasks of about `task_chars` of text (by the
+    parts' size estimates; a part of unknown size is a task of its own). The grouping depends
+    on the source only, never on the number of workers."""
+    tasks: list[Task] = []
+    group: list[tuple[SourcePart, int, int | None]] = []
+    size = 0
+    for item in ranges:
+        group.append(item)
+        size += item[0].size or task_chars
+        if size >= task_chars:
+            tasks.append(tuple(group))
+            group, size = [], 0
+    if group:
+        tasks.append(tuple(group))
+    return tasks
 
 
 def _batches(docs: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
@@ -213,48 +267,47 @@ def _batches(docs: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _text_digest(texts: list[str]) -> tuple[bytes, int]:
-    """sha256 of a batch's texts (each length-prefixed) and their UTF-8 size."""
-    h = hashlib.sha256()
+def _text_digest(texts: list[str], h: Any) -> int:
+    """Add a batch's texts (each length-prefixed) to the sha256 `h`; their UTF-8 size."""
     size = 0
     for t in texts:
         b = t.encode("utf-8", "surrogatepass")
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
         size += len(b)
-    return h.digest(), size
+    return size
 
 
-def _skip_done(batches: Iterator[list[str]], done: list[dict[str, Any]],
-               bar: tqdm) -> Iterator[list[str]]:
-    """Pass over the batches of the shards already written, checking that they hold the
-    same documents as before; yield the rest."""
-    for shard in done:
-        h, count = hashlib.sha256(), 0
-        while count < shard["documents"]:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            h.update(_text_digest(batch)[0])
-            count += len(batch)
-            bar.update(len(batch))
-        if count != shard["documents"] or h.hexdigest() != shard["text_sha256"]:
-            raise DataError(f"the documents of {shard['name']} are not the ones the source "
-                            "gives now (it changed since the prepare started); delete the "
-                            "store and prepare it again")
-    yield from batches
+@dataclass(frozen=True)
+class _Job:
+    """What every task of one prepare shares: where to write, the id dtype, the batch size,
+    and (for a cache built from documents already read) those documents."""
+
+    out: Path
+    dtype: str
+    batch_chars: int
+    documents: Sequence[str] | None = None
 
 
-# ----- tokenising ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TaskResult:
+    """One task done: its ids in a temporary file (None when only its text was hashed), each
+    document's token count, and its text's sha256 and UTF-8 size."""
+
+    file: Path | None
+    lengths: np.ndarray  # int64 [documents]
+    text_sha256: str
+    text_bytes: int
+
 
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model_proto: bytes) -> None:
+def _init_worker(model_proto: bytes | None) -> None:
     """A worker's setup: its own tokenizer, and death with the main process (kill -9 there
     must not leave workers behind)."""
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_proto)
+    _worker_tokenizer = None if model_proto is None else Tokenizer(model_proto)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     if sys.platform.startswith("linux"):
         try:
@@ -263,54 +316,133 @@ def _init_worker(model_proto: bytes) -> None:
             pass
 
 
-def _encode(texts: list[str], dtype: str,
-            tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray, bytes, int]:
-    """One batch: its ids laid end to end, each document's length, its text digest and
-    UTF-8 size."""
-    tok = tokenizer or _worker_tokenizer
-    assert tok is not None, "worker not initialised"
-    lists = tok.encode_batch(texts, eos=True, num_threads=1)
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    ids = np.fromiter(chain.from_iterable(lists), dtype=dtype, count=int(lengths.sum()))
-    return (ids, lengths, *_text_digest(texts))
+def _count(part: SourcePart) -> int:
+    """A part's unit count (run in a worker: counting reads the part)."""
+    return part.count()
 
 
-def _tokenise(batches: Iterator[list[str]], tokenizer: Tokenizer, writer: "_ShardWriter",
-              workers: int, bar: tqdm, started: float) -> int:
-    """Encode every batch (in `workers` processes when more than one) and hand the results to
-    `writer` in stream order, with at most 2 * workers batches in flight. Returns the UTF-8
-    bytes encoded."""
-    dtype = writer.dtype.name
-    total = [0]
+def _run_task(task: Task | None, job: _Job, encode: bool = True) -> _TaskResult:
+    """Read a task's documents and tokenise them batch by batch, appending the ids to a
+    temporary file beside the store; or, with `encode` False, only hash its text. Runs in a
+    worker (or in the main process for one worker): memory holds one batch."""
+    docs = job.documents if task is None else \
+        chain.from_iterable(part.documents(a, b) for part, a, b in task)
+    h, size, lengths = hashlib.sha256(), 0, []
+    file = temp_sibling(job.out / "task") if encode else None
+    with (open(file, "wb") if file else _nothing()) as f:
+        for texts in _batches(docs, job.batch_chars):
+            size += _text_digest(texts, h)
+            if f is None:
+                lengths.append(np.zeros(len(texts), np.int64))
+                continue
+            tok = _worker_tokenizer
+            assert tok is not None, "worker not initialised"
+            lists = tok.encode_batch(texts, eos=True, num_threads=1)
+            n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            ids = np.fromiter(chain.from_iterable(lists), dtype=job.dtype, count=int(n.sum()))
+            f.write(ids.astype(np.dtype(job.dtype).newbyteorder("<"), copy=False).tobytes())
+            lengths.append(n)
+    counts = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    return _TaskResult(file, counts, h.hexdigest(), size)
 
-    def take(result: tuple[np.ndarray, np.ndarray, bytes, int]) -> None:
-        writer.add(*result)
-        total[0] += result[3]
-        bar.update(len(result[1]))
-        rate = total[0] / 1e6 / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(tokens=f"{writer.total_tokens:,}", MB_s=f"{rate:.2f}", refresh=False)
 
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+class _Inline(Executor):
+    """One worker: tasks run in this process, when their results are asked for."""
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001  handed to the caller by .result()
+            future.set_exception(e)
+        return future
+
+    def map(self, fn: Callable, *iterables: Iterable, **kwargs: Any) -> Iterator:
+        return map(fn, *iterables)
+
+
+@contextmanager
+def _workers(workers: int, tokenizer: Tokenizer) -> Iterator[Executor]:
+    """`workers` processes (forked where possible), each with the tokenizer; or, for one,
+    this process."""
+    global _worker_tokenizer
     if workers == 1:
-        for texts in batches:
-            take(_encode(texts, dtype, tokenizer))
-        return total[0]
+        saved, _worker_tokenizer = _worker_tokenizer, tokenizer
+        try:
+            yield _Inline()
+        finally:
+            _worker_tokenizer = saved
+        return
     methods = mp.get_all_start_methods()
     context = mp.get_context("fork" if "fork" in methods else None)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(tokenizer.model_proto,)) as pool:
-        in_flight: deque = deque()
-        for texts in batches:
-            in_flight.append(pool.submit(_encode, texts, dtype))
-            if len(in_flight) >= 2 * workers:
-                take(in_flight.popleft().result())
-        while in_flight:
-            take(in_flight.popleft().result())
-    return total[0]
+        yield pool
+
+
+def _in_order(fn: Callable[[Any], Future], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """The results of `fn(item)` in order, with at most `ahead` submitted but not taken."""
+    in_flight: deque = deque()
+    for item in items:
+        in_flight.append(fn(item))
+        if len(in_flight) >= ahead:
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+def _check_unchanged(done: list[dict[str, Any]], tasks: list[Any], job: _Job, pool: Executor,
+                     ahead: int, bar: tqdm) -> None:
+    """The shards kept from an interrupted run must hold the text the source gives now:
+    their tasks are read again (in the workers, not tokenised) and their digests compared."""
+    if not done:
+        return
+    digests = _in_order(lambda t: pool.submit(_run_task, t, job, False),
+                        tasks[:done[-1]["tasks"][1]], ahead)
+    for shard in done:
+        first, end = shard["tasks"]
+        h, documents = hashlib.sha256(), 0
+        for result in islice(digests, end - first):
+            h.update(bytes.fromhex(result.text_sha256))
+            documents += len(result.lengths)
+            bar.update(len(result.lengths))
+        if end > len(tasks) or documents != shard["documents"] \
+                or h.hexdigest() != shard["text_sha256"]:
+            raise DataError(f"the documents of {shard['name']} are not the ones the source "
+                            "gives now (it changed since the prepare started); delete the "
+                            "store and prepare it again")
+
+
+def _tokenise(tasks: list[Any], first: int, job: _Job, pool: Executor, ahead: int,
+              writer: "_ShardWriter", bar: tqdm) -> int:
+    """Run the tasks (task `first` onwards) in the workers, at most 2 per worker ahead, and
+    hand their results to `writer` in order. Returns the UTF-8 bytes tokenised."""
+    started, total = time.perf_counter(), 0
+    results = _in_order(lambda t: pool.submit(_run_task, t, job), tasks, ahead)
+    try:
+        for index, result in enumerate(results, start=first):
+            writer.add(index, result)
+            total += result.text_bytes
+            bar.update(len(result.lengths))
+            rate = total / 1e6 / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(tokens=f"{writer.total_tokens:,}", MB_s=f"{rate:.2f}",
+                            refresh=False)
+    finally:
+        for p in job.out.iterdir():  # the files of tasks not taken (after an error)
+            if p.name.startswith(".task.") and is_temp_name(p.name):
+                p.unlink(missing_ok=True)
+    return total
 
 
 class _ShardWriter:
-    """Appends batches of ids to the open shard (a temporary folder), and closes it (offsets,
-    checksums, shard.json, then one rename) once it holds `shard_tokens` ids."""
+    """Appends finished tasks (their ids file, copied and hashed) to the open shard (a
+    temporary folder), and closes it (offsets, checksums, shard.json, then one rename) at the
+    end of the task that brings it to `shard_tokens` ids."""
 
     def __init__(self, out: Path, dtype: np.dtype, shard_tokens: int, index: int):
         self.out, self.dtype, self.shard_tokens, self.index = out, dtype, shard_tokens, index
@@ -318,7 +450,7 @@ class _ShardWriter:
         self.total_tokens = 0
         self.tmp: Path | None = None
 
-    def add(self, ids: np.ndarray, lengths: np.ndarray, digest: bytes, text_bytes: int) -> None:
+    def add(self, task: int, result: _TaskResult) -> None:
         if self.tmp is None:
             self.tmp = temp_sibling(self.out / shard_name(self.index))
             self.tmp.mkdir()
@@ -326,14 +458,20 @@ class _ShardWriter:
             self.hash, self.text_hash = hashlib.sha256(), hashlib.sha256()
             self.lengths: list[np.ndarray] = []
             self.tokens = self.text_bytes = 0
-        data = ids.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        self.file.write(data)
-        self.hash.update(data)
-        self.text_hash.update(digest)
-        self.lengths.append(lengths)
-        self.tokens += len(ids)
-        self.text_bytes += text_bytes
-        self.total_tokens += len(ids)
+            self.first_task = task
+        assert result.file is not None
+        with open(result.file, "rb") as f:
+            while block := f.read(1 << 22):
+                self.file.write(block)
+                self.hash.update(block)
+        result.file.unlink()
+        tokens = int(result.lengths.sum())
+        self.text_hash.update(bytes.fromhex(result.text_sha256))
+        self.lengths.append(result.lengths)
+        self.tokens += tokens
+        self.text_bytes += result.text_bytes
+        self.total_tokens += tokens
+        self.end_task = task + 1
         if self.tokens >= self.shard_tokens:
             self.close()
 
@@ -350,6 +488,7 @@ class _ShardWriter:
         np.save(self.tmp / OFFSETS_FILE, offsets, allow_pickle=False)
         meta = {"documents": len(lengths), "tokens": self.tokens, "text_bytes": self.text_bytes,
                 "text_sha256": self.text_hash.hexdigest(),
+                "tasks": [self.first_task, self.end_task],
                 "sha256": {TOKENS_FILE: self.hash.hexdigest(),
                            OFFSETS_FILE: file_sha256(self.tmp / OFFSETS_FILE)}}
         (self.tmp / SHARD_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")

@@ -1,39 +1,52 @@
-"""Data sources: the built-in corpus (`builtin`, Python's documentation topics), local
-files and folders (.txt, .jsonl/.json, .parquet, .csv) and `hf:NAME[:CONFIG]` datasets, read
-into documents and sliced by a split such as `train[:90%]` (stream.py reads the same sources one document at
-a time). A folder holding a prepared token
-store (`store.json`, see `store.py`) is a source of kind `store`.
+"""Data sources, read as one stream of documents: the built-in corpus (`builtin`, Python's
+documentation topics), local files and folders (.txt, .jsonl/.json, .parquet, .csv) and
+`hf:NAME[:CONFIG]` datasets, sliced by a split such as `train[:90%]`.
+
+This is the only reader. `stream_source(data, split)` describes the documents without reading
+them: what they depend on (`identity`) and the independently readable pieces they come in
+(`parts`: a .txt file or a byte range of one, a parquet row group, a .jsonl/.json/.csv file,
+a shard of a dataset, a range of the built-in topics). `SourceStream.documents()` reads the
+parts in order; `load_documents` is that stream as a list, for corpora that fit in memory;
+`pldr data prepare` hands parts to worker processes that read them themselves. A split slice
+counts documents (dataset rows for `hf:`); a percentage or a slice from the end first counts
+them, part by part.
+
+A folder holding a prepared token store (`store.json`, see `store.py`) is a source of kind
+`store`: it holds token ids, not documents.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import socket
 import urllib.parse
-from dataclasses import dataclass
-from itertools import chain
+from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import DataError, import_extra
 from .splits import Split, parse_split
 from .tokenizer import split_paragraphs
 
-if TYPE_CHECKING:  # `datasets` takes a second to import; only structured data needs it.
-    import datasets
-
-
 BUILTIN = "builtin"  # Python's own documentation topics, about 465 kB of text
 DEFAULT_HF_DATA = "hf:tiiuae/falcon-refinedweb"  # the original's training data
 TEXT_COLUMNS = ("content", "text")  # tried in order when no text column is given
-_PLAIN_SUFFIXES = {".txt"}
-_STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
-                        ".csv": "csv"}  # file suffix -> `datasets` loader
+STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
+                       ".csv": "csv"}  # file suffix -> reader
+KNOWN_SUFFIXES = {".txt", *STRUCTURED_SUFFIXES}
 STORE_MANIFEST = "store.json"  # a complete prepared token store has this file ...
 STORE_PENDING = "prepare.json"    # ... an unfinished one only this
+
+_TEXT_BLOCK = 1 << 22  # bytes of a .txt file read at a time
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")  # what separates .txt documents
+_ROWS = 1000  # rows of structured data read at a time
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,10 @@ def parse_source(data: str | os.PathLike | DataSource) -> DataSource:
         raise DataError(f"data path {spec!r} does not exist; pass an existing file or folder, "
                         "`builtin`, or hf:NAME for a Hugging Face dataset")
     if path.is_file():
-        _check_suffix(path)
+        if path.suffix.lower() not in KNOWN_SUFFIXES:
+            raise DataError(f"unknown data format {path.suffix or '(no extension)'!r} of "
+                            f"{str(path)!r}; use .txt (documents separated by blank lines), "
+                            ".jsonl, .json, .parquet or .csv, or hf:NAME")
     elif (path / STORE_MANIFEST).is_file():
         return DataSource("store", str(path))
     elif (path / STORE_PENDING).is_file():
@@ -84,209 +100,443 @@ def parse_source(data: str | os.PathLike | DataSource) -> DataSource:
     return DataSource("files", str(path))
 
 
-def _check_suffix(path: Path) -> None:
-    if path.suffix.lower() not in _PLAIN_SUFFIXES | set(_STRUCTURED_SUFFIXES):
-        raise DataError(f"unknown data format {path.suffix or '(no extension)'!r} of "
-                        f"{str(path)!r}; use .txt (documents separated by blank lines), "
-                        ".jsonl, .json, .parquet or .csv, or hf:NAME")
-
-
-def _source_files(source: DataSource) -> list[Path]:
-    """The data files of a `files` source: the file itself, or a folder's files (recursively,
-    sorted, hidden files and other extensions skipped)."""
-    path = Path(source.name).expanduser()
-    if path.is_file():
-        return [path]
-    known = _PLAIN_SUFFIXES | set(_STRUCTURED_SUFFIXES)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise DataError(f"data folder {str(path)!r} has no .txt, .jsonl, .json, .parquet or "
-                        ".csv files")
-    return files
+# ----- parts ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ResolvedSource:
-    """A source and split made concrete: what its documents depend on, and how to read them."""
+class SourcePart:
+    """One independently readable piece of a source, small enough to send to a process.
 
-    identity: dict[str, Any]  # JSON-able; equal identities mean equal documents
-    read: Callable[[], list[str]]
+    kind `builtin`: topics [start, stop) of the sorted built-in topics.
+    kind `text`: bytes [start, stop) of a .txt file (stop None: to the end), cut where a
+    blank line ends so that its documents are exactly the file's documents in that range.
+    kind `parquet`: row group `index` of a parquet file.
+    kind `json` / `csv`: one .jsonl/.json or .csv file.
+    kind `hf`: shard `index` of `shards` of a dataset's split, read in streaming mode.
+    `size` estimates its text in bytes (0: unknown), for grouping parts into work units."""
+
+    kind: str
+    name: str
+    text_column: str | None = None
+    index: int = 0
+    start: int = 0
+    stop: int | None = None
+    shards: int = 1
+    config: str | None = None
+    split: str = "train"
+    size: int = 0
+
+    def units(self) -> Iterator[str | None]:
+        """What a split counts, in order: documents, or for `hf` rows (a missing text is None,
+        counted but not a document)."""
+        if self.kind == "builtin":
+            return iter(builtin_texts()[self.start:self.stop])
+        if self.kind == "text":
+            return _text_documents(Path(self.name), self.start, self.stop)
+        if self.kind == "parquet":
+            return _parquet_documents(Path(self.name), self.index, self.text_column)
+        if self.kind in ("json", "csv"):
+            return _dataset_documents(Path(self.name), self.kind, self.text_column)
+        ds = open_hf(DataSource("hf", self.name, self.config), self.split)
+        if self.shards > 1:
+            ds = ds.shard(self.shards, self.index, contiguous=True)
+        return hf_rows(ds, self.text_column, str(DataSource("hf", self.name, self.config)))
+
+    def documents(self, start: int = 0, stop: int | None = None) -> Iterator[str]:
+        """The documents of units [start, stop) of this part."""
+        return (u for u in islice(self.units(), start, stop) if u is not None)
+
+    def count(self) -> int:
+        """How many units this part has (parquet: from its metadata when it can)."""
+        if self.kind == "builtin":
+            return len(builtin_texts()[self.start:self.stop])
+        if self.kind == "parquet":
+            known = _parquet_count(Path(self.name), self.index, self.text_column)
+            if known is not None:
+                return known
+        return sum(1 for _ in self.units())
+
+
+@dataclass(frozen=True)
+class SourceStream:
+    """The documents of a source and split, as a stream (nothing read yet).
+
+    `identity` (JSON-able) changes whenever the documents may: file paths, sizes and
+    modification times, the built-in text, a dataset's name, config and split, the slice and
+    the text column. `parts` are the pieces in order; `documents()` reads them one after
+    another, with the split's slice applied."""
+
+    source: DataSource
+    split: Split
+    identity: dict[str, Any]
+    parts: tuple[SourcePart, ...]
+    text_column: str | None = None
+    dataset: Any = field(default=None, compare=False, repr=False)  # `hf`: the opened split
+    _counts: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def sliced(self) -> bool:
+        """Whether the split takes a slice (rather than all of the named split)."""
+        return bool(self.split.start or self.split.stop)
+
+    def count(self) -> int:
+        """Units (documents; dataset rows for `hf:`) of the whole named split."""
+        info = getattr(self.dataset, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        if self.split.name in splits and splits[self.split.name].num_examples:
+            return int(splits[self.split.name].num_examples)  # a dataset that knows its rows
+        return sum(self.part_counts())
+
+    def part_counts(self, counts: Sequence[int] | None = None) -> list[int]:
+        """Each part's unit count, counted once (or as given, e.g. by worker processes)."""
+        if counts is not None:
+            self._counts.update(enumerate(counts))
+        for i, part in enumerate(self.parts):
+            if i not in self._counts:
+                self._counts[i] = part.count()
+        return [self._counts[i] for i in range(len(self.parts))]
+
+    def bounds(self) -> tuple[int, int | None]:
+        """The split's slice as units [start, stop) of the whole stream; counting the parts
+        only when a percentage or a bound from the end needs the total."""
+        if any(b.endswith("%") or b.startswith("-") for b in (self.split.start, self.split.stop)):
+            return self.split.bounds(self.count())
+        stop = int(self.split.stop) if self.split.stop else None
+        return int(self.split.start or 0), stop
+
+    def ranges(self, counts: Sequence[int] | None = None
+               ) -> list[tuple[SourcePart, int, int | None]]:
+        """(part, start, stop) in order, covering exactly the split's units; parts outside
+        the slice left out. A slice needs every part's count (`counts`, or counted here)."""
+        if not self.sliced:
+            return [(p, 0, None) for p in self.parts]
+        start, stop = self.bounds()
+        out, at = [], 0
+        for part, n in zip(self.parts, self.part_counts(counts)):
+            a, b = max(start - at, 0), n if stop is None else min(stop - at, n)
+            if a < b:
+                out.append((part, a, b))
+            at += n
+        return out
+
+    def documents(self) -> Iterator[str]:
+        """The split's documents in order, read part by part (never all in memory). An empty
+        result is a clear error: no documents at all, or a slice that selects none."""
+        start, stop = self.bounds()
+        units = chain.from_iterable(p.units() for p in self.parts) if self.dataset is None \
+            else hf_rows(self.dataset, self.text_column, str(self.source))  # opened once
+        found = False
+        for unit in islice(units, start, stop):
+            if unit is not None:
+                found = True
+                yield unit
+        if not found:
+            raise self._nothing()
+
+    def _nothing(self) -> DataError:
+        n = self.count()
+        if n == 0 or not self.sliced:
+            return DataError(f"data {str(self.source)!r} holds no documents (its files are "
+                             "empty)")
+        return DataError(f"split {str(self.split)!r} of {self.source} selects no documents "
+                         f"(it has {n}); widen the slice")
+
+
+def stream_source(data: str | os.PathLike | DataSource, split: str | Split | None = None,
+                  text_column: str | None = None, *, part_bytes: int | None = None
+                  ) -> SourceStream:
+    """The documents of `data` and `split` as a stream (see `SourceStream`).
+
+    `split` defaults to all of `train`; builtin data and local files have only the `train`
+    split. `text_column` names the text column of structured data (default `content`, then
+    `text`); plain text ignores it. `part_bytes`: cut .txt files and the built-in topics into
+    parts of about this many bytes (default: one part per file), for parallel reading."""
+    source, split = parse_source(data), parse_split(split)
+    if source.kind == "store":
+        raise store_has_no_documents(source)
+    if source.kind == "hf":
+        return _hf_stream(source, split, text_column)
+    if split.name != "train":
+        raise DataError(f"{source.name} has only the split 'train', not {split.name!r}; take "
+                        f"a slice of it instead, e.g. train[90%:]")
+    if source.kind == "builtin":
+        texts = builtin_texts()
+        identity: dict[str, Any] = {"kind": "builtin", "sha256": hash_texts(texts)}
+        parts = _builtin_parts(texts, part_bytes)
+    else:
+        files = source_files(source)
+        identity = {"kind": "files", "files": [(str(p.resolve()), p.stat().st_size,
+                                                p.stat().st_mtime_ns) for p in files],
+                    "text_column": text_column}
+        parts = tuple(chain.from_iterable(_file_parts(p, text_column, part_bytes)
+                                          for p in files))
+    identity["split"] = str(split)
+    return SourceStream(source, split, identity, parts, text_column)
 
 
 def load_documents(data: str | os.PathLike | DataSource, split: str | Split | None = None,
                    text_column: str | None = None, *, progress: bool = False) -> list[str]:
-    """The documents (texts) of a data source and split.
-
-    `split` defaults to all of `train`; builtin data and local files have only the `train`
-    split. `text_column` names the text column of structured data (default `content`, then
-    `text`); plain text ignores it."""
-    return resolve_source(data, split, text_column, progress).read()
+    """The documents (texts) of a data source and split, in memory: `stream_source(...)`
+    read to the end. `progress` shows `datasets`' own progress bars while it opens data."""
+    with datasets_progress(progress):
+        return list(stream_source(data, split, text_column).documents())
 
 
-def resolve_source(data: str | os.PathLike | DataSource, split: str | Split | None,
-                   text_column: str | None, progress: bool) -> ResolvedSource:
-    """What the documents of `data` and `split` depend on (for the token cache's key), and
-    how to read them, without reading them yet."""
-    source, split = parse_source(data), parse_split(split)
-    if source.kind == "store":
-        raise _store_has_no_documents(source)
-    if source.kind == "builtin":
-        return _resolve_builtin(split)
-    if source.kind == "files":
-        return _resolve_files(source, split, text_column, progress)
-    return _resolve_hf(source, split, text_column, progress)
+def store_has_no_documents(source: DataSource) -> DataError:
+    """The error for reading documents from a prepared token store."""
+    return DataError(f"{source.name!r} is a prepared token store: it holds token ids, not "
+                     "documents; train on it directly (`pldr train --data DIR`), or read the "
+                     "source it was prepared from")
 
 
-def _resolve_builtin(split: Split) -> ResolvedSource:
+# ----- builtin ----------------------------------------------------------------------------
+
+
+def builtin_texts() -> list[str]:
     """Python's documentation topics, one document per topic, sorted by topic name."""
-    texts = _builtin_texts()
-    _check_train_only(split, BUILTIN)
-    docs = _take(texts, split, BUILTIN)
-    return ResolvedSource({"kind": "builtin", "sha256": _hash_texts(docs)}, lambda: docs)
-
-
-def _builtin_texts() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[k] for k in sorted(topics)]
 
 
-def _hash_texts(texts: list[str]) -> str:
+def hash_texts(texts: list[str]) -> str:
     """sha256 of a list of texts (their lengths first, so the boundaries count too)."""
     h = hashlib.sha256(json.dumps([len(t) for t in texts]).encode("utf-8"))
     h.update("\0".join(texts).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
-def _resolve_files(source: DataSource, split: Split, text_column: str | None,
-                   progress: bool) -> ResolvedSource:
-    """A local file or folder; the identity is each file's path, size and mtime."""
-    _check_train_only(split, source.name)
-    files = _source_files(source)
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    identity = {"kind": "files", "files": stats, "split": str(split),
-                "text_column": text_column}
-
-    def read() -> list[str]:
-        docs = list(chain.from_iterable(
-            _read_group(group, text_column, progress) for group in _format_groups(files)))
-        if not docs:
-            raise DataError(f"data {source.name!r} holds no documents (its files are empty)")
-        return _take(docs, split, source.name)
-
-    return ResolvedSource(identity, read)
+def _builtin_parts(texts: list[str], part_bytes: int | None) -> tuple[SourcePart, ...]:
+    """Consecutive topics of about `part_bytes` characters each (all in one part if None)."""
+    if part_bytes is None:
+        return (SourcePart("builtin", BUILTIN, size=sum(map(len, texts))),)
+    parts, start, size = [], 0, 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size >= part_bytes or i == len(texts) - 1:
+            parts.append(SourcePart("builtin", BUILTIN, start=start, stop=i + 1, size=size))
+            start, size = i + 1, 0
+    return tuple(parts)
 
 
-def _format_groups(files: list[Path]) -> Iterator[list[Path]]:
-    """Runs of consecutive files with the same reader, so each run loads in one call."""
-    group: list[Path] = []
-    for path in files:
-        if group and _reader_of(group[0]) != _reader_of(path):
-            yield group
-            group = []
-        group.append(path)
-    if group:
-        yield group
+# ----- local files ------------------------------------------------------------------------
 
 
-def _reader_of(path: Path) -> str:
-    return _STRUCTURED_SUFFIXES.get(path.suffix.lower(), "text")
+def source_files(source: DataSource) -> list[Path]:
+    """The data files of a `files` source: the file itself, or a folder's files (recursively,
+    sorted, hidden files and other extensions skipped)."""
+    path = Path(source.name).expanduser()
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in
+                   KNOWN_SUFFIXES and not any(part.startswith(".") for part in
+                                              p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"data folder {str(path)!r} has no .txt, .jsonl, .json, .parquet or "
+                        ".csv files")
+    return files
 
 
-def _read_text(path: Path) -> str:
-    """A .txt file's text; a file that is not UTF-8 (e.g. binary) is named."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                        "convert it to UTF-8 or leave it out of the data") from None
-
-
-def _read_group(files: list[Path], text_column: str | None, progress: bool) -> list[str]:
-    """Documents of files of one format: .txt split at blank lines, others via `datasets`."""
-    reader = _reader_of(files[0])
-    if reader == "text":
-        return list(chain.from_iterable(split_paragraphs(_read_text(p)) for p in files))
-    if all(p.stat().st_size == 0 for p in files):
-        return []
-    datasets = _import_datasets()
-    names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-    try:
-        with _datasets_progress(progress):
-            ds = datasets.load_dataset(reader, data_files=[str(p) for p in files], split="train")
-    except Exception as e:  # datasets raises many kinds; all mean "cannot read this file"
-        raise DataError(f"could not read {names} as {reader}: {_short(e)}") from None
-    column = _pick_column(ds.column_names, text_column, names)
-    return _texts(ds, column, 0, len(ds), names)
-
-
-def load_table(data: str | os.PathLike | DataSource, split: str | Split | None = None,
-               *, progress: bool = False) -> "datasets.Dataset":
-    """The rows of a structured source (.jsonl/.json/.parquet/.csv files or `hf:NAME`) and
-    split as a `datasets.Dataset`, every column and its features kept (e.g. the label names
-    of a ClassLabel column), for data that is more than one text per row (fine-tuning
-    examples). Local files have the split `train` only; a slice such as `train[:1000]` or
-    `validation[:10%]` takes part of a split."""
-    source, split = parse_source(data), parse_split(split)
-    if source.kind == "hf":
-        ds = _open_hf(source, split.name, progress)
-        what = str(source)
-    elif source.kind == "files":
-        _check_train_only(split, source.name)
-        files = _source_files(source)
-        readers = {_reader_of(p) for p in files}
-        if len(readers) != 1 or "text" in readers:
-            raise DataError(f"data {source.name!r} must be .jsonl/.json, .parquet or .csv "
-                            "files of one format (rows with named columns), not "
-                            f"{', '.join(sorted(p.suffix or p.name for p in files[:3]))}")
-        datasets = _import_datasets()
-        what = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-        try:
-            with _datasets_progress(progress):
-                ds = datasets.load_dataset(next(iter(readers)),
-                                           data_files=[str(p) for p in files], split="train")
-        except Exception as e:  # datasets raises many kinds; all mean "cannot read this file"
-            raise DataError(f"could not read {what} as {next(iter(readers))}: {_short(e)}") \
-                from None
+def _file_parts(path: Path, text_column: str | None,
+                part_bytes: int | None) -> Iterator[SourcePart]:
+    """The parts of one file: byte ranges of a .txt file, a parquet file's row groups, or
+    the whole file."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    reader = STRUCTURED_SUFFIXES.get(path.suffix.lower(), "text")
+    if reader == "parquet":
+        for index, size in enumerate(_parquet_row_groups(path)):
+            yield SourcePart("parquet", str(path), text_column, index=index, size=size)
+    elif reader == "text" and part_bytes is not None and size > part_bytes:
+        for start in range(0, size, part_bytes):
+            yield SourcePart("text", str(path), start=start, stop=start + part_bytes,
+                             size=min(part_bytes, size - start))
     else:
-        raise DataError(f"data {str(source)!r} is plain text; this needs rows with named "
-                        "columns: a .jsonl/.json, .parquet or .csv file, or hf:NAME")
-    start, stop = split.bounds(len(ds))
-    if start >= stop:
-        raise _empty_split(split, what, len(ds))
-    return ds.select(range(start, stop)) if (start, stop) != (0, len(ds)) else ds
+        yield SourcePart(reader, str(path), text_column, size=size)
 
 
-def _resolve_hf(source: DataSource, split: Split, text_column: str | None,
-                progress: bool) -> ResolvedSource:
-    """A Hugging Face dataset (hub name or local folder); the identity is its fingerprint."""
-    ds = _open_hf(source, split.name, progress)
-    column = _pick_column(ds.column_names, text_column, str(source))
-    start, stop = split.bounds(len(ds))
-    if start >= stop:
-        raise _empty_split(split, str(source), len(ds))
-    identity = {"kind": "hf", "name": source.name, "config": source.config,
-                "split": split.name, "rows": [start, stop], "column": column,
-                "fingerprint": getattr(ds, "_fingerprint", None)}
-    return ResolvedSource(identity, lambda: _texts(ds, column, start, stop, str(source)))
+def read_text_error(path: Path, e: UnicodeDecodeError, offset: int = 0) -> DataError:
+    return DataError(f"{str(path)!r} is not UTF-8 text (byte {offset + e.start}: {e.reason}); "
+                     "convert it to UTF-8 or leave it out of the data")
 
 
-def _open_hf(source: DataSource, split_name: str, progress: bool,
-             streaming: bool = False) -> "datasets.Dataset":
-    """`datasets.load_dataset(NAME, CONFIG, split=...)` with errors that say what to do."""
-    datasets = _import_datasets()
+def _text_documents(path: Path, start: int, stop: int | None) -> Iterator[str]:
+    """The documents of a .txt file whose first character lies in bytes [start, stop): the
+    range is moved to cuts after blank lines (`_cut_at`), so ranges that tile the file give
+    the file's documents exactly once, as `split_paragraphs` splits the whole text."""
+    with open(path, "rb") as f:
+        begin = _cut_at(f, start)
+        end = None if stop is None else _cut_at(f, stop)
+        if end is not None and end <= begin:
+            return
+        f.seek(begin)
+        yield from _paragraphs(_decoded_blocks(f, path, begin, end))
+
+
+_NL = rb"(?:\r\n|\r(?!\n)|\n)"  # a line break as Python's text mode reads one
+_CUT = re.compile(_NL + rb"[ \t]*" + _NL + rb"(?:[ \t]*" + _NL + rb")*(?=[^ \t\r\n])")
+_WHITE = b" \t\r\n"
+
+
+def _cut_at(f: io.BufferedReader, offset: int) -> int:
+    """The first position >= `offset` where a document may begin: 0, the end of the file,
+    or a byte that is not a space, tab, CR or LF right after a blank line (two line breaks
+    with only spaces or tabs between them and after the second). Cutting the text there
+    splits it exactly as the whole text splits, whatever `offset` is."""
+    size = os.fstat(f.fileno()).st_size
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    start = offset
+    while start > 0:  # back to the last document byte before offset (a blank line may end here)
+        start = max(start - 4096, 0)
+        f.seek(start)
+        if f.read(offset - start).strip(_WHITE) or start == 0:
+            break
+    window = 1 << 16
+    while True:
+        f.seek(start)
+        data = f.read(offset - start + window)
+        for m in _CUT.finditer(data):
+            if start + m.end() >= offset:
+                return start + m.end()
+        if start + len(data) >= size:
+            return size
+        window *= 2
+
+
+def _decoded_blocks(f: io.BufferedReader, path: Path, begin: int,
+                    end: int | None) -> Iterator[str]:
+    """The text of bytes [begin, end) in blocks, decoded as UTF-8 with universal newlines
+    (as Python's text mode reads a file)."""
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(),
+                                           translate=True)
+    at = begin
+    while end is None or at < end:
+        data = f.read(_TEXT_BLOCK if end is None else min(_TEXT_BLOCK, end - at))
+        try:
+            yield decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            raise read_text_error(path, e, at) from None
+        if not data:
+            return
+        at += len(data)
+    try:
+        yield decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise read_text_error(path, e, at) from None
+
+
+def _paragraphs(blocks: Iterable[str]) -> Iterator[str]:
+    """`split_paragraphs` of the concatenated `blocks`, never holding more than a block and a
+    document. A block is cut at its last blank-line separator that the next block cannot
+    extend (some character other than a space or tab follows it), so each piece splits
+    exactly as the whole text would."""
+    carry = ""
+    for chunk in blocks:
+        text = carry + chunk
+        cut = None
+        for m in _BLANK_LINES.finditer(text):
+            if text[m.end():].lstrip(" \t"):
+                cut = m
+        if cut is None:
+            carry = text
+            continue
+        yield from split_paragraphs(text[:cut.start()])
+        carry = text[cut.end():]
+    yield from split_paragraphs(carry)
+
+
+def _parquet_file(path: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path, pre_buffer=False)
+    except Exception as e:  # pyarrow's errors for a damaged or foreign file
+        raise DataError(f"could not read {path} as parquet: {short_error(e)}") from None
+
+
+def _parquet_row_groups(path: Path) -> list[int]:
+    """The uncompressed size of each row group of a parquet file."""
+    meta = _parquet_file(path).metadata
+    return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+
+
+def _parquet_documents(path: Path, index: int, text_column: str | None) -> Iterator[str]:
+    """The texts of one row group's text column, `_ROWS` rows at a time, nulls skipped;
+    read with pyarrow without pre-buffering, so memory stays flat."""
+    file = _parquet_file(path)
+    column = pick_column(file.schema_arrow.names, text_column, str(path))
+    try:
+        for rows in file.iter_batches(batch_size=_ROWS, row_groups=[index], columns=[column]):
+            yield from checked_texts(rows.column(0).to_pylist(), column, str(path))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"could not read {path} as parquet: {short_error(e)}") from None
+
+
+def _parquet_count(path: Path, index: int, text_column: str | None) -> int | None:
+    """Non-null texts of a row group from its statistics, or None when they are missing."""
+    file = _parquet_file(path)
+    column = pick_column(file.schema_arrow.names, text_column, str(path))
+    group = file.metadata.row_group(index)
+    for j in range(group.num_columns):
+        chunk = group.column(j)
+        if chunk.path_in_schema == column:
+            stats = chunk.statistics
+            if stats is not None and stats.has_null_count:
+                return group.num_rows - stats.null_count
+    return None
+
+
+def _dataset_documents(path: Path, reader: str, text_column: str | None) -> Iterator[str]:
+    """The texts of a .jsonl/.json or .csv file through `datasets` in streaming mode."""
+    datasets = import_datasets()
+    try:
+        ds = datasets.load_dataset(reader, data_files=[str(path)], split="train",
+                                   streaming=True)
+    except Exception as e:
+        raise DataError(f"could not read {path} as {reader}: {short_error(e)}") from None
+    return (t for t in hf_rows(ds, text_column, f"{path} as {reader}", read_error=True)
+            if t is not None)
+
+
+# ----- Hugging Face datasets ----------------------------------------------------------------
+
+
+def _hf_stream(source: DataSource, split: Split, text_column: str | None) -> SourceStream:
+    """A dataset split in streaming mode; its parts are its shards (files)."""
+    ds = open_hf(source, split.name)
+    shards = max(int(getattr(ds, "n_shards", 1) or 1), 1)
+    parts = tuple(SourcePart("hf", source.name, text_column, index=i, shards=shards,
+                             config=source.config, split=split.name) for i in range(shards))
+    identity: dict[str, Any] = {"kind": "hf", "name": source.name, "config": source.config,
+                                "split": str(split), "text_column": text_column}
+    local = Path(source.name).expanduser()
+    if local.is_dir():  # a local dataset changes with its files
+        identity["files"] = [(str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in sorted(local.rglob("*")) if p.is_file()]
+    return SourceStream(source, split, identity, parts, text_column, ds)
+
+
+def open_hf(source: DataSource, split_name: str) -> Any:
+    """`datasets.load_dataset(NAME, CONFIG, split=..., streaming=True)` with errors that say
+    what to do."""
+    datasets = import_datasets()
     local = Path(source.name).expanduser().is_dir()
     if not local and not _hub_offline():
         _check_hub_reachable(source)
     try:
-        with _datasets_progress(progress):
-            return datasets.load_dataset(source.name, source.config, split=split_name,
-                                         streaming=streaming)
+        return datasets.load_dataset(source.name, source.config, split=split_name,
+                                     streaming=True)
     except ValueError as e:
-        if "Unknown split" in str(e) or "BuilderConfig" in str(e) or "Config name" in str(e):
-            raise DataError(f"{source}: {_short(e)}") from None
-        raise DataError(f"could not load {source}: {_short(e)}") from None
+        if "split" in str(e).lower():
+            raise DataError(f"{source}: Unknown split {split_name!r} ({short_error(e)})"
+                            ) from None
+        if "BuilderConfig" in str(e) or "Config name" in str(e):
+            raise DataError(f"{source}: {short_error(e)}") from None
+        raise DataError(f"could not load {source}: {short_error(e)}") from None
     except (ConnectionError, FileNotFoundError) as e:
         if local:
             hint = "check the folder's data files"
@@ -296,14 +546,33 @@ def _open_hf(source: DataSource, split_name: str, progress: bool,
                     "a local file or folder")
         else:
             hint = "check the dataset name (and CONFIG) on huggingface.co and your network"
-        raise DataError(f"could not load {source}: {_short(e)}; {hint}") from None
+        raise DataError(f"could not load {source}: {short_error(e)}; {hint}") from None
     except Exception as e:
-        raise DataError(f"could not load {source}: {_short(e)}") from None
+        raise DataError(f"could not load {source}: {short_error(e)}") from None
+
+
+def hf_rows(ds: Any, text_column: str | None, what: str,
+            read_error: bool = False) -> Iterator[str | None]:
+    """The text column of a streaming `datasets.IterableDataset`, row by row (None where a
+    row has no text; anything but text is a clear error)."""
+    try:
+        columns = ds.column_names
+        if columns is None:  # json and csv streams know their columns only once read
+            columns = list(next(iter(ds.take(1)), {}).keys())
+        column = pick_column(columns, text_column, what)
+        for rows in ds.select_columns([column]).iter(batch_size=_ROWS):
+            values = rows[column]
+            _check_text(values, column, what)
+            yield from values
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many kinds; all mean "cannot read this data"
+        raise DataError(f"could not read {what}: {short_error(e)}") from None
 
 
 def _hub_offline() -> bool:
     """True when the Hugging Face libraries are set to use only their local cache."""
-    datasets = _import_datasets()
+    datasets = import_datasets()
     if getattr(datasets.config, "HF_HUB_OFFLINE", False):
         return True
     try:
@@ -336,15 +605,21 @@ def _check_hub_reachable(source: DataSource, timeout: float = 3.0) -> None:
                         "pass a local file or folder") from None
 
 
-def _import_datasets() -> Any:
+def import_datasets() -> Any:
+    """The `datasets` library, or a clear error naming the extra that installs it."""
     return import_extra("datasets", "data", "reading .jsonl/.json/.parquet/.csv or hf: data")
 
 
 @contextlib.contextmanager
-def _datasets_progress(enabled: bool) -> Iterator[None]:
-    """Show or hide `datasets`' own progress bars for one call, then restore the setting."""
-    import datasets
+def datasets_progress(enabled: bool) -> Iterator[None]:
+    """Show or hide `datasets`' own progress bars for one block, then restore the setting
+    (nothing to do when `datasets` was never imported)."""
+    import sys
 
+    datasets = sys.modules.get("datasets")
+    if datasets is None:
+        yield
+        return
     was_enabled = datasets.is_progress_bar_enabled()
     (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
     try:
@@ -353,7 +628,10 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
-def _pick_column(columns: Sequence[str], text_column: str | None, what: str) -> str:
+# ----- columns and values -----------------------------------------------------------------
+
+
+def pick_column(columns: Sequence[str], text_column: str | None, what: str) -> str:
     """The text column: the one asked for, else `content`, else `text`."""
     candidates = [text_column] if text_column else list(TEXT_COLUMNS)
     for name in candidates:
@@ -364,40 +642,69 @@ def _pick_column(columns: Sequence[str], text_column: str | None, what: str) -> 
                     f"{', '.join(map(str, columns))}: name one as text_column (--text-column)")
 
 
-def _texts(ds: "datasets.Dataset", column: str, start: int, stop: int, what: str) -> list[str]:
-    """Rows [start, stop) of a text column as strings; missing (null) values are skipped."""
-    values = ds.with_format("arrow")[start:stop].column(column).to_pylist()
+def _check_text(values: list[Any], column: str, what: str) -> None:
     bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
     if bad is not None:
         raise DataError(f"column {column!r} of {what} holds {type(bad).__name__} values, not "
                         "text; name a text column as text_column (--text-column)")
-    return [v for v in values if v is not None]
 
 
-def _check_train_only(split: Split, what: str) -> None:
-    if split.name != "train":
-        raise DataError(f"{what} has only the split 'train', not {split.name!r}; take a slice "
-                        f"of it instead, e.g. train[90%:]")
+def checked_texts(values: list[Any], column: str, what: str) -> Iterator[str]:
+    """The values of a text column, nulls skipped; anything but text is a clear error."""
+    _check_text(values, column, what)
+    return (v for v in values if v is not None)
 
 
-def _take(docs: list[str], split: Split, what: str) -> list[str]:
-    start, stop = split.bounds(len(docs))
-    if start >= stop:
-        raise _empty_split(split, what, len(docs))
-    return docs[start:stop]
-
-
-def _empty_split(split: Split, what: str, n: int) -> DataError:
-    return DataError(f"split {str(split)!r} of {what} selects no documents (it has {n}); "
-                     "widen the slice")
-
-
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
+    """An exception as one line of at most 300 characters."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def _store_has_no_documents(source: DataSource) -> DataError:
-    return DataError(f"{source.name!r} is a prepared token store: it holds token ids, not "
-                     "documents; train on it directly (`pldr train --data DIR`), or read the "
-                     "source it was prepared from")
+__all__ = ["DataSource", "parse_source", "SourcePart", "SourceStream", "stream_source",
+           "load_documents", "BUILTIN", "DEFAULT_HF_DATA", "TEXT_COLUMNS", "STORE_MANIFEST",
+           "STORE_PENDING"]
+
+
+# ----- tables of labelled rows (fine-tuning) ----------------------------------------------
+
+
+def load_table(data: str | os.PathLike | DataSource, split: str | Split | None = None,
+               *, progress: bool = False) -> Any:
+    """The rows of a structured source (.jsonl/.json/.parquet/.csv files or `hf:NAME`) and
+    split as a `datasets.Dataset`, every column and its features kept (e.g. the label names
+    of a ClassLabel column), for data that is more than one text per row (fine-tuning
+    examples). Local files have the split `train` only; a slice such as `train[:1000]` or
+    `validation[:10%]` takes part of a split."""
+    source, split = parse_source(data), parse_split(split)
+    datasets = import_datasets()
+    if source.kind == "hf":
+        what = str(source)
+        if not Path(source.name).expanduser().is_dir() and not _hub_offline():
+            _check_hub_reachable(source)
+        load = dict(path=source.name, name=source.config, split=split.name)
+    elif source.kind == "files":
+        if split.name != "train":
+            raise DataError(f"{source.name} has only the split 'train', not {split.name!r}; "
+                            "take a slice of it instead, e.g. train[90%:]")
+        files = source_files(source)
+        readers = {STRUCTURED_SUFFIXES.get(p.suffix.lower(), "text") for p in files}
+        if len(readers) != 1 or "text" in readers:
+            raise DataError(f"data {source.name!r} must be .jsonl/.json, .parquet or .csv "
+                            "files of one format (rows with named columns), not "
+                            f"{', '.join(sorted(p.suffix or p.name for p in files[:3]))}")
+        what = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        load = dict(path=next(iter(readers)), data_files=[str(p) for p in files], split="train")
+    else:
+        raise DataError(f"data {str(source)!r} is plain text; this needs rows with named "
+                        "columns: a .jsonl/.json, .parquet or .csv file, or hf:NAME")
+    try:
+        with datasets_progress(progress):
+            ds = datasets.load_dataset(**load)
+    except Exception as e:  # datasets raises many kinds; all mean "cannot read this source"
+        raise DataError(f"could not read {what}: {short_error(e)}") from None
+    start, stop = split.bounds(len(ds))
+    if start >= stop:
+        raise DataError(f"split {str(split)!r} of {what} selects no rows (it has {len(ds)}); "
+                        "widen the slice")
+    return ds.select(range(start, stop)) if (start, stop) != (0, len(ds)) else ds

@@ -7,7 +7,7 @@ A store is a folder:
     DIR/tokenizer.model            the tokenizer the ids come from
     DIR/shard-000000/tokens.bin    raw token ids, uint16 when the vocabulary fits, else uint32
     DIR/shard-000000/offsets.npy   int64 [documents + 1]: where each document starts in the shard
-    DIR/shard-000000/shard.json    the shard's counts and sha256 checksums
+    DIR/shard-000000/shard.json    its counts, sha256 checksums and the prepare tasks it holds
     DIR/shard-000001/ ...
 
 Documents are laid end to end in stream order, each ending with EOS, exactly as `load_tokens`
@@ -110,8 +110,12 @@ class ShardedTokens:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """All the ids as one array: a view of the mapped shard where it can be, a copy
+        when `copy` is True (numpy trusts the answer: a view would stay tied to the file)."""
         out = self[:]
-        return out if dtype is None else out.astype(dtype)
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            return out.astype(dtype)
+        return np.array(out, copy=True) if copy else out
 
 
 @dataclass(frozen=True)

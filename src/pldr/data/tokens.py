@@ -1,5 +1,8 @@
-"""Tokenised documents: one flat int32 array plus document offsets, and the on-disk
-token cache keyed by the data and the tokenizer, so a second run does not tokenise again.
+"""Tokenised documents: one flat array plus document offsets, and `load_tokens`, which
+gives them for any source and split. Tokens on disk are always a token store (store.py):
+`load_tokens` on a source prepares one in the cache folder the first time (keyed by the
+source, the split and the tokenizer) and memory-maps it after that, as it memory-maps a
+store given as the source.
 """
 
 from __future__ import annotations
@@ -7,27 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Iterable, Sequence, Sized
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..files import atomic_path
-from . import sources
-from .sources import DataSource
+from ..files import replace_dir, temp_sibling
+from .prepare import prepare_store
+from .sources import DataSource, parse_source, stream_source
 from .splits import Split
-from .store import TokenStore
+from .store import TokenStore, is_store
 from .tokenizer import Tokenizer
 
-if TYPE_CHECKING:  # `datasets` takes a second to import; only structured data needs it.
-    pass
-
-
-_CACHE_FORMAT = 1  # bump when the cached arrays change meaning
+CACHE_FORMAT = 2  # bump when a cached store changes meaning (1: .npy arrays)
 
 
 @dataclass(frozen=True)
@@ -59,35 +59,16 @@ class TokenizedDocs:
         ids = np.fromiter(chain.from_iterable(samples), dtype=np.int32, count=int(offsets[-1]))
         return cls(ids, offsets)
 
-    def save(self, path: Path) -> None:
-        """Write `<path>.ids.npy` and `<path>.offsets.npy`, each atomically (temporary file,
-        then rename); the offsets go last, so their presence means the ids are complete."""
-        _save_npy_atomic(path.with_name(path.name + ".ids.npy"), self.ids)
-        _save_npy_atomic(path.with_name(path.name + ".offsets.npy"), self.offsets)
 
-    @classmethod
-    def load(cls, path: Path) -> "TokenizedDocs":
-        """Read what `save` wrote; the ids are memory-mapped, not read into memory."""
-        offsets = np.load(path.with_name(path.name + ".offsets.npy"), allow_pickle=False)
-        ids = np.load(path.with_name(path.name + ".ids.npy"), mmap_mode="r", allow_pickle=False)
-        if offsets.ndim != 1 or len(offsets) < 1 or offsets[-1] != len(ids) or offsets[0] != 0:
-            raise ValueError(f"token cache {path} is inconsistent")
-        return cls(ids, offsets)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """`np.save` to `path` through a temporary file, so a reader never sees half an array."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer, *, batch_docs: int = 512,
+def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, *, batch_docs: int = 512,
                        progress: bool = True) -> TokenizedDocs:
-    """Encode each document with EOS appended, `batch_docs` at a time (in parallel threads)."""
+    """Encode each document with EOS appended, `batch_docs` at a time (in parallel threads),
+    in memory (int32 ids)."""
     parts: list[TokenizedDocs] = []
-    with tqdm(total=len(docs), desc="tokenising", unit="doc", disable=not progress) as bar:
-        for i in range(0, len(docs), batch_docs):
-            batch = docs[i:i + batch_docs]
+    total = len(docs) if isinstance(docs, Sized) else None
+    docs = iter(docs)
+    with tqdm(total=total, desc="tokenising", unit="doc", disable=not progress) as bar:
+        while batch := list(islice(docs, batch_docs)):
             parts.append(TokenizedDocs.from_lists(tokenizer.encode_batch(batch, eos=True)))
             bar.update(len(batch))
     return _concat(parts)
@@ -115,40 +96,58 @@ def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
                 split: str | Split | None = None, text_column: str | None = None, *,
                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                 progress: bool = True, docs: Sequence[str] | None = None) -> TokenizedDocs:
-    """The tokenised documents of a data source and split, from the cache when possible.
+    """The tokenised documents of a data source and split, memory-mapped from a token store.
 
-    The cache key is a sha256 of the data's identity (file paths, sizes and mtimes; the
-    builtin text; or a hub dataset's fingerprint), the split, the text column and the
-    tokenizer's model bytes, so a change to any of them tokenises again. The files are
-    `<cache>/tokens/<key>.ids.npy` (int32) and `<key>.offsets.npy` (int64). `docs`, when the
-    caller has already read this source and split (e.g. to train the tokenizer), saves
-    reading them again.
+    A source is prepared once (`prepare_store`, one process) into the store
+    `<cache>/tokens/<key>/`, the key a sha256 of the source's identity (file paths, sizes and
+    mtimes; the builtin text; a dataset's name, config and split), the split, the text column
+    and the tokenizer's model bytes, so a change to any of them tokenises again; the store is
+    built under a temporary name and renamed, so concurrent runs (ranks) never see half of
+    one, and a damaged one is rebuilt. `docs`: this source and split's documents when the
+    caller has read them already (e.g. to train the tokenizer). `use_cache=False` tokenises
+    in memory instead (int32 ids), writing nothing.
 
-    A prepared token store (`pldr data prepare`) is read memory-mapped instead, nothing
-    tokenised or cached; its tokenizer must be `tokenizer`."""
-    if sources.parse_source(data).kind == "store":
+    A prepared token store given as `data` is read as it is; its tokenizer must be
+    `tokenizer`."""
+    if parse_source(data).kind == "store":
         return _store_tokens(data, tokenizer, split, text_column)
-    resolved = sources.resolve_source(data, split, text_column, progress)
-    key = _cache_key(resolved.identity, tokenizer)
-    path = token_cache_dir(cache_dir) / key
-    if use_cache:
+    stream = stream_source(data, split, text_column)
+    if not use_cache:
+        return tokenize_documents(stream.documents() if docs is None else docs, tokenizer,
+                                  progress=progress)
+    path = token_cache_dir(cache_dir) / _cache_key(stream.identity, tokenizer)
+    store = _open_cached(path, tokenizer)
+    if store is None:
+        tmp = temp_sibling(path)
         try:
-            return TokenizedDocs.load(path)
-        except FileNotFoundError:
-            pass  # not cached yet
-        except (OSError, ValueError, EOFError):
-            pass  # a damaged cache file is rebuilt below
-    tokens = tokenize_documents(resolved.read() if docs is None else docs, tokenizer,
-                                progress=progress)
-    if use_cache:
-        tokens.save(path)
-    return tokens
+            prepare_store(stream, tmp, tokenizer, progress=progress, documents=docs)
+            if _open_cached(path, tokenizer) is None:  # another process may have won
+                replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        store = _open_cached(path, tokenizer)
+        if store is None:
+            raise DataError(f"the token cache {str(path)!r} cannot be read back; check the "
+                            "cache folder (cache_dir, $PLDR_CACHE_DIR)")
+    return TokenizedDocs(*store.slice())
+
+
+def _open_cached(path: Path, tokenizer: Tokenizer) -> TokenStore | None:
+    """The cached store at `path`, or None when it is missing or damaged."""
+    if not is_store(path):
+        return None
+    try:
+        store = TokenStore.open(path)
+        store.check_tokenizer(tokenizer)
+        return store
+    except (DataError, OSError, ValueError, KeyError):
+        return None
 
 
 def _store_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
                   split: str | Split | None, text_column: str | None) -> TokenizedDocs:
     """A split of a prepared token store, memory-mapped, after checking its tokenizer."""
-    store = TokenStore.open(sources.parse_source(data).name)
+    store = TokenStore.open(parse_source(data).name)
     store.check_tokenizer(tokenizer)
     prepared = store.manifest["source"]["identity"].get("text_column")
     if text_column is not None and prepared is not None and text_column != prepared:
@@ -159,6 +158,6 @@ def _store_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
 
 
 def _cache_key(identity: dict[str, Any], tokenizer: Tokenizer) -> str:
-    blob = json.dumps({"format": _CACHE_FORMAT, "data": identity, "eos": True,
+    blob = json.dumps({"format": CACHE_FORMAT, "data": identity, "eos": True,
                        "tokenizer": tokenizer.fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
