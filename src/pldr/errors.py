@@ -51,13 +51,13 @@ def render(message: str, names: Mapping[str, str], assign: str = " ") -> str:
     """`message` with each parameter it names (`` `name` `` or `` `name=value` ``) spelt as
     the boundary spells it: `names` maps a Python parameter to a flag or field; `assign`
     joins a name to its value (" " for a flag, whose value loses its Python quotes unless
-    it holds a space; "=" for a field). Parameters `names` does not know keep their Python
-    spelling, without the backticks."""
+    it holds a space, and which stands alone for True; "=" for a field). Parameters that
+    `names` does not know keep their Python spelling, without the backticks."""
     def one(m: re.Match) -> str:
         name, value = m.group(1), m.group(2)
         shown = names.get(name, name)
-        if value is None:
-            return shown
+        if value is None or (assign == " " and name in names and value == "True"):
+            return shown  # a switch: the flag alone
         if assign == " " and name in names and " " not in value.strip("'\""):
             value = value.strip("'\"")
         return f"{shown}{assign if name in names else '='}{value}"

@@ -329,7 +329,7 @@ def refusal(failure: Failure) -> RequestError:
     if failure.kind == "engine":
         return engine_stopped(failure.message)
     if failure.kind == "model":
-        return RequestError(500, failure.message, None, "model_error")
+        return RequestError(500, render(failure.message, FIELDS, "="), None, "model_error")
     return RequestError(400, render(failure.message, FIELDS, "="),
                         FIELDS.get(failure.param or "prompt", "prompt"))
 
