@@ -66,7 +66,10 @@ def test_the_engine_loop_sends_each_id_once_and_equals_generate(model):
     assert loop.apply(Submit(7, (5, 0, 6), 3, GREEDY))  # the pad id: the engine refuses it
     _run(loop)
     assert all(isinstance(m, Step) for m in out.sent)
-    updates = [u for m in out.sent for u in m.updates]
+    assert any(m.ids for m in out.sent)  # ids alone come as (choice id, ids) pairs
+    assert all(isinstance(u, Update) for m in out.sent for u in m.updates)
+    # in the order sent (a step holds at most one entry per choice)
+    updates = [u for m in out.sent for u in [Update(i, ids) for i, ids in m.ids] + list(m.updates)]
     (refused,) = [u for u in updates if u.id == 7]
     assert refused.done and refused.failure.kind == "refused"
     assert refused.failure.param == "prompts" and "pad id" in refused.failure.message
@@ -101,14 +104,14 @@ def test_the_runner_hands_updates_to_their_choices_and_frees_a_cut_one():
             runner.submit(c, [1, 2], 6, GREEDY)
         assert [type(m) for m in runner._commands.sent] == [Submit, Submit]
         assert runner.waiting == 2 and runner.running == 0 and plain.phase == WAITING
-        runner._dispatch(Step((Update(plain.id, (0, 1)), Update(cut.id, (2,)))))
+        runner._dispatch(Step(((plain.id, (0, 1)), (cut.id, (2,)))))
         assert runner.running == 2 and plain.phase == RUNNING and plain.text == "ab"
-        runner._dispatch(Step((Update(plain.id, (2,), done=True), Update(cut.id, (3, 4)))))
+        runner._dispatch(Step(((cut.id, (3, 4)),), (Update(plain.id, (2,), done=True),)))
         assert plain.done and plain.text == "abc" and plain.finish_reason == "length"
         assert cut.done and cut.text == "c" and cut.cut  # "d" is a stop string
         assert runner._commands.sent[-1] == Cancel(cut.id)  # its slot is freed at once
-        assert ended == [plain, cut] and runner.running == runner.waiting == 0
-        runner._dispatch(Step((Update(cut.id, (5,), done=True),)))  # late ids are dropped
+        assert set(ended) == {plain, cut} and runner.running == runner.waiting == 0
+        runner._dispatch(Step(updates=(Update(cut.id, (5,), done=True),)))  # late: dropped
         assert cut.text == "c" and len(ended) == 2
 
     asyncio.run(scenario())

@@ -131,6 +131,17 @@ class Choice:
                  None if update.logprobs is None else list(update.logprobs))
         self.wake()
 
+    def accept_ids(self, ids: tuple[int, ...]) -> None:
+        """Take new ids (no logprobs, not the last): the common update of a step."""
+        if self.done:
+            return
+        now = time.perf_counter()
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+        self.phase = RUNNING
+        self.add(list(ids), False)
+        self.wake()
+
     def fail(self, failure: Any) -> None:
         """End it with `failure`; its text so far is dropped (a stream ends it with an
         "error" chunk, a plain response fails as a whole)."""

@@ -186,16 +186,26 @@ class EngineRunner:
     def _dispatch(self, step: Step) -> None:
         """On the event loop: hand one step's updates to their choices; a choice that a
         stop string ended while the engine still runs it is cancelled there."""
+        for id, ids in step.ids:
+            choice = self._choices.get(id)
+            if choice is not None:
+                choice.accept_ids(ids)
+                self._accepted(choice, engine_done=False)
         for update in step.updates:
             choice = self._choices.get(update.id)
             if choice is None:
                 continue  # cancelled meanwhile
             choice.accept(update)
-            if choice.done:
-                del self._choices[update.id]
-                if not update.done:
-                    self._send(Cancel(update.id))
-                self._ended(choice)
+            self._accepted(choice, update.done)
+
+    def _accepted(self, choice: Choice, engine_done: bool) -> None:
+        """After a choice took its ids: one that has finished leaves the routing table, and
+        one a stop string ended while the engine runs it is cancelled there."""
+        if choice.done:
+            del self._choices[choice.id]
+            if not engine_done:
+                self._send(Cancel(choice.id))
+            self._ended(choice)
 
     def _fail_all(self, reason: str) -> None:
         """On the event loop: the engine process ended; every choice it held fails."""
@@ -299,12 +309,15 @@ class Reported:
         self.id, self.request = id, request
         self.ids = 0  # new ids sent so far (their logprobs with them)
 
-    def update(self) -> Update | None:
-        """What the server has not been sent yet, or None if nothing changed."""
+    def update(self) -> Update | tuple[int, tuple[int, ...]] | None:
+        """What the server has not been sent yet: None if nothing changed, (id, new ids) if
+        that is all, else an `Update`."""
         req, start = self.request, self.ids
         new = req.tokens[start:]
-        if not new and not req.done:
-            return None
+        plain = req.logprobs is None and (start or req.prompt_token_logprobs is None)
+        if not req.done and (not new or plain):
+            self.ids = len(req.tokens)
+            return (self.id, tuple(new)) if new else None
         self.ids = len(req.tokens)
         failure = None if req.error is None else Failure("model", str(req.error))
         return Update(self.id, tuple(new),
@@ -342,7 +355,7 @@ class EngineLoop:
                 req = self.engine.submit(list(command.prompt), command.max_new_tokens,
                                          G_LM=self.G_LM, **command.sampling.keywords())
             except PLDRError as e:  # the request's fault: tell its handler, run on
-                self.results.send(Step((Update(command.id, done=True, failure=Failure(
+                self.results.send(Step(updates=(Update(command.id, done=True, failure=Failure(
                     "refused", str(e), e.param)),)))
             else:
                 self.running[command.id] = Reported(command.id, req)
@@ -354,12 +367,14 @@ class EngineLoop:
 
     def step(self) -> None:
         self.engine.step()
-        updates = []
+        ids, updates = [], []
         for id, reported in list(self.running.items()):
             update = reported.update()
-            if update is not None:
+            if isinstance(update, tuple):
+                ids.append(update)
+            elif update is not None:
                 updates.append(update)
                 if update.done:
                     del self.running[id]
-        if updates:
-            self.results.send(Step(tuple(updates)))
+        if ids or updates:
+            self.results.send(Step(tuple(ids), tuple(updates)))
