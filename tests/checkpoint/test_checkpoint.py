@@ -141,7 +141,7 @@ def test_v510G_identity_checkpoint_loads_with_G_LM_files(tmp_path):
 
 
 def test_v510G_without_G_LM_is_a_clear_error():
-    with pytest.raises(CheckpointError, match="v510G checkpoint .*pass G_LM="):
+    with pytest.raises(CheckpointError, match="v510G checkpoint .*pass `G_LM`"):
         load_model(fixture_file(G_CKPT), fixture_hpdict())
 
 

@@ -79,7 +79,7 @@ def test_large_configs_that_fit_are_allowed():
 
 def test_an_engine_too_large_for_memory_is_refused_before_allocation():
     model = PLDRModel(TINY).eval()
-    with pytest.raises(ConfigError, match=r"inference cache of 100000000 rows .*--max-batch"):
+    with pytest.raises(ConfigError, match=r"inference cache of 100000000 rows .*`max_batch`"):
         Engine(model, max_batch=100_000_000)
 
 

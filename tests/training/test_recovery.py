@@ -5,6 +5,7 @@ went on is refused unless asked; a damaged last checkpoint names the previous on
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -54,10 +55,10 @@ def test_huge_lr_stops_before_writing_a_bad_checkpoint(tok, tmp_path):
     with pytest.raises(TrainingError) as err:
         train(cfg(tok, out, max_steps=6, save_every=1, lr=1e6, resume="auto"))
     message = str(err.value)
-    assert "step-00000002" in message and "--resume" in message
+    assert "step-00000002" in message and "`resume=" in message  # the Python parameter
     assert [c.name for c in list_checkpoints(out)] == ["step-00000001", "step-00000002"]
     # the checkpoint the error names resumes, with a sane lr, and finishes
-    named = message.split("--resume ")[1].split(" ")[0]
+    named = ast.literal_eval(message.split("`resume=")[1].split("`")[0])
     result = train(cfg(tok, out, max_steps=4, save_every=1, resume=named))
     assert result.step == 4 and result.final_dir is not None
     assert all(r["loss"] == r["loss"] for r in read_metrics(out))  # no NaN logged
@@ -99,7 +100,7 @@ def test_resuming_an_earlier_checkpoint_into_its_run_is_refused(tok, tmp_path):
     train(cfg(tok, out, max_steps=4, save_every=1, keep_checkpoints=0))
     before = snapshot(out)
     first = list_checkpoints(out)[0]
-    with pytest.raises(CheckpointError, match="--fork-to NEW_DIR .* --truncate-later-steps"):
+    with pytest.raises(CheckpointError, match="`fork_to=NEW_DIR` .* `truncate_later_steps=True`"):
         train(cfg(tok, out, max_steps=4, resume=str(first)))
     assert snapshot(out) == before  # nothing rewritten
 

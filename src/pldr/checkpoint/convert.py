@@ -120,7 +120,7 @@ def write_original_files(model: Any, directory: Path) -> None:
         if getattr(config, name) != value:
             raise CheckpointError(f"the original code fixes {name}={value!r} and this model has "
                                   f"{getattr(config, name)!r}; it cannot be written in the "
-                                  "original layout (use --to pldr or hf-port)")
+                                  "original layout (use `to='pldr'` or `to='hf-port'`)")
     state, config = permute_rope_style(_plain_tensors(model.state_dict()), config, "interleaved")
     G_keys = [k for k in state if k.endswith("mha1.G_LM")]
     G = [state.pop(k)[None].clone() for k in sorted(G_keys, key=_layer_of)]  # L x [1, H, dk, dk]
@@ -140,14 +140,14 @@ def _check_replaceable(target: Path) -> None:
     """Refuse to replace a file, or a folder that holds anything but a model."""
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{str(target)!r} exists and is not a directory; choose another "
-                              "--out")
+                              "`dest`")
     model_files = {"config.json", "model.safetensors", "generation_config.json",
                    "tokenizer.model", ORIGINAL_CHECKPOINT, ORIGINAL_HPDICT, ORIGINAL_G_LM}
     if target.is_dir():
         others = sorted(p.name for p in target.iterdir() if p.name not in model_files)
         if others:
             raise CheckpointError(f"{str(target)!r} holds other files ({', '.join(others[:3])}); "
-                                  "choose an empty or new --out")
+                                  "choose an empty or new `dest`")
 
 
 __all__ = ["LAYOUTS", "convert_model", "permute_rope_style", "rope_permutation",

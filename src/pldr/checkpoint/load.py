@@ -144,13 +144,13 @@ def load_for_decoding(path: str | os.PathLike,
                       G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
                       device: str | torch.device | None = None,
                       dtype: str = "float32") -> tuple[PLDRModel, list[Tensor] | None]:
-    """`load_for_inference` for an inference dtype name (generate's and serve's --dtype):
+    """`load_for_inference` for an inference dtype name (generate's and serve's `dtype`):
     int8 loads float32 weights on the CPU and quantises them; bfloat16 on a CPU packs its
     weights for oneDNN, or falls back to float32 (with a warning) where the CPU has no
     native bf16."""
     if dtype == "int8" and device not in (None, "cpu"):
-        raise PLDRError(f"--dtype int8 runs on CPU only, not --device {device}; use "
-                        "--device cpu or --dtype float32/bfloat16")
+        raise PLDRError(f"`dtype='int8'` runs on CPU only, not `device={device!r}`; use "
+                        "`device='cpu'`, or `dtype='float32'` or 'bfloat16'")
     device = resolve_device("cpu" if dtype == "int8" else device)
     model, G = load_for_inference(path, config, G_LM=G_LM, device=device,
                                   dtype=load_dtype(dtype, device))
@@ -241,9 +241,8 @@ def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,
     if G_LM is None:
         if all(G_LM_key(i) in state for i in range(config.num_layers)):
             return state, None
-        raise CheckpointError("this is a v510G checkpoint and it does not hold G_LM; pass G_LM= "
-                              "(a tensor, a list of per-layer tensors or a predefined G_LM file; "
-                              "--G-LM on the CLI)")
+        raise CheckpointError("this is a v510G checkpoint and it does not hold G_LM; pass `G_LM` "
+                              "(a tensor, a list of per-layer tensors or a predefined G_LM file)")
     if isinstance(G_LM, (str, os.PathLike)):
         G_LM = load_G_LM(G_LM)
     like = state.get("decoder.embedding.weight")  # keep the checkpoint's dtype
@@ -303,7 +302,7 @@ def _place(model: PLDRModel, device: Any, dtype: Any) -> PLDRModel:
 
         size = torch.empty((), dtype=dtype or model.dtype).element_size()
         check_fits(MemoryEstimate((("weights", model.num_parameters() * size),)), device,
-                   "use a smaller --dtype (bfloat16, int8) or --device cpu", "the model")
+                   "use a smaller `dtype` (bfloat16, int8) or `device='cpu'`", "the model")
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if kwargs:
         model.to(**kwargs)

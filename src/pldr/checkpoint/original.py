@@ -28,8 +28,8 @@ ZIP_MAGIC = b"PK\x03\x04"
 def require_config(config: Any, path: Path) -> PLDRConfig:
     """An original checkpoint holds no hyperparameters: the caller must give them."""
     if config is None:
-        raise CheckpointError(f"{str(path)!r} holds weights only; pass its config (config= an "
-                              "hpdict dict, a PLDRConfig or a JSON path; --config on the CLI)")
+        raise CheckpointError(f"{str(path)!r} holds weights only; pass its config as `config` "
+                              "(an hpdict dict, a PLDRConfig or a JSON path)")
     return PLDRConfig.resolve(config)
 
 

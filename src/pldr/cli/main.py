@@ -3,8 +3,11 @@
 Each command is a module of this package with two plain functions: `register(subparsers)`
 declares its flags and `run(args)` runs it. The boundary: a `PLDRError` (bad input, named
 with its fix) and an OSError (a file that cannot be read or written, named with its path)
-become one `error: ...` line on stderr and exit status 2; any other exception is a bug, so
-its traceback is shown with a request to report it (exit status 1). `--debug`, anywhere on
+become one `error: ...` line on stderr and exit status 2. The library names Python
+parameters (`max_len`, `resume='auto'`); the boundary spells each as the running command's
+flag (--max-len, --resume auto), looked up in that command's parser (`command_flags`). Any
+other exception is a bug, so its traceback is shown with a request to report it (exit
+status 1). `--debug`, anywhere on
 the line, shows the traceback of input errors too. The library logs to the "pldr" logger;
 here its records go to stdout.
 """
@@ -19,7 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from .._version import __version__
-from ..errors import PLDRError
+from ..errors import PLDRError, render
 from . import (bench, convert, data, demo, evaluate, extract_g, finetune, generate, info,
                inspect, serve, tokenizer, train, version)
 from .common import Parser
@@ -28,6 +31,9 @@ from .common import Parser
 COMMANDS = (version, demo, train, finetune, generate, serve, bench, convert, info, inspect,
             extract_g, evaluate, tokenizer, data)
 REPORT = "this is a bug in pldr; please report it with the traceback above"
+# Python parameters that a command's flag names otherwise: command -> {parameter: flag's dest}
+# (every other parameter is the flag whose dest has its name: max_len -> --max-len)
+RENAMED = {"convert": {"dest": "out"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PLDRError, OSError) as e:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {_one_line(e)}\n")
+        text = _one_line(e)
+        if isinstance(e, PLDRError):
+            text = render(text, command_flags(parser, args.command))
+        sys.stderr.write(f"error: {text}\n")
         return 2
     except Exception:  # noqa: BLE001  the boundary: anything else is a bug
         traceback.print_exc()
@@ -96,6 +105,27 @@ class _StdoutHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stdout
         super().emit(record)
+
+
+def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Python parameter -> the flag of `command` that sets it: each option's dest (in the
+    command's own subcommands too), then the parameters of `RENAMED`."""
+    def options(p: argparse.ArgumentParser, out: dict[str, str]) -> dict[str, str]:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    options(child, out)
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs:
+                out.setdefault(action.dest, longs[0])
+        return out
+
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = options(subparsers.choices[command], {})
+    for param, dest in RENAMED.get(command, {}).items():
+        if dest in flags:
+            flags[param] = flags[dest]
+    return flags
 
 
 def _one_line(e: BaseException) -> str:

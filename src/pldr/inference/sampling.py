@@ -27,7 +27,7 @@ class NonFiniteLogitsError(PLDRError):
 
 NON_FINITE_MESSAGE = ("the model produced NaN or inf logits, so no token can be picked; its "
                       "weights or G_LM hold non-finite values: check the model with `pldr info` "
-                      "and any --G-LM file")
+                      "and any `G_LM` file")
 
 
 def check_tokens(tokens: Sequence[int]) -> None:
@@ -49,12 +49,13 @@ class SamplingConfig:
         if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
                 or t < 0 or 0 < t < MIN_TEMPERATURE):
             raise PLDRError(f"temperature must be >= 0 (0 is greedy), finite, and not below "
-                            f"{MIN_TEMPERATURE:g} when non-zero, got {t!r}")
+                            f"{MIN_TEMPERATURE:g} when non-zero, got {t!r}", param="temperature")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise PLDRError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise PLDRError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}",
+                            param="top_k")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise PLDRError(f"top_p must lie in (0, 1] (1 disables it), got {p!r}")
+            raise PLDRError(f"top_p must lie in (0, 1] (1 disables it), got {p!r}", param="top_p")
 
     @property
     def greedy(self) -> bool:
@@ -135,12 +136,13 @@ def seeds_for(seed: int | Sequence[int] | None, count: int) -> list[int | None]:
         return [seed] * count
     if not isinstance(seed, (list, tuple)) or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seed):
-        raise PLDRError(f"seed must be an int or a list of ints (one per prompt), got {seed!r}")
+        raise PLDRError(f"seed must be an int or a list of ints (one per prompt), got {seed!r}",
+                        param="seed")
     for s in seed:
         check_seed(s)
     if len(seed) != count:
         raise PLDRError(f"seed has {len(seed)} values for {count} prompts; give one per prompt "
-                        "or a single int")
+                        "or a single int", param="seed")
     return list(seed)
 
 
@@ -153,6 +155,7 @@ def check_seed(seed) -> None:
     if seed is None:
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise PLDRError(f"seed must be an integer, got {seed!r}")
+        raise PLDRError(f"seed must be an integer, got {seed!r}", param="seed")
     if not 0 <= seed < SEED_LIMIT:
-        raise PLDRError(f"seed must lie in [0, 2**63), got {seed}; pick a smaller seed")
+        raise PLDRError(f"seed must lie in [0, 2**63), got {seed}; pick a smaller seed",
+                        param="seed")

@@ -36,8 +36,9 @@ class InferenceCache:
 
         check_fits(cache_memory(config, slots, max_len, kv, dtype),
                    torch.device(device if device is not None else "cpu"),
-                   "lower the batch (--max-batch for serve) or the positions it holds "
-                   "(--max-len for serve, max_new_tokens)", f"an inference cache of {slots} rows x "
+                   "lower the batch (the prompts, or the engine's `max_batch`) or the "
+                   "positions it holds (`max_len`, `max_new_tokens`)",
+                   f"an inference cache of {slots} rows x "
                    f"{max_len if kv else 0} positions")
         kw = dict(device=device, dtype=dtype)
         self.config, self.slots, self.keep_G, self.static = config, slots, keep_G, static

@@ -3,7 +3,7 @@ is one error naming the estimate, what the device has and the setting to change,
 of an allocation failure deep in torch (or the machine swapping to a halt).
 
     need = training_memory(config, parameter_count(config), rows=16, seq_len=1024)
-    check_fits(need, device, "lower --batch-size or --context-length", "training")
+    check_fits(need, device, "lower `batch_size` or `context_length`", "training")
 
 Parameters are counted exactly (`model.parameter_count` builds the model on the meta
 device: no memory, no init); the inference cache exactly as `InferenceCache` allocates
@@ -94,7 +94,8 @@ def check_fits(need: MemoryEstimate, device: torch.device, knob: str, what: str,
                available: tuple[int, str] | None = None) -> None:
     """Raise a ConfigError when `need` exceeds the memory `device` has left (`available`,
     default: `devices.available_memory`), naming both figures and `knob`, the setting to
-    change. Unknown availability, or PLDR_NO_MEMORY_CHECK=1, lets it pass."""
+    change (naming parameters in backticks, as errors.py says). Unknown availability, or
+    PLDR_NO_MEMORY_CHECK=1, lets it pass."""
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return
     available = available if available is not None else available_memory(device)

@@ -32,6 +32,7 @@ from .attention import (
 )
 from .cache import InferenceCache, stack_per_layer
 from .linear import Linear
+from .pretrained import save_pretrained  # the directory format (takes any model, duck-typed)
 
 
 @dataclass
@@ -280,8 +281,6 @@ class PLDRModel(nn.Module):
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
         """Write `config.json` + `model.safetensors` (+ `tokenizer.model`) to `directory`."""
-        from .pretrained import save_pretrained  # the directory format, beside the model
-
         save_pretrained(self, directory, tokenizer=tokenizer)
 
 

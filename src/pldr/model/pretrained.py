@@ -3,6 +3,8 @@ written under a temporary name and renamed, so a crash never leaves half a model
 
 The format lives with the model (not in `pldr.checkpoint`) so that `model.save_pretrained`
 needs nothing above the model package; `pldr.checkpoint` reads these directories back.
+It takes any module with a `config` and a `state_dict` (the model and the task heads), so it
+never imports model.py, which imports it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import PLDRConfig
 from ..errors import CheckpointError, PLDRTypeError
 from ..files import atomic_write_text, replace_dir, save_safetensors, sha256_of, temp_sibling
 
-if TYPE_CHECKING:
-    from .model import PLDRModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,7 +51,7 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {e}") from None
 
 
-def save_pretrained(model: PLDRModel, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> None:
     """Write `config.json`, `model.safetensors` (and `tokenizer.model`) to `directory`.
 
     Written into a temporary folder next to it and renamed, so a crash never leaves half a
@@ -73,7 +73,7 @@ def save_pretrained(model: PLDRModel, directory: str | os.PathLike, tokenizer: A
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_model_files(model: PLDRModel, directory: Path, tokenizer: Any = None, *,
+def write_model_files(model: nn.Module, directory: Path, tokenizer: Any = None, *,
                       weights: bool = True) -> None:
     """config.json, model.safetensors and the tokenizer, into an existing directory.
 

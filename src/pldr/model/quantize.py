@@ -59,7 +59,7 @@ def _fbgemm_engine() -> str:
     if "qnnpack" in engines:
         return "qnnpack"
     raise PLDRTypeError("this torch build has no quantised CPU engine (fbgemm or qnnpack); "
-                        "use --dtype float32 or bfloat16")
+                        "use `dtype='float32'` or `dtype='bfloat16'`")
 
 
 class Int8Linear(nn.Module):
@@ -183,7 +183,7 @@ def _require_cpu(model: nn.Module, what: str, flag: str) -> None:
     params = list(model.parameters())
     if params and params[0].device.type != "cpu":
         raise PLDRTypeError(f"{what} are for CPU decoding; the model is on "
-                            f"{params[0].device}: use --device cpu with --dtype {flag}")
+                            f"{params[0].device}: use `device='cpu'` with `dtype='{flag}'`")
 
 
 def quantize_int8(model: nn.Module, reduce_range: bool | None = None) -> nn.Module:

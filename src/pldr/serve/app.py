@@ -3,10 +3,11 @@
 `local-completions` reads), `/health` and `/metrics`, over the continuous-batching engine
 run by `EngineRunner`.
 
-A completion request is checked (schemas.py), encoded, split into one engine request per
-prompt and choice, and answered from the tokens the engine process sends back: all at once,
-or as server-sent events while they are made. A client that goes away cancels its requests,
-which frees their slots.
+A completion request is checked (schemas.py), encoded, and split into one `Choice` per
+prompt and choice, each submitted to the engine; the runner hands each choice the ids the
+engine process sends back, and the handler answers from the choices: all at once, or as
+server-sent events while they are made (it wakes when any of its choices changes). A client
+that goes away cancels its choices, which frees their slots.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import PLDRError
+from ..errors import PLDRError, render
 from ..inference.generate import positions_needed
-from .choice import Choice, logprobs_json, prompt_scored
+from .choice import WAITING, Choice, logprobs_json, prompt_scored
+from .messages import Failure, Sampling
 from .metrics import ServerMetrics
-from .runner import EngineRunner, EngineStopped, Job, QueueFull
+from .runner import EngineRunner, EngineStopped, QueueFull
 from .schemas import (CompletionRequest, RequestError, check_ids, error_body, parse_completion,
                       parse_detokenize, parse_tokenize)
 
@@ -50,7 +52,7 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
     stops the process when the server shuts down."""
     config, limit = runner.config, runner.max_len
     metrics = ServerMetrics(lambda: runner.waiting, lambda: runner.running)
-    runner.on_finish = lambda job: _observe(metrics, job)
+    runner.on_finish = lambda choice: _observe(metrics, choice)
     created = int(time.time())
     # completion ids: unique per server (a random run prefix and a counter), without a
     # urandom call per request as uuid4 makes
@@ -109,27 +111,28 @@ def create_app(runner: EngineRunner, tokenizer: Any, settings: ServeSettings) ->
             raise engine_stopped(runner.error)
         req = parse_completion(await _json_body(request), settings.model_name)
         prompts = [_encode(p, tokenizer, config, limit, req.max_tokens) for p in req.prompts]
-        jobs = _submit(runner, prompts, req, asyncio.get_running_loop())
-        metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         scored = req.logprobs is not None
+        changed = asyncio.Event()  # set by any of the request's choices when it changes
+        echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
+                  for i in range(len(prompts) * req.n)]
+        choices = [Choice(tokenizer, req.stop, config.eos_id, scored, prompts[i // req.n],
+                          offset=len(echo), wake=changed.set) for i, echo in enumerate(echoes)]
+        _submit(runner, prompts, req, choices)
+        metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         head = {"id": f"cmpl-{run_id}{next(counter):08x}", "object": "text_completion",
                 "created": int(time.time()), "model": settings.model_name}
-        echoes = [tokenizer.decode(prompts[i // req.n]) if req.echo else ""
-                  for i in range(len(jobs))]
-        choices = [Choice(tokenizer, req.stop, config.eos_id, scored, prompts[i // req.n],
-                          offset=len(echoes[i])) for i in range(len(jobs))]
         if req.stream:
             return StreamingResponse(
-                _stream(request, runner, metrics, jobs, choices, echoes, head, req, prompts,
+                _stream(runner, metrics, choices, changed, echoes, head, req, prompts,
                         tokenizer),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        if not await _collect(request, runner, metrics, jobs, choices):
+        if not await _collect(request, runner, metrics, choices, changed):
             return Response(status_code=499)  # the client left; nobody reads this
 
         def logprobs(i: int, c: Choice) -> dict | None:
             if not scored:
                 return None
-            echoed = (prompt_scored(tokenizer, prompts[i // req.n], jobs[i].prompt_logprobs)
+            echoed = (prompt_scored(tokenizer, prompts[i // req.n], c.prompt_logprobs)
                       if req.echo else [])
             return logprobs_json(tokenizer, echoed + c.scored())
         return JSONResponse({**head, "choices": [
@@ -268,73 +271,67 @@ def _encode_text(tokenizer: Any, text: str) -> list[int]:
 
 
 def _submit(runner: EngineRunner, prompts: list[list[int]], req: CompletionRequest,
-            loop: asyncio.AbstractEventLoop) -> list[Job]:
-    """One engine request per prompt and choice (choice j samples with seed + j), all
-    delivering into one queue of (choice index, new ids, their logprobs, done). Echo with
-    logprobs asks for the prompt's too (with max_tokens 0: only those)."""
-    jobs: list[Job] = []
-    sink: asyncio.Queue = asyncio.Queue()
+            choices: list[Choice]) -> None:
+    """One engine request per prompt and choice (choice j of a prompt samples with seed +
+    j). Echo with logprobs asks for the prompt's too (with max_tokens 0: only those); a
+    choice with nothing to compute never reaches the engine."""
     score_prompt = req.echo and req.logprobs is not None
     try:
-        for ids in prompts:
-            for j in range(req.n):
-                seed = None if req.seed is None else (req.seed + j) % (2**63)
-                options = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                               seed=seed, logprobs=req.logprobs,
-                               prompt_logprobs=req.logprobs if score_prompt else None)
-                job = Job(list(ids), req.max_tokens, options, loop, sink, len(jobs))
-                if req.max_tokens == 0 and not score_prompt:
-                    job.deliver([], True)  # nothing to compute: never reaches the engine
-                else:
-                    runner.submit(job)
-                jobs.append(job)
+        for i, choice in enumerate(choices):
+            if req.max_tokens == 0 and not score_prompt:
+                choice.add([], True)
+                continue
+            j = i % req.n
+            seed = None if req.seed is None else (req.seed + j) % (2**63)
+            sampling = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                seed=seed, logprobs=req.logprobs,
+                                prompt_logprobs=req.logprobs if score_prompt else None)
+            runner.submit(choice, prompts[i // req.n], req.max_tokens, sampling)
     except EngineStopped as e:
-        for job in jobs:
-            runner.cancel(job)
+        _cancel_unfinished(runner, choices)
         raise engine_stopped(e) from None
     except QueueFull:
-        for job in jobs:
-            runner.cancel(job)
+        _cancel_unfinished(runner, choices)
         raise RequestError(429, f"the server's queue is full ({runner.max_queue} waiting); "
                            "retry later", headers={"Retry-After": "1"}) from None
-    return jobs
 
 
 async def _collect(request: Request, runner: EngineRunner, metrics: ServerMetrics,
-                   jobs: list[Job], choices: list[Choice]) -> bool:
-    """Wait for every choice to finish; False (and every job cancelled) if the client left."""
-    sink = jobs[0].sink
-    while not all(c.done for c in choices):
+                   choices: list[Choice], changed: asyncio.Event) -> bool:
+    """Wait for every choice to finish; False (and every choice cancelled) if the client
+    left. A choice that failed fails the whole request, and its other choices stop."""
+    while True:
+        failed = next((c.failure for c in choices if c.failure is not None), None)
+        if failed is not None:
+            _cancel_unfinished(runner, choices)
+            raise refusal(failed)
+        if all(c.done for c in choices):
+            return True
         try:
-            i, ids, logprobs, done = await asyncio.wait_for(sink.get(), timeout=0.25)
+            await asyncio.wait_for(changed.wait(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                _cancel_all(runner, metrics, jobs)
+                _cancel_all(runner, metrics, choices)
                 return False
-            continue
-        job, choice = jobs[i], choices[i]
-        try:
-            _raise_refusal(job)
-        except RequestError:  # the whole request fails: its other choices stop too
-            _cancel_unfinished(runner, jobs)
-            raise
-        if choice.done:
-            continue  # a stop string ended it; the engine's last ids are not wanted
-        choice.add(ids, done, logprobs)
-        if choice.done and not job_finished(job):
-            runner.cancel(job)  # a stop string ended it early: free the slot now
-    return True
+        changed.clear()
 
 
-def _raise_refusal(job: Job) -> None:
-    """A request the engine refused (its checks are the last word) is the client's 400; one
-    the model failed on (NaN logits) is the server's 500, for that request only."""
-    if job.error is not None:
-        if job.failure == "engine":
-            raise engine_stopped(job.error)
-        if job.failure == "model":
-            raise RequestError(500, str(job.error), None, "model_error")
-        raise RequestError(400, str(job.error), "prompt")
+# The engine's Python parameters, as a completion request names them (its fields)
+FIELDS = {"prompt": "prompt", "prompts": "prompt", "max_new_tokens": "max_tokens",
+          "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
+          "logprobs": "logprobs", "prompt_logprobs": "logprobs"}
+
+
+def refusal(failure: Failure) -> RequestError:
+    """A request the engine refused (its checks are the last word) is the client's 400,
+    naming the field at fault (the prompt, unless the engine named another parameter);
+    one the model failed on (NaN logits) is the server's 500, for that request only."""
+    if failure.kind == "engine":
+        return engine_stopped(failure.message)
+    if failure.kind == "model":
+        return RequestError(500, render(failure.message, FIELDS, "="), None, "model_error")
+    return RequestError(400, render(failure.message, FIELDS, "="),
+                        FIELDS.get(failure.param or "prompt", "prompt"))
 
 
 def engine_stopped(reason: object) -> RequestError:
@@ -343,25 +340,22 @@ def engine_stopped(reason: object) -> RequestError:
                         code="engine_stopped")
 
 
-def job_finished(job: Job) -> bool:
-    return job.done or job.id < 0  # ended, or never submitted
-
-
-async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics,
-                  jobs: list[Job], choices: list[Choice], echoes: list[str], head: dict,
+async def _stream(runner: EngineRunner, metrics: ServerMetrics, choices: list[Choice],
+                  changed: asyncio.Event, echoes: list[str], head: dict,
                   req: CompletionRequest, prompts: list[list[int]],
                   tokenizer: Any) -> AsyncIterator[str]:
     """Server-sent events: a chunk per new piece of text per choice, then `data: [DONE]`.
     What has arrived by the time the stream wakes goes out in one write. With logprobs a
     chunk carries those of the ids whose text it shows, and an echo waits for the prompt's
-    logprobs (they come with the choice's first ids)."""
-    sink, events = jobs[0].sink, Events(head)
-    scored = req.logprobs is not None
-    finished, echo_due = 0, [bool(echo) for echo in echoes]
+    logprobs (they come with the choice's first ids). A choice that fails after the
+    headers went out ends with finish_reason "error"."""
+    events, scored = Events(head), req.logprobs is not None
+    echo_due = [bool(echo) for echo in echoes]
+    closed = [False] * len(choices)  # its last chunk went out
 
     def echo_chunk(i: int) -> str:
         echo_due[i] = False
-        entries = prompt_scored(tokenizer, prompts[i // req.n], jobs[i].prompt_logprobs)
+        entries = prompt_scored(tokenizer, prompts[i // req.n], choices[i].prompt_logprobs)
         return events.chunk(i, echoes[i], None,
                             logprobs_json(tokenizer, entries) if scored else None)
 
@@ -369,44 +363,40 @@ async def _stream(request: Request, runner: EngineRunner, metrics: ServerMetrics
         return events.chunk(i, text, finish_reason,
                             logprobs_json(tokenizer, choices[i].new_scored()) if scored else None)
 
+    def chunks(i: int, choice: Choice) -> list[str]:
+        if closed[i] or (choice.phase == WAITING and choice.prompt_logprobs is None):
+            return []  # nothing new from the engine yet
+        out = [echo_chunk(i)] if echo_due[i] else []
+        if choice.failure is not None:
+            closed[i] = True
+            return out + [events.chunk(i, "", "error")]
+        text = choice.new_text()
+        if choice.done:
+            closed[i] = True
+            out.append(text_chunk(i, text, choice.finish_reason))
+        elif text:
+            out.append(text_chunk(i, text, None))
+        return out
+
     try:
-        out = [] if scored else [echo_chunk(i) for i in range(len(jobs)) if echo_due[i]]
-        if out:
-            yield "".join(out)
-        while finished < len(jobs):
-            out = []
-            batch = [await sink.get()]
-            while not sink.empty():
-                batch.append(sink.get_nowait())
-            for i, ids, logprobs, done in batch:
-                choice = choices[i]
-                if choice.done:  # a stop string or an error ended it: later ids are not wanted
-                    continue
-                if echo_due[i]:
-                    out.append(echo_chunk(i))
-                if jobs[i].error is not None:  # headers are sent: end the choice with it
-                    choice.done, choice.text, choice.stopped = True, "", True
-                    finished += 1
-                    out.append(events.chunk(i, "", "error"))
-                    continue
-                choice.add(ids, done, logprobs)
-                text = choice.new_text()
-                if choice.done:
-                    finished += 1
-                    if not job_finished(jobs[i]):
-                        runner.cancel(jobs[i])
-                    out.append(text_chunk(i, text, choice.finish_reason))
-                elif text:
-                    out.append(text_chunk(i, text, None))
-            if finished == len(jobs):
+        out = [] if scored else [echo_chunk(i) for i in range(len(choices)) if echo_due[i]]
+        while True:
+            for i, choice in enumerate(choices):
+                out += chunks(i, choice)
+            if all(closed):
                 if req.include_usage:
                     out.append("data: " + json.dumps({**head, "choices": [],
                                                       "usage": _usage(prompts, choices)}) + "\n\n")
                 out.append("data: [DONE]\n\n")
+                yield "".join(out)
+                return
             if out:
                 yield "".join(out)
-    except BaseException:  # the client left (or a bug): its jobs must not run on
-        _cancel_all(runner, metrics, jobs)
+            out = []
+            await changed.wait()
+            changed.clear()
+    except BaseException:  # the client left (or a bug): its choices must not run on
+        _cancel_all(runner, metrics, choices)
         raise
 
 
@@ -423,17 +413,17 @@ class Events:
                 f'{json.dumps(logprobs)}, "finish_reason": {json.dumps(finish_reason)}}}]}}\n\n')
 
 
-def _cancel_all(runner: EngineRunner, metrics: ServerMetrics, jobs: list[Job]) -> None:
-    """The client left: stop its jobs and count it as cancelled if any was still running."""
-    if _cancel_unfinished(runner, jobs):
+def _cancel_all(runner: EngineRunner, metrics: ServerMetrics, choices: list[Choice]) -> None:
+    """The client left: stop its choices and count it as cancelled if any was still running."""
+    if _cancel_unfinished(runner, choices):
         metrics.cancelled.inc()
 
 
-def _cancel_unfinished(runner: EngineRunner, jobs: list[Job]) -> int:
-    """Cancel the jobs that have not ended; returns how many there were."""
-    left = [job for job in jobs if not job_finished(job)]
-    for job in left:
-        runner.cancel(job)
+def _cancel_unfinished(runner: EngineRunner, choices: list[Choice]) -> int:
+    """Cancel the choices that have not ended; returns how many there were."""
+    left = [c for c in choices if not c.done]
+    for choice in left:
+        runner.cancel(choice)
     return len(left)
 
 
@@ -444,10 +434,11 @@ def _usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def _observe(metrics: ServerMetrics, job: Job) -> None:
-    """Per-request figures, recorded when a request ends (on the runner's reader thread)."""
-    metrics.generated_tokens.inc(job.sent)
-    if job.first_token_at is not None:
-        metrics.ttft.observe(job.first_token_at - job.submitted_at)
-        if job.sent > 1 and job.last_token_at is not None:
-            metrics.tpot.observe((job.last_token_at - job.first_token_at) / (job.sent - 1))
+def _observe(metrics: ServerMetrics, choice: Choice) -> None:
+    """Per-choice figures, recorded when a submitted choice ends."""
+    made = len(choice.ids)
+    metrics.generated_tokens.inc(made)
+    if choice.first_token_at is not None:
+        metrics.ttft.observe(choice.first_token_at - choice.submitted_at)
+        if made > 1 and choice.last_token_at is not None:
+            metrics.tpot.observe((choice.last_token_at - choice.first_token_at) / (made - 1))

@@ -1,10 +1,12 @@
-"""One completion choice as its ids arrive: its text (incrementally decoded, cut at stop
-strings, held back while it might still be a stop string or half a character) and, when
+"""One completion choice on the server, as its ids arrive: its lifecycle (waiting, running,
+finished or failed), its text (incrementally decoded, cut at stop strings, held back while it
+might still be a stop string or half a character), what has been shown of it and, when
 asked, each id's log-probabilities in OpenAI's `logprobs` shape."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import time
+from typing import Any, Callable, NamedTuple
 
 
 class Scored(NamedTuple):
@@ -60,31 +62,104 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
     return out
 
 
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
 class Choice:
-    """The text of one choice as its ids arrive: stop strings cut it, and streaming holds back
-    what might still turn out to be a stop string or half a multi-byte character. With
-    `logprobs` it keeps each id's log-probabilities and where its text ends; `offset` is
-    the length of the text before it in the response (an echoed prompt)."""
+    """One completion choice on the server: the one owner of its lifecycle and of what has
+    been shown of it.
+
+    Lifecycle: `phase` is "waiting" (no id yet: queued in the engine, or not submitted),
+    "running" (ids arriving) or "finished" (its last ids came, a stop string or EOS ended
+    its text, it was cancelled, or it failed: `failure` says why). `done` is phase ==
+    "finished"; nothing else tracks it. The runner routes the engine's `Update`s to
+    `accept`, on the event loop only, and calls `wake` after each.
+
+    Text: stop strings cut it, and streaming holds back what might still turn out to be a
+    stop string or half a multi-byte character (`new_text`, `sent`: the characters shown so
+    far). With `logprobs` it keeps each id's log-probabilities and where its text ends;
+    `offset` is the length of the text before it in the response (an echoed prompt)."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_id: int,
-                 logprobs: bool = False, prompt: list[int] | tuple = (), offset: int = 0):
+                 logprobs: bool = False, prompt: list[int] | tuple = (), offset: int = 0,
+                 wake: Callable[[], None] | None = None):
         self.stops, self.eos_id, self.offset = stops, eos_id, offset
+        self.wake = wake or (lambda: None)
         self.decoder = TextDecoder(tokenizer, prompt)
         self.text = ""
-        self.sent = 0
+        self.sent = 0         # characters of `text` shown to the client
         self.stopped = False  # a stop string or EOS ended it
         self.cut = False      # a stop string ended it (the text stops before the last ids')
-        self.done = False
+        self.phase = WAITING
+        self.failure: Any = None  # a messages.Failure once it failed
+        self.id = -1              # the runner's id, once submitted
         self.logprobs: list | None = [] if logprobs else None  # TokenLogprobs per id
+        self.prompt_logprobs: list | None = None  # per prompt id ([0] None), if asked
         self.ends: list[int] = []  # with logprobs: per id, the text's length once it came
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self._full = ""            # the text before a stop string cut it
         self._logprobs_sent = 0
+
+    @property
+    def done(self) -> bool:
+        return self.phase == FINISHED
 
     @property
     def ids(self) -> list[int]:
         return self.decoder.ids[self.decoder.start:]
 
-    def add(self, ids: list[int], done: bool, logprobs: list | None = None) -> None:
+    # ----- the lifecycle (the runner calls these on the event loop) -----------------------
+
+    def accept(self, update: Any) -> None:
+        """Take one engine step's `messages.Update` for this choice (ignored once done: a
+        stop string ended it and the engine's last ids are not wanted)."""
+        if self.done:
+            return
+        if update.prompt_logprobs is not None:  # with the first update, before its ids
+            self.prompt_logprobs = list(update.prompt_logprobs)
+        if update.ids:
+            now = time.perf_counter()
+            self.first_token_at = self.first_token_at or now
+            self.last_token_at = now
+            self.phase = RUNNING
+        if update.failure is not None:
+            self.fail(update.failure)
+            return
+        self.add(list(update.ids), update.done,
+                 None if update.logprobs is None else list(update.logprobs))
+        self.wake()
+
+    def accept_ids(self, ids: tuple[int, ...]) -> None:
+        """Take new ids (no logprobs, not the last): the common update of a step."""
+        if self.done:
+            return
+        now = time.perf_counter()
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+        self.phase = RUNNING
+        self.add(list(ids), False)
+        self.wake()
+
+    def fail(self, failure: Any) -> None:
+        """End it with `failure`; its text so far is dropped (a stream ends it with an
+        "error" chunk, a plain response fails as a whole)."""
+        if not self.done:
+            self.failure, self.text, self.stopped = failure, "", True
+            self.phase = FINISHED
+            self.wake()
+
+    def finish(self) -> None:
+        """End it as it stands (cancelled, or nothing to generate)."""
+        if not self.done:
+            self.phase = FINISHED
+            self.wake()
+
+    # ----- the text ------------------------------------------------------------------------
+
+    def add(self, ids: list[int], last: bool, logprobs: list | None = None) -> None:
+        """Append `ids` (`last`: no more will come); a stop string ends it."""
         if self.logprobs is None:
             text = self.decoder.add(ids)
         else:  # one id at a time, to know where the text of each ends
@@ -96,10 +171,12 @@ class Choice:
         self._full = text
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if cuts:
-            text, self.stopped, self.cut, done = text[:min(cuts)], True, True, True
+            text, self.stopped, self.cut, last = text[:min(cuts)], True, True, True
         if self.ids and self.ids[-1] == self.eos_id:
             self.stopped = True
-        self.text, self.done = text, done
+        self.text = text
+        if last:
+            self.phase = FINISHED
 
     def new_text(self) -> str:
         """What may be shown now and was not shown yet (with logprobs: whole ids' texts, so

@@ -1,10 +1,15 @@
 """The engine process: one process owns the model and its `Engine` and runs its steps; the
-HTTP server's process talks to it through two pipes, and tokens come back to each request's
-asyncio queue.
+HTTP server's process talks to it through two pipes of typed messages (messages.py), and
+each step's ids go to their `Choice`s on the event loop.
 
-    handler --submit/cancel--> runner --commands pipe--> engine process: engine.submit/cancel
+    handler --submit/cancel--> runner --Submit/Cancel--> engine process (EngineLoop):
+                                                         engine.submit/cancel, then
                                                          engine.step() while anything runs
-    handler <--(index, ids, logprobs, done)-- reader thread <--results pipe-- a message a step
+    Choice.accept <--event loop-- reader thread <--Step(Update per choice)-- after a step
+
+Who owns what: on the server side a `Choice` owns its request's lifecycle (waiting,
+running, finished or failed) and what was shown of it; in the engine process a `Reported`
+owns what was sent of its engine request. The runner only routes ids to choices.
 
 Why a process and not a thread: a thread shares the interpreter lock with the event loop, so
 the server ran on one core whatever the machine had (server CPU time equalled wall time):
@@ -13,7 +18,7 @@ waited for the event loop. In its own process the model has a core to itself (as
 engine core does) and the event loop the others.
 
 The engine process builds its engine from an `EngineSpec` (the command line's model flags),
-answers `ready` with the model's config or `failed` with a one-line reason, then steps while
+answers `Ready` with the model's config or `LoadFailed` with a one-line reason, then steps while
 any request runs and blocks on the commands pipe when none does. It ignores SIGINT and
 SIGTERM (the server drains running requests first, then stops it) and exits when the server
 does: a closed pipe ends it.
@@ -27,12 +32,14 @@ import logging
 import multiprocessing
 import signal
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from ..errors import PLDRError
+from .choice import RUNNING, WAITING, Choice
+from .messages import (Cancel, Crashed, Failure, LoadFailed, Ready, Sampling, Step, Stop,
+                       Submit, Update)
 
 log = logging.getLogger("pldr")
 
@@ -62,57 +69,29 @@ class EngineSpec:
     threads: int = 1                 # torch threads of the engine process
 
 
-@dataclass
-class Job:
-    """One completion choice on its way through the engine."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    options: dict[str, Any]            # Engine.submit's keywords: sampling, seed, logprobs
-    loop: asyncio.AbstractEventLoop
-    sink: asyncio.Queue                # (index, new ids, their logprobs, done); per request
-    index: int = 0                     # which choice of its request this job is
-    id: int = -1                       # the runner's id for it, set by `submit`
-    sent: int = 0                      # ids delivered so far
-    done: bool = False                 # ended: its last ids are delivered (or never submitted)
-    error: Exception | None = None     # why it failed (see `failure`)
-    failure: str | None = None         # "refused" (the request), "model" (NaN logits), "engine"
-    prompt_logprobs: list | None = None  # TokenLogprobs per prompt id ([0] None), if asked
-
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-
-    def deliver(self, ids: list[int], done: bool) -> None:
-        """Hand `ids` (without logprobs) to the request from any thread."""
-        self.done = self.done or done
-        self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.index, ids, None, done))
-
-
-def _hand_over(batch: list[tuple[Job, list[int], list | None, bool]]) -> None:
-    """On the event loop: put one step's ids into their requests' queues."""
-    for job, ids, logprobs, done in batch:
-        job.sink.put_nowait((job.index, ids, logprobs, done))
-
-
 class EngineRunner:
-    """The engine process seen from the server; `submit` and `cancel` may be called from any
-    thread. `start` launches the process and waits until the model is loaded (a load that
-    fails raises its PLDRError here, before the server binds); then `config` (the model's
-    PLDRConfig), `max_len` and `dtype` are known.
+    """The engine process seen from the server. `start` launches the process and waits
+    until the model is loaded (a load that fails raises its PLDRError here, before the
+    server binds); then `config` (the model's PLDRConfig), `max_len` and `dtype` are known.
 
-    `on_finish(job)` (optional) is called when a job ends, for metrics."""
+    `submit` and `cancel` run on the server's event loop, and so does everything that
+    changes a choice: the reader thread only receives the engine process's messages and
+    hands each to the loop. The runner owns no request state of its own: `_choices` routes
+    an id to its `Choice` while the engine holds it, and a choice leaves it in the same
+    call that finishes it.
+
+    `on_finish(choice)` (optional) is called when a submitted choice ends, for metrics."""
 
     def __init__(self, spec: EngineSpec, max_queue: int = 256,
-                 on_finish: Callable[[Job], None] | None = None):
+                 on_finish: Callable[[Choice], None] | None = None):
         self.spec, self.max_queue, self.on_finish = spec, max_queue, on_finish
         self.config: Any = None
         self.max_len = 0
-        self.dtype = ""                   # what the model runs in (float32, bfloat16, int8)
-        self.error: str | None = None     # why the engine process stopped, once it has
-        self._live: dict[int, Job] = {}   # submitted, not ended
+        self.dtype = ""                    # what the model runs in (float32, bfloat16, int8)
+        self.error: str | None = None      # why the engine process stopped, once it has
+        self._choices: dict[int, Choice] = {}  # id -> choice, while the engine holds it
         self._ids = itertools.count()
-        self._lock = threading.Lock()     # guards _live
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, from `submit`
         self._send_lock = threading.Lock()  # one message at a time down the commands pipe
         self._process: multiprocessing.process.BaseProcess | None = None
         self._commands: Connection | None = None
@@ -139,7 +118,7 @@ class EngineRunner:
             if not results_out.poll(START_TIMEOUT_S):
                 raise PLDRError(f"the engine process did not load the model within "
                                 f"{START_TIMEOUT_S:.0f} s")
-            kind, *rest = results_out.recv()
+            answer = results_out.recv()
         except EOFError:
             self.stop(timeout=0)
             raise PLDRError("the engine process exited while loading the model; see the log "
@@ -147,11 +126,11 @@ class EngineRunner:
         except BaseException:  # the timeout, or Ctrl-C: do not wait out the load
             self.stop(timeout=0)
             raise
-        if kind == "failed":
+        if isinstance(answer, LoadFailed):
             self.stop()
-            raise PLDRError(rest[0])
-        config, self.max_len, self.dtype = rest
-        self.config = PLDRConfig.from_dict(config)
+            raise answer.error()
+        self.config, self.max_len = PLDRConfig.from_dict(answer.config), answer.max_len
+        self.dtype = answer.dtype
         self._reader = threading.Thread(target=self._read, name="pldr-engine-reader",
                                         daemon=True)
         self._reader.start()
@@ -162,7 +141,7 @@ class EngineRunner:
         ignores SIGTERM)."""
         self._stopping = True
         if self._commands is not None:
-            self._send(("stop",))
+            self._send(Stop())
         if self._process is not None:
             self._process.join(timeout)
             if self._process.is_alive():
@@ -171,47 +150,75 @@ class EngineRunner:
         if self._reader is not None:
             self._reader.join(timeout)
 
-    # ----- requests -----------------------------------------------------------------------
+    # ----- choices (on the event loop) ----------------------------------------------------
 
     @property
     def waiting(self) -> int:
-        """Requests that have no slot yet (no token so far)."""
-        with self._lock:
-            return self._waiting_locked()
-
-    def _waiting_locked(self) -> int:
-        return sum(1 for j in self._live.values() if j.first_token_at is None)
+        """Choices that have no slot yet (no id so far)."""
+        return sum(1 for c in self._choices.values() if c.phase == WAITING)
 
     @property
     def running(self) -> int:
-        """Requests in a slot, producing tokens."""
-        with self._lock:
-            return sum(1 for j in self._live.values() if j.first_token_at is not None)
+        """Choices in a slot, producing ids."""
+        return sum(1 for c in self._choices.values() if c.phase == RUNNING)
 
-    def submit(self, job: Job) -> Job:
-        with self._lock:  # checked under the lock `_fail_all` empties _live under
-            if self.error is not None:
-                raise EngineStopped(self.error)
-            if self._waiting_locked() >= self.max_queue:
-                raise QueueFull()
-            job.id = next(self._ids)
-            self._live[job.id] = job
-        self._send(("submit", job.id, job.prompt, job.max_new_tokens, job.options))
-        return job
+    def submit(self, choice: Choice, prompt: list[int], max_new_tokens: int,
+               sampling: Sampling) -> None:
+        """Queue `choice` in the engine; raises EngineStopped or QueueFull (not queued)."""
+        if self.error is not None:
+            raise EngineStopped(self.error)
+        if self.waiting >= self.max_queue:
+            raise QueueFull()
+        self._loop = self._loop or asyncio.get_running_loop()
+        choice.id = next(self._ids)
+        self._choices[choice.id] = choice
+        self._send(Submit(choice.id, tuple(prompt), max_new_tokens, sampling))
 
-    def cancel(self, job: Job) -> None:
-        """Stop `job` now (its slot is freed in the engine process's next step)."""
-        with self._lock:
-            live = self._live.pop(job.id, None) is not None
-        if live:
-            job.done = True
-            self._send(("cancel", job.id))
-            if self.on_finish is not None:
-                self.on_finish(job)
+    def cancel(self, choice: Choice) -> None:
+        """Stop `choice` now (its slot is freed in the engine process's next step)."""
+        if self._choices.pop(choice.id, None) is not None:
+            self._send(Cancel(choice.id))
+            self._ended(choice)
+        choice.finish()
 
-    def _send(self, message: tuple) -> None:
+    def _ended(self, choice: Choice) -> None:
+        if self.on_finish is not None:
+            self.on_finish(choice)
+
+    def _dispatch(self, step: Step) -> None:
+        """On the event loop: hand one step's updates to their choices; a choice that a
+        stop string ended while the engine still runs it is cancelled there."""
+        for id, ids in step.ids:
+            choice = self._choices.get(id)
+            if choice is not None:
+                choice.accept_ids(ids)
+                self._accepted(choice, engine_done=False)
+        for update in step.updates:
+            choice = self._choices.get(update.id)
+            if choice is None:
+                continue  # cancelled meanwhile
+            choice.accept(update)
+            self._accepted(choice, update.done)
+
+    def _accepted(self, choice: Choice, engine_done: bool) -> None:
+        """After a choice took its ids: one that has finished leaves the routing table, and
+        one a stop string ended while the engine runs it is cancelled there."""
+        if choice.done:
+            del self._choices[choice.id]
+            if not engine_done:
+                self._send(Cancel(choice.id))
+            self._ended(choice)
+
+    def _fail_all(self, reason: str) -> None:
+        """On the event loop: the engine process ended; every choice it held fails."""
+        choices, self._choices = list(self._choices.values()), {}
+        for choice in choices:
+            choice.fail(Failure("engine", reason))
+            self._ended(choice)
+
+    def _send(self, message: Any) -> None:
         try:
-            with self._send_lock:  # not _lock: a full pipe must not stall the reader
+            with self._send_lock:
                 self._commands.send(message)
         except (OSError, ValueError):  # the process is gone; the reader reports why
             pass
@@ -219,60 +226,33 @@ class EngineRunner:
     # ----- the reader thread --------------------------------------------------------------
 
     def _read(self) -> None:
-        """Deliver every step's results, until the engine process ends."""
+        """Hand every message of the engine process to the event loop, until it ends."""
         while True:
             try:
-                kind, *rest = self._results.recv()
+                message = self._results.recv()
             except (EOFError, OSError):
                 if not self._stopping:
-                    self._fail_all("the engine process exited")
+                    self._engine_ended("the engine process exited")
                 return
-            if kind == "step":
-                self._publish(rest[0])
-            elif kind == "crashed":
-                log.error("engine process failed:\n%s", rest[1])
-                self._fail_all(rest[0])
+            if isinstance(message, Step):
+                self._on_loop(self._dispatch, message)
+            elif isinstance(message, Crashed):
+                log.error("engine process failed:\n%s", message.traceback)
+                self._engine_ended(message.reason)
                 return
 
-    def _publish(self, updates: list[tuple]) -> None:
-        """One step's (job id, new ids, their logprobs, prompt logprobs, done, error kind,
-        message) for each job that got ids or ended, handed to each event loop in one call."""
-        now = time.perf_counter()
-        batches: dict[asyncio.AbstractEventLoop, list[tuple]] = {}
-        ended = []
-        with self._lock:
-            for job_id, new, logprobs, prompt_logprobs, done, failure, message in updates:
-                job = self._live.get(job_id)
-                if job is None:
-                    continue  # cancelled meanwhile
-                if prompt_logprobs is not None:  # with the first update, before its ids
-                    job.prompt_logprobs = prompt_logprobs
-                if new:
-                    job.first_token_at = job.first_token_at or now
-                    job.last_token_at = now
-                    job.sent += len(new)
-                if failure is not None:
-                    job.error, job.failure = PLDRError(message), failure
-                if done:
-                    job.done = True
-                    del self._live[job_id]
-                    ended.append(job)
-                batches.setdefault(job.loop, []).append((job, new, logprobs, done))
-        for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_hand_over, batch)
-        if self.on_finish is not None:
-            for job in ended:
-                self.on_finish(job)
+    def _engine_ended(self, reason: str) -> None:
+        self.error = reason  # from now on `submit` refuses; then the held choices fail
+        self._on_loop(self._fail_all, reason)
 
-    def _fail_all(self, reason: str) -> None:
-        with self._lock:
-            self.error = reason
-            jobs, self._live = list(self._live.values()), {}
-        for job in jobs:
-            job.error, job.failure = EngineStopped(reason), "engine"
-            job.deliver([], True)
-            if self.on_finish is not None:
-                self.on_finish(job)
+    def _on_loop(self, fn: Callable, *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return  # nothing was ever submitted: nothing to hand over
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has closed: the server is gone
+            pass
 
 
 # ----- the engine process ----------------------------------------------------------------------
@@ -286,25 +266,25 @@ def engine_main(spec: EngineSpec, commands: Connection, results: Connection) -> 
     try:
         engine, G_LM = _build(spec)
     except Exception as e:  # noqa: BLE001  a load that fails must reach the CLI as one line
-        message = str(e) if isinstance(e, PLDRError) else (
-            f"the model could not be loaded: {type(e).__name__}: {e}")
+        failed = (LoadFailed(str(e), e.param) if isinstance(e, PLDRError) else
+                  LoadFailed(f"the model could not be loaded: {type(e).__name__}: {e}"))
         try:
-            results.send(("failed", message))
+            results.send(failed)
         except OSError:
             pass  # the server is gone already
         return
     try:
         dtype = spec.dtype if spec.dtype == "int8" else \
             str(engine.model.dtype).removeprefix("torch.")  # bfloat16 may have fallen back
-        results.send(("ready", engine.model.config.to_dict(), engine.max_len, dtype))
-        _serve(engine, G_LM, commands, results)
+        results.send(Ready(engine.model.config.to_dict(), engine.max_len, dtype))
+        EngineLoop(engine, G_LM, results).run(commands)
     except (EOFError, BrokenPipeError, OSError):
         return  # the server is gone
     except Exception as e:  # noqa: BLE001  the server must hear of it, not hang
         import traceback
 
         try:
-            results.send(("crashed", f"{type(e).__name__}: {e}", traceback.format_exc()))
+            results.send(Crashed(f"{type(e).__name__}: {e}", traceback.format_exc()))
         except OSError:
             pass
 
@@ -323,43 +303,82 @@ def _build(spec: EngineSpec):
                   compile=spec.compile), G_LM
 
 
-def _serve(engine: Any, G_LM: Any, commands: Connection, results: Connection) -> None:
-    """Apply commands, step while anything runs, send each step's news in one message."""
-    running: dict[int, Any] = {}   # job id -> the engine's request
-    sent: dict[int, int] = {}      # job id -> ids reported so far
-    while True:
-        block = not running
-        while commands.poll(None if block else 0):
-            block = False
-            kind, *rest = commands.recv()
-            if kind == "stop":
-                return
-            if kind == "submit":
-                job_id, prompt, max_new_tokens, options = rest
-                try:
-                    running[job_id] = engine.submit(prompt, max_new_tokens, G_LM=G_LM,
-                                                    **options)
-                    sent[job_id] = 0
-                except PLDRError as e:  # the request's fault: tell its handler, run on
-                    results.send(("step", [(job_id, [], None, None, True, "refused", str(e))]))
-            elif kind == "cancel" and rest[0] in running:
-                engine.cancel(running.pop(rest[0]))
-                del sent[rest[0]]
-        if not running:
-            continue
-        engine.step()
-        updates = []
-        for job_id, req in list(running.items()):
-            start = sent[job_id]
-            new = req.tokens[start:]
-            sent[job_id] = len(req.tokens)
-            failure = None if req.error is None else "model"
-            if new or req.done:
-                logprobs = req.token_logprobs[start:] if req.logprobs is not None else None
-                prompt = req.prompt_token_logprobs if start == 0 else None  # once, first
-                updates.append((job_id, new, logprobs, prompt, req.done, failure,
-                                None if failure is None else str(req.error)))
-            if req.done:
-                del running[job_id], sent[job_id]
-        if updates:
-            results.send(("step", updates))
+class Reported:
+    """An engine request in the engine process and how much of it the server has been sent
+    (the one count of that in this process)."""
+
+    __slots__ = ("id", "request", "ids", "logprobs")
+
+    def __init__(self, id: int, request: Any):
+        self.id, self.request = id, request
+        self.ids = 0  # new ids sent so far (their logprobs with them)
+
+    def update(self) -> Update | tuple[int, tuple[int, ...]] | None:
+        """What the server has not been sent yet: None if nothing changed, (id, new ids) if
+        that is all, else an `Update`."""
+        req, start = self.request, self.ids
+        new = req.tokens[start:]
+        plain = req.logprobs is None and (start or req.prompt_token_logprobs is None)
+        if not req.done and (not new or plain):
+            self.ids = len(req.tokens)
+            return (self.id, tuple(new)) if new else None
+        self.ids = len(req.tokens)
+        failure = None if req.error is None else Failure("model", str(req.error))
+        return Update(self.id, tuple(new),
+                      None if req.logprobs is None else tuple(req.token_logprobs[start:]),
+                      # the prompt's logprobs once, with the first update
+                      None if start or req.prompt_token_logprobs is None
+                      else tuple(req.prompt_token_logprobs),
+                      req.done, failure)
+
+
+class EngineLoop:
+    """The engine process's loop: apply the server's commands, step while anything runs,
+    send each step's news as one `Step`."""
+
+    def __init__(self, engine: Any, G_LM: Any, results: Connection):
+        self.engine, self.G_LM, self.results = engine, G_LM, results
+        self.running: dict[int, Reported] = {}
+
+    def run(self, commands: Connection) -> None:
+        while True:
+            block = not self.running
+            while commands.poll(None if block else 0):
+                block = False
+                if not self.apply(commands.recv()):
+                    return
+            if self.running:
+                self.step()
+
+    def apply(self, command: Submit | Cancel | Stop) -> bool:
+        """Apply one command; False for `Stop`."""
+        if isinstance(command, Stop):
+            return False
+        if isinstance(command, Submit):
+            try:
+                req = self.engine.submit(list(command.prompt), command.max_new_tokens,
+                                         G_LM=self.G_LM, **command.sampling.keywords())
+            except PLDRError as e:  # the request's fault: tell its handler, run on
+                self.results.send(Step(updates=(Update(command.id, done=True, failure=Failure(
+                    "refused", str(e), e.param)),)))
+            else:
+                self.running[command.id] = Reported(command.id, req)
+        elif isinstance(command, Cancel):
+            reported = self.running.pop(command.id, None)
+            if reported is not None:
+                self.engine.cancel(reported.request)
+        return True
+
+    def step(self) -> None:
+        self.engine.step()
+        ids, updates = [], []
+        for id, reported in list(self.running.items()):
+            update = reported.update()
+            if isinstance(update, tuple):
+                ids.append(update)
+            elif update is not None:
+                updates.append(update)
+                if update.done:
+                    del self.running[id]
+        if ids or updates:
+            self.results.send(Step(tuple(ids), tuple(updates)))

@@ -65,26 +65,26 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 
 
 def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
-    """The checkpoint folder `--resume` names: a path, or "auto" for the latest in `out`."""
+    """The checkpoint folder `resume` names: a path, or "auto" for the latest in `out`."""
     if resume is None:
         return None
     if resume == "auto":
         found = list_checkpoints(out)
         if not found:
-            raise CheckpointError(f"--resume auto: {str(out / CHECKPOINTS)!r} holds no complete "
-                                  "checkpoint to resume; start without --resume, or pass the "
-                                  "right --out")
+            raise CheckpointError(f"`resume='auto'`: {str(out / CHECKPOINTS)!r} holds no "
+                                  "complete checkpoint to resume; start without `resume`, or "
+                                  "pass the right `out`")
         try:
             read_trainer_state(found[-1])
         except CheckpointError as e:
-            raise CheckpointError(f"--resume auto: the latest checkpoint is damaged ({e}); "
+            raise CheckpointError(f"`resume='auto'`: the latest checkpoint is damaged ({e}); "
                                   + _previous_hint(found[:-1])) from None
         return found[-1]
     path = Path(resume)
     if path.is_dir() and not (path / TRAINER_STATE).is_file() and list_checkpoints(path):
         return list_checkpoints(path)[-1]  # a run folder: its latest checkpoint
     if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"--resume {resume!r} is not a training checkpoint (no "
+        raise CheckpointError(f"`resume={resume!r}` is not a training checkpoint (no "
                               f"{TRAINER_STATE}); pass a folder like OUT/checkpoints/step-N, a "
                               "run folder, or auto")
     return path
@@ -93,8 +93,8 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
 def _previous_hint(earlier: list[Path]) -> str:
     """What to do when a checkpoint cannot be read: resume the previous complete one."""
     if earlier:
-        return f"resume the previous complete one with --resume {str(earlier[-1])!r}"
-    return "no earlier checkpoint exists: start the run again in a new --out"
+        return f"resume the previous complete one with `resume={str(earlier[-1])!r}`"
+    return "no earlier checkpoint exists: start the run again in a new `out`"
 
 
 def checkpoint_step(ckpt: Path) -> int | None:

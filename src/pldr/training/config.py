@@ -147,7 +147,7 @@ class TrainConfig:
             if v is None and optional:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"--{flag_name(name)} must be an integer >= {low}, got {v!r}")
+                raise ConfigError(f"`{name}` must be an integer >= {low}, got {v!r}")
         for name in ("batch_size", "grad_accum", "batch_agg_count", "log_every",
                      "dist_timeout"):
             integer(name, 1)
@@ -160,25 +160,25 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < low or (name == "lr" and v == 0):
-                raise ConfigError(f"--{flag_name(name)} must be a finite number "
+                raise ConfigError(f"`{name}` must be a finite number "
                                   f"{'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
         if isinstance(self.lr_alpha, bool) or not isinstance(self.lr_alpha, (int, float)) \
                 or not 0 <= self.lr_alpha <= 1:
-            raise ConfigError(f"--lr-alpha must lie in [0, 1], got {self.lr_alpha!r}")
+            raise ConfigError(f"`lr_alpha` must lie in [0, 1], got {self.lr_alpha!r}")
         for name, choices in (("dtype", SUPPORTED_DTYPES), ("chunk_mode", CHUNK_MODES)):
             if getattr(self, name) not in choices:
-                raise ConfigError(f"--{flag_name(name)} must be one of {', '.join(choices)}, "
+                raise ConfigError(f"`{name}` must be one of {', '.join(choices)}, "
                                   f"got {getattr(self, name)!r}")
         if not isinstance(self.dag_coeffs, tuple) or len(self.dag_coeffs) != 3 or any(
                 isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
                 or c < 0 for c in self.dag_coeffs):
-            raise ConfigError(f"--dag-coeffs must be three numbers >= 0 (cA,cAp,cG), got "
+            raise ConfigError(f"`dag_coeffs` must be three numbers >= 0 (cA,cAp,cG), got "
                               f"{self.dag_coeffs!r}")
         if not isinstance(self.activation_checkpointing, bool):
-            raise ConfigError("--activation-checkpointing must be true or false, got "
+            raise ConfigError("`activation_checkpointing` must be true or false, got "
                               f"{self.activation_checkpointing!r}")
         if not isinstance(self.model, (str, PLDRConfig)):
-            raise ConfigError(f"model must be a preset name, a config path or a PLDRConfig, got "
+            raise ConfigError(f"`model` must be a preset name, a config path or a PLDRConfig, got "
                               f"{type(self.model).__name__}")
 
 
@@ -229,31 +229,33 @@ _TEXT_OR_SWITCH = {f.name: (bool if f.type in ("bool | None", "bool") else str)
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings of a JSON or YAML file (by suffix: .yaml/.yml is YAML, anything else
     JSON), checked by `check_settings`; e.g. `{"max_steps": 1000, "lr": 0.002}`."""
-    return check_settings(read_settings_file(path), f"--config {str(path)!r}")
+    return check_settings(read_settings_file(path), f"the settings file `config={str(path)!r}`")
 
 
 def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping of a JSON or YAML settings file, unchecked (empty file: {})."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {str(path)!r} does not exist (or is not a file)")
+        raise ConfigError(f"the settings file `config={str(path)!r}` does not exist (or is not a "
+                          "file)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"--config {str(path)!r} is not a text file") from None
+        raise ConfigError(f"the settings file `config={str(path)!r}` is not a text file") from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        yaml = import_extra("yaml", "yaml", "a YAML --config file (or write it as JSON)",
+        yaml = import_extra("yaml", "yaml", "a YAML settings file (or write it as JSON)",
                             "PyYAML")
         try:
             settings = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {str(path)!r} is not valid YAML: "
+            raise ConfigError(f"the settings file `config={str(path)!r}` is not valid YAML: "
                               f"{' '.join(str(e).split())}") from None
     else:
         try:
             settings = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--config {str(path)!r} is not valid JSON ({e}); YAML files "
+            raise ConfigError(f"the settings file `config={str(path)!r}` is not valid JSON ({e}); "
+                              "YAML files "
                               "need a .yaml suffix") from None
     return settings or {}
 

@@ -79,12 +79,12 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     out = Path(cfg.out)
     world_size = ptd.env_world_size()
     if cfg.batch_size % world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be "
+        raise ConfigError(f"`batch_size={cfg.batch_size}` (the global batch) must be "
                           f"divisible by the number of processes, {world_size}")
     local_rows = cfg.batch_size // world_size
     micro = cfg.micro_batch_size or local_rows
     if local_rows % micro:
-        raise ConfigError(f"--micro-batch-size {micro} must divide the rows of each process, "
+        raise ConfigError(f"`micro_batch_size={micro}` must divide the rows of each process, "
                           f"batch_size / processes = {local_rows}")
     resume_dir = find_resume_checkpoint(cfg.resume, out)
     fork_of = None
@@ -96,25 +96,25 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         later = later_checkpoints(out, step)
         if later and not cfg.truncate_later_steps:
             raise CheckpointError(
-                f"--out {str(out)!r} already went on past step {step} (up to "
+                f"`out={str(out)!r}` already went on past step {step} (up to "
                 f"{later[-1].name}); resuming {str(resume_dir)!r} there would overwrite that "
-                "branch: give --fork-to NEW_DIR to branch into a new run folder, or "
-                "--truncate-later-steps to delete the later checkpoints and final model")
+                "branch: give `fork_to=NEW_DIR` to branch into a new run folder, or "
+                "`truncate_later_steps=True` to delete the later checkpoints and final model")
     elif is_run_dir(out):
-        raise CheckpointError(f"--out {str(out)!r} already holds a training run; pass "
-                              "--resume auto to continue it, or choose another --out")
+        raise CheckpointError(f"`out={str(out)!r}` already holds a training run; pass "
+                              "`resume='auto'` to continue it, or choose another `out`")
     else:
         _check_leftovers(out, cfg.tokenizer)
-    base = PLDRConfig.resolve(cfg.model, "--model")
+    base = PLDRConfig.resolve(cfg.model, "`model`")
     if base.variant != "v510" and any(cfg.dag_coeffs):
-        raise ConfigError("--dag-coeffs regularise A_LM, A_P and G_LM of a v510 model; a "
-                          f"{base.variant} model has a fixed G_LM: drop --dag-coeffs")
+        raise ConfigError("`dag_coeffs` regularise A_LM, A_P and G_LM of a v510 model; a "
+                          f"{base.variant} model has a fixed G_LM: drop `dag_coeffs`")
     context_length = cfg.context_length or base.max_seq_len
     if context_length > base.max_seq_len:
-        raise ConfigError(f"--context-length {context_length} is longer than the model's "
+        raise ConfigError(f"`context_length={context_length}` is longer than the model's "
                           f"max_seq_len {base.max_seq_len}; lower it")
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
-        raise DataError(f"--tokenizer {cfg.tokenizer!r} does not exist")
+        raise DataError(f"`tokenizer={cfg.tokenizer!r}` does not exist")
     tensorboard = _tensorboard(cfg.tensorboard)
     from ..data.sources import parse_source
     from ..data.splits import default_splits, parse_split
@@ -136,15 +136,15 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                           eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else base.eos_id)
     if resume_dir is not None and PLDRConfig.from_json(resume_dir / CONFIG_FILE) != config:
         raise CheckpointError(f"the model of checkpoint {str(resume_dir)!r} does not match "
-                              "--model / --tokenizer; resume with the settings of the run (or "
+                              "`model` / `tokenizer`; resume with the settings of the run (or "
                               "omit them to reuse its own)")
     _check_memory(config, cfg, micro, context_length, dist)
     train_loader, val_loader = _loaders(cfg, tokenizer, context_length, train_split, val_split,
                                         train_docs, dist, progress)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise DataError(f"one epoch has {len(train_loader)} batches, fewer than --grad-accum "
-                        f"{cfg.grad_accum}; use more data or a smaller batch")
+        raise DataError(f"one epoch has {len(train_loader)} batches, fewer than "
+                        f"`grad_accum={cfg.grad_accum}`; use more data or a smaller batch")
     by_epochs = (cfg.epochs or 1) * steps_per_epoch
     if cfg.max_steps is None:
         total = by_epochs
@@ -176,21 +176,21 @@ def fit_warmup(cfg: TrainConfig, total: int, say: bool = True) -> TrainConfig:
 
 
 def _fork(cfg: TrainConfig, resume_dir: Path | None) -> tuple[TrainConfig, Path, Path | None]:
-    """--fork-to NEW_DIR: the settings with NEW_DIR as the run folder, the folder, and the
+    """`fork_to` NEW_DIR: the settings with NEW_DIR as the run folder, the folder, and the
     run folder the checkpoint belongs to (whose history the fork starts with; None for a
     checkpoint outside a run's checkpoints/). NEW_DIR must not hold a run; leftovers of a
     fork that failed before its first checkpoint are pldr's."""
     if resume_dir is None:
-        raise ConfigError("--fork-to NEW_DIR branches from a checkpoint: give --resume CKPT "
-                          "(or --resume auto with the run's --out) as well")
+        raise ConfigError("`fork_to=NEW_DIR` branches from a checkpoint: give `resume=CKPT` "
+                          "(or `resume='auto'` with the run's `out`) as well")
     new = Path(cfg.fork_to)
     source = resume_dir.parent.parent
     if new.resolve() == source.resolve():
-        raise ConfigError(f"--fork-to {str(new)!r} is the checkpoint's own run; give a new "
-                          "folder (or --truncate-later-steps to rewind that run in place)")
+        raise ConfigError(f"`fork_to={str(new)!r}` is the checkpoint's own run; give a new "
+                          "folder (or `truncate_later_steps=True` to rewind that run in place)")
     if is_run_dir(new):
-        raise CheckpointError(f"--fork-to {str(new)!r} already holds a training run; continue "
-                              f"it with --resume auto --out {str(new)!r}, or choose another "
+        raise CheckpointError(f"`fork_to={str(new)!r}` already holds a training run; continue "
+                              f"it with `resume='auto'` `out={str(new)!r}`, or choose another "
                               "folder")
     _check_leftovers(new, cfg.tokenizer)
     history = source if resume_dir.parent.name == CHECKPOINTS else None
@@ -209,8 +209,8 @@ def _check_memory(config: PLDRConfig, cfg: TrainConfig, micro: int, context_leng
                            autocast_bytes=2 if cfg.dtype == "bfloat16" else 4)
     if dist.device.type == "cpu":
         need = need.scaled(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    check_fits(need, dist.device, "lower --micro-batch-size (rows per forward) or "
-               "--context-length, or train a smaller --model (d_model, num_layers, vocab_size)",
+    check_fits(need, dist.device, "lower `micro_batch_size` (rows per forward) or "
+               "`context_length`, or train a smaller `model` (d_model, num_layers, vocab_size)",
                "training this model")
 
 
@@ -228,8 +228,8 @@ def _check_leftovers(out: Path, tokenizer: str | None) -> None:
     present = [name for name in RUN_ENTRIES if (out / name).exists()
                and not (name == TOKENIZER_FILE and (out / name).resolve() == given)]
     if present and not _written_by_train(out / TRAIN_CONFIG_FILE):
-        raise CheckpointError(f"--out {str(out)!r} holds {', '.join(present)} that `pldr train` "
-                              "did not write; choose another --out (nothing was changed)")
+        raise CheckpointError(f"`out={str(out)!r}` holds {', '.join(present)} that training "
+                              "did not write; choose another `out` (nothing was changed)")
 
 
 def _written_by_train(path: Path) -> bool:
@@ -242,10 +242,10 @@ def _written_by_train(path: Path) -> bool:
 
 
 def _tensorboard(wanted: bool | None) -> bool:
-    """--tensorboard: True needs the package (a one-line error names the extra); None means
+    """`tensorboard`: True needs the package (a one-line error names the extra); None means
     "when installed"."""
     if wanted:
-        import_extra("tensorboard", "tensorboard", "--tensorboard")
+        import_extra("tensorboard", "tensorboard", "`tensorboard`")
         return True
     if wanted is not None:
         return False

@@ -141,7 +141,7 @@ class Trainer:
             self._say(f"resumed from {run.resume_dir} at step {self.step}")
             if self.cfg.truncate_later_steps:
                 for gone in self.checkpoints.discard_later(self.step):
-                    self._say(f"--truncate-later-steps: removed {gone}")
+                    self._say(f"truncate_later_steps: removed {gone}")
         # a fresh start over what a run that failed before its first checkpoint left drops
         # that run's records (-1: every record is later)
         restart = -1 if (run.out / METRICS_FILE).exists() else None
@@ -230,7 +230,7 @@ class Trainer:
     def _resume_hint(self) -> str:
         if self.checkpoints.last is None:
             return "no checkpoint yet: start again to train"
-        return f"checkpoint {self.checkpoints.last}; continue with --resume auto"
+        return f"checkpoint {self.checkpoints.last}; continue with `resume='auto'`"
 
     def _batches(self) -> Iterator[Tensor]:
         """Training batches across epoch boundaries, from the loader's current position."""
@@ -310,12 +310,12 @@ class Trainer:
         """Stop the run with a TrainingError naming the last good checkpoint, which resumes."""
         last = self.checkpoints.last
         if last is not None:
-            where = (f"; the last good checkpoint is {last}: resume it with --resume {last} "
-                     "and a lower --lr")
+            where = (f"; the last good checkpoint is {last}: resume it with `resume={str(last)!r}` "
+                     "and a lower `lr`")
         else:
-            where = ("; no checkpoint was written yet, so the same command with a lower --lr "
+            where = ("; no checkpoint was written yet, so the same settings with a lower `lr` "
                      "starts the run again")
-        raise TrainingError(f"{what}{where} (or raise --warmup-steps, or use float32)")
+        raise TrainingError(f"{what}{where} (or raise `warmup_steps`, or use float32)")
 
     @torch.no_grad()
     def _check_output(self) -> None:
