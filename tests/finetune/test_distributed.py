@@ -16,6 +16,7 @@ import torch
 from finetune_data import sequence_rows, write_jsonl
 from pldr.finetune import FinetuneConfig, finetune
 from pldr.training.metrics import read_metrics
+from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = dict(task="sequence-classification", batch_size=8, lr=1e-3, warmup_steps=2,

@@ -17,6 +17,7 @@ from finetune_data import causal_rows, qa_rows, sequence_rows, token_rows, write
 from pldr.cli import main as cli_main
 from pldr.finetune import FinetuneConfig, finetune, score
 from pldr.training.metrics import read_metrics
+from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 FAST = dict(batch_size=16, lr=5e-3, warmup_steps=5, log_every=10, max_length=64,
             progress=False, tensorboard=False)

@@ -17,6 +17,7 @@ from finetune_data import sequence_rows, write_jsonl
 from pldr.checkpoint.adapters import ADAPTER_CONFIG, merge_lora
 from pldr.finetune import FinetuneConfig
 from pldr.finetune.runner import FinetuneTrainer, prepare_finetune
+from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 LORA = dict(lora_r=4, lora_alpha=8.0, lora_targets="wq,wv,gluw1", batch_size=16, lr=5e-3,
             warmup_steps=2, max_steps=8, log_every=4, max_length=64, progress=False,

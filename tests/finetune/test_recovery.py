@@ -29,6 +29,7 @@ torch.set_num_threads(1)
 import pldr.training.distributed as ptd
 from pldr.finetune.runner import FinetuneTrainer
 from pldr.cli import main
+from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 mode, value = sys.argv[1].split(":")
 step_of, save_of, saves = FinetuneTrainer._train_step, ptd.save_sharded, [0]

@@ -14,6 +14,7 @@ from pldr.finetune.data import ExampleBatches, Labels, find_labels, read_split
 from pldr.finetune.evaluate import batch_loss
 
 from finetune_data import qa_rows, token_rows, write_jsonl
+from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 
 def table(tmp_path, rows, name="rows.jsonl"):

@@ -1,4 +1,6 @@
-"""Shared fixtures of the fine-tuning tests: a small tokenizer and a base model directory."""
+"""Fixtures of the fine-tuning tests (a small tokenizer and a base model directory), imported
+by each tests/finetune module: a conftest.py there would shadow tests/conftest.py, which other
+tests import by name."""
 
 from __future__ import annotations
 
