@@ -1,6 +1,6 @@
 """`import pldr.hf`: the transformers classes of `pldr.integrations.hf`, registered with
 AutoConfig / AutoModelForCausalLM / AutoTokenizer as model type `pldr_llm` (needs the `hf`
-extra: `pip install 'pldr-llm[hf]'`)."""
+extra; `pldr.errors.install_extra_command("hf")` is the command that installs it)."""
 
 from .integrations.hf import (  # noqa: F401  importing registers the classes
     MODEL_TYPE,

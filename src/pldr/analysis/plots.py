@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import PLDRError
+from ..errors import PLDRError, import_extra
 from ..files import atomic_path
 
 DPI = 80
@@ -22,10 +22,7 @@ DPI = 80
 
 def require_matplotlib() -> None:
     """Fail early, with the fix, when the `analysis` extra is not installed."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PLDRError("pictures need matplotlib: pip install 'pldr-llm[analysis]'") from None
+    import_extra("matplotlib", "analysis", "pictures")
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..devices import SUPPORTED_DTYPES
-from ..errors import PLDRError
+from ..errors import PLDRError, missing_extra
 from .common import add_model_args
 
 
@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ..integrations.lm_eval import PLDRLM
     except ImportError as e:
-        raise PLDRError(f"pldr eval needs the eval extra ({e.name} is missing): "
-                        "pip install -c constraints.txt -e '.[eval]'") from None
+        raise missing_extra("pldr eval", "eval", e.name) from None
     manager = TaskManager(include_path=args.include_path,
                           include_defaults=args.include_path is None)
     unknown = [t for t in tasks if t not in manager.all_tasks]

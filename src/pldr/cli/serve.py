@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..devices import INFERENCE_DTYPES
-from ..errors import PLDRError
+from ..errors import PLDRError, missing_extra
 from .common import add_model_args, load_tokenizer_arg
 
 
@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ..serve import ServeSettings, create_app
     except ImportError as e:
-        raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
-                        "pip install -c constraints.txt -e '.[serve]'") from None
+        raise missing_extra("pldr serve", "serve", e.name) from None
     from ..serve import EngineRunner, EngineSpec
 
     tokenizer = load_tokenizer_arg(args, "pldr serve and its text prompts")
