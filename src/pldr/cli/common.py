@@ -14,6 +14,17 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that ends each option's line with its default, except where there is nothing
+    to show (a flag that is off, an empty list, None: those say their default in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_model_args(p: argparse.ArgumentParser, *, G_LM_help: str, dtypes: tuple[str, ...],
                    dtype_help: str | None = None) -> None:
     """The flags every command that loads a model shares: --model, --config, --tokenizer,
