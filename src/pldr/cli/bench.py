@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PLDRError
+from .common import model_rule
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Each measurement runs in a fresh process (median of "
                        "--repeats after a warm-up); CPU flags and load are recorded. Compare "
                        "figures only within one run.")
-    p.add_argument("--model", default="pldr-110m", help="preset name or model directory")
+    model_rule(p, presets=True)
+    p.add_argument("--model", default="pldr-110m",
+                   help="a model directory (its shape and weights), else a preset name (a "
+                   "fresh random model of that shape)")
     p.add_argument("--what", default="decode,prefill,train",
                    help="comma-separated: decode, prefill, train, engine (continuous batching), "
                    "serve (a load test of pldr serve; needs the serve extra)")
@@ -94,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
                         "not train or gemv; drop those from --what")
     if "int8" in dtypes and not args.device.startswith("cpu"):
         raise PLDRError("--dtype int8 runs on CPU only; use --device cpu")
-    if args.model not in PRESETS and not Path(args.model).is_dir():
-        raise PLDRError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
-                        "nor a model directory")
+    if not Path(args.model).is_dir() and args.model not in PRESETS:
+        raise PLDRError(f"--model {args.model!r} is a file; pldr bench takes a model directory "
+                        f"or a preset ({', '.join(PRESETS)})")
     try:
         batches = [int(b) for b in args.batch.split(",") if b]
     except ValueError:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..devices import SUPPORTED_DTYPES
 from ..errors import PLDRError
+from .common import model_rule
 
 _LAYOUTS = ("pldr", "original", "hf-port")
 
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the layout --to names: pldr (config.json + model.safetensors), original "
                        "(checkpoint.pth + hpdict.json [+ G_LM.pkl]) or hf-port (the port's "
                        "config.json + model.safetensors). The weights are kept bit for bit.")
+    model_rule(p, presets=False, dest="src", flag="SRC")
     p.add_argument("src", nargs="?", metavar="SRC",
                    help="the model: an original checkpoint (.pth/.pt, with --config), a pldr "
                    "directory or a transformers-port directory")

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 from ..errors import PLDRError
 from . import (bench, convert, data, demo, evaluate, extract_g, generate, info, inspect, serve,
                tokenizer, train, version)
-from .common import Parser
+from .common import Parser, check_model_arg
 
 # Registration order is the order in `pldr --help`.
 COMMANDS = (version, demo, train, generate, serve, bench, convert, info, inspect, extract_g,
@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         with _console_logging():
+            check_model_arg(args)
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..model.pretrained import CONFIG_FILE
 from ..training.config import TrainConfig, flag_name, read_config_file
+from .common import model_rule
 
 log = logging.getLogger("pldr")
 
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "max_steps: 1000); flags given as well override it")
     for f in dataclasses.fields(TrainConfig):
         _add_flag(p, f)
+    model_rule(p, presets=True)  # the rule every command's --model follows (cli/common.py)
     p.set_defaults(func=run)
 
 
