@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
             raise PLDRError(f"--json {args.json!r} cannot be written (no such folder, a "
                             "folder itself, or no permission); choose another path")
+    _fit_lengths(args)
     if args.suite:
         return _suite(args)
     variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
@@ -146,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     serve_result = _serve_bench(args) if serve else None
     results = []
-    for spec in specs:
+    if specs:
+        print(_progress_header(args, len(specs)), flush=True)
+    for i, spec in enumerate(specs, 1):
         results.append(measure(spec))
-        print(format_table(results[-1:]).splitlines()[-1], flush=True)
+        print(f"[{i}/{len(specs)}] {format_table(results[-1:]).splitlines()[-1]}", flush=True)
     if results:
         print()
         print(format_table(results))
@@ -161,6 +164,30 @@ def run(args: argparse.Namespace) -> int:
              "results": [asdict(r) for r in results], "ratios": ratios,
              "serve": serve_result}, indent=2))
     return 0
+
+
+def _fit_lengths(args: argparse.Namespace) -> None:
+    """Fit --prompt-len/--new-tokens, --prefill-len and --train-len to the model's
+    max_seq_len (a tiny model has 256 positions, the defaults ask for 512), saying so."""
+    from ..bench.measure import fit_lengths, model_config
+
+    max_len = model_config(args.model).max_seq_len
+    fit, notes = fit_lengths(max_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                             prefill_len=args.prefill_len, train_len=args.train_len)
+    for name, value in fit.items():
+        setattr(args, name, value)
+    if notes:
+        print(f"note: {args.model} has max_seq_len {max_len}, so the lengths are fitted to it: "
+              f"{', '.join(notes)}", flush=True)
+    args.max_seq_len = max_len
+
+
+def _progress_header(args: argparse.Namespace, count: int) -> str:
+    """The line before the rows: how many measurements, of what, at which lengths."""
+    return (f"measuring {count} figure(s) on {args.model} (max_seq_len {args.max_seq_len}), each "
+            f"in a fresh process, median of {args.repeats} after a warm-up: prompt "
+            f"{args.prompt_len} + {args.new_tokens} new tokens, prefill {args.prefill_len}, "
+            f"train {args.train_batch} x {args.train_len}")
 
 
 def _serve_bench(args: argparse.Namespace) -> dict:
@@ -191,13 +218,14 @@ def _suite(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..bench.measure import BenchSpec
-    from ..bench.suite import ratios, run_suite
+    from ..bench.suite import ratios, run_suite, suite_keys
     from ..files import atomic_write_text
 
     base = BenchSpec(what="decode", model=args.model, prompt_len=args.prompt_len,
                      new_tokens=args.new_tokens, prefill_len=args.prefill_len,
                      train_batch=args.train_batch, train_len=args.train_len,
                      device=args.device, threads=args.threads, repeats=args.repeats)
+    print(_progress_header(args, len(suite_keys(base.prefill_len))), flush=True)
     out = run_suite(base, progress=lambda m: print(m, flush=True))
     info = out["machine"]
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} threads "
