@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import PLDRError, import_extra
+from ..errors import import_extra
 from ..files import atomic_path
 
 DPI = 80
