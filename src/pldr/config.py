@@ -213,6 +213,8 @@ class PLDRConfig:
             return spec
         if isinstance(spec, Mapping):
             return cls.from_dict(dict(spec))
+        if isinstance(spec, (str, os.PathLike)) and Path(spec).exists():
+            return cls.from_json(spec)  # an existing path wins over a preset of its name
         if isinstance(spec, str) and spec in PRESETS:
             return PRESETS[spec]
         if isinstance(spec, (str, os.PathLike)):

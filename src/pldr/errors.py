@@ -64,8 +64,24 @@ def render(message: str, names: Mapping[str, str], assign: str = " ") -> str:
     return PARAM.sub(one, message)
 
 
+def install_extra_command(extra: str) -> str:
+    """The shell command that installs pldr's optional `extra` (a pyproject.toml extra such
+    as "analysis"). pldr is installed from its clone, not from a package index, so the
+    command is an editable install run in the clone, with the pinned versions of
+    constraints.txt. Every missing-extra message takes its command from here."""
+    return f"pip install -c constraints.txt -e '.[{extra}]'"
+
+
+def missing_extra(feature: str, extra: str, missing: str | None = None) -> PLDRError:
+    """The one-line error for a feature whose extra is not installed: what needs it, which
+    package is missing, and the command that installs it (run in the pldr clone)."""
+    what = f" ({missing} is missing)" if missing else ""
+    return PLDRError(f"{feature} needs the {extra} extra{what}; install it in the pldr clone "
+                     f"with: {install_extra_command(extra)}")
+
+
 def import_extra(module: str, extra: str, feature: str, package: str | None = None):
-    """Import `module`, or say in one line which extra of pldr-llm installs it.
+    """Import `module`, or say in one line which extra of pldr installs it.
 
     For the parts only some users need (datasets, tensorboard, YAML config files), which
     pyproject.toml lists as extras rather than as dependencies."""
@@ -74,5 +90,4 @@ def import_extra(module: str, extra: str, feature: str, package: str | None = No
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PLDRError(f"{feature} needs the {package or module} package, which is not "
-                        f"installed: pip install 'pldr-llm[{extra}]'") from None
+        raise missing_extra(feature, extra, package or module) from None

@@ -2,7 +2,8 @@
 AutoConfig / AutoModelForCausalLM / AutoTokenizer as model type `pldr_llm`, and the task heads
 of `pldr.integrations.hf_heads` with AutoModelForSequenceClassification /
 AutoModelForTokenClassification / AutoModelForQuestionAnswering and the question-answering
-pipeline (needs the `hf` extra: `pip install 'pldr-llm[hf]'`)."""
+pipeline (needs the `hf` extra; `pldr.errors.install_extra_command("hf")` is the command that
+installs it)."""
 
 from .integrations.hf import (  # noqa: F401  importing registers the classes
     MODEL_TYPE,

@@ -90,14 +90,18 @@ def test_bench_bad_batch(capsys):
 
 
 def test_bench_suite_writes_every_named_key(tmp_path, capsys):
-    from pldr.bench.suite import KEYS
+    """At the default --prefill-len (512) on tiny (max_seq_len 256) the prefill is fitted to
+    256 tokens, said so, and its key says 256."""
+    from pldr.bench.suite import KEYS, suite_keys
 
     out = tmp_path / "suite.json"
     assert main(["bench", "--suite", "--quick", "--model", "tiny", "--prompt-len", "6",
-                 "--new-tokens", "4", "--prefill-len", "16", "--train-batch", "1",
+                 "--new-tokens", "4", "--train-batch", "1",
                  "--train-len", "8", "--threads", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    for key in KEYS:
+    assert "prefill512_s" in KEYS and "prefill512_s" not in data
+    assert data["results"]["prefill256_s"]["spec"]["prefill_len"] == 256
+    for key in suite_keys(256):
         assert isinstance(data[key], (int, float)) and data[key] > 0, key
     assert all(len(r["seconds"]) == 1 for r in data["results"].values())  # --quick
     # the figures are the measurements': the int8 run decoded with int8 weights
@@ -112,7 +116,47 @@ def test_bench_suite_writes_every_named_key(tmp_path, capsys):
     assert machine["threads"] == 1
     assert machine["few_row_products_turned"] is linear.WEIGHT_LEFT_PAYS
     assert "kv_g / sdpa_baseline" in data["ratios"]
-    assert "decode_roofline_fraction:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "decode_roofline_fraction:" in printed
+    assert "max_seq_len 256" in printed and "--prefill-len 512 -> 256" in printed
+    assert printed.index("measuring") < printed.index("decode_kv_g_tok_s:")
+
+
+def test_bench_fits_its_default_lengths_to_a_small_model(tmp_path, capsys):
+    """`pldr bench --model tiny --quick` at the default lengths (prefill 512, train 256) on a
+    model of 96 positions: every row runs at a fitted length, a note names the flags, and a
+    header precedes the rows."""
+    from pldr import PLDRConfig, PLDRModel
+
+    small = PLDRConfig.preset("tiny").replace(num_layers=1, max_seq_len=96)
+    PLDRModel(small).save_pretrained(tmp_path / "m")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tmp_path / "m"), "--quick", "--what",
+                 "decode,prefill,train", "--cache", "kv_g", "--train-batch", "1",
+                 "--json", str(out)]) == 0
+    specs = [r["spec"] for r in json.loads(out.read_text())["results"]]
+    assert [s["what"] for s in specs] == ["decode", "prefill", "train"]
+    for s in specs:
+        assert s["prompt_len"] + s["new_tokens"] <= 96
+        assert s["prefill_len"] == 96 and s["train_len"] == 96
+    printed = capsys.readouterr().out
+    assert "max_seq_len 96" in printed
+    for note in ("--new-tokens 128 -> 32", "--prefill-len 512 -> 96", "--train-len 256 -> 96"):
+        assert note in printed, printed
+    header = printed.index("measuring 3 figure(s)")
+    assert header < printed.index("[1/3] decode kv_g") < printed.index("[3/3] train")
+
+
+def test_fit_lengths_keeps_what_fits_and_names_what_changed():
+    from pldr.bench.measure import fit_lengths
+
+    same, notes = fit_lengths(1024, prompt_len=64, new_tokens=128, prefill_len=512,
+                              train_len=256)
+    assert same == dict(prompt_len=64, new_tokens=128, prefill_len=512, train_len=256)
+    assert notes == []
+    fit, notes = fit_lengths(40, prompt_len=64, new_tokens=128, prefill_len=512, train_len=8)
+    assert fit == dict(prompt_len=10, new_tokens=30, prefill_len=40, train_len=8)
+    assert notes == ["--prompt-len 64 -> 10", "--new-tokens 128 -> 30", "--prefill-len 512 -> 40"]
 
 
 def test_decode_bytes_per_token_counts_weights_and_caches():

@@ -214,3 +214,41 @@ def test_converting_onto_a_folder_with_other_files_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="holds other files"):
         convert_model(load_model(PORT), tmp_path / "busy", "hf-port")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_a_conversion_carries_the_sources_tokenizer(tmp_path, capsys):
+    """`pldr convert` keeps the tokenizer of a source that has one, to either layout; the port
+    directory loads with AutoTokenizer (import pldr.hf) as our own does, and the converted
+    models take text prompts in `pldr generate` and in the server's tokenizer look-up."""
+    import argparse
+
+    from pydoc_data.topics import topics
+
+    from pldr.cli.common import load_tokenizer_arg
+    from pldr.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([topics[k] for k in sorted(topics)[:40]], 400, str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    pldr.PLDRModel(pldr.PLDRConfig.preset("tiny").replace(vocab_size=400, num_layers=1)
+                   ).save_pretrained(tmp_path / "ours", tokenizer=tok)
+    port, back = tmp_path / "port", tmp_path / "back"
+    assert cli_main(["convert", str(tmp_path / "ours"), "--out", str(port), "--to", "hf-port"]) == 0
+    assert cli_main(["convert", str(port), "--out", str(back)]) == 0
+    assert capsys.readouterr().out.count("with its tokenizer") == 2
+    for d in (port, back):
+        assert (d / "tokenizer.model").read_bytes() == tok.model_proto
+        found = load_tokenizer_arg(argparse.Namespace(model=str(d), tokenizer=None), "pldr serve")
+        assert found.model_proto == tok.model_proto
+        assert cli_main(["generate", "--model", str(d), "--prompt", "The class",
+                         "--max-new-tokens", "2", "--seed", "0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["prompt_ids"] == tok.encode("The class",
+                                                                                  eos=False)
+    import transformers
+
+    from pldr import hf  # noqa: F401  importing registers PLDRTokenizer
+
+    for d in (tmp_path / "ours", port, back):
+        hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+        assert type(hf_tok).__name__ == "PLDRTokenizer"
+        assert hf_tok("The class")["input_ids"] == tok.encode("The class", eos=False)
+        assert (hf_tok.pad_token_id, hf_tok.eos_token_id) == (0, 3)

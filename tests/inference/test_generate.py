@@ -305,7 +305,10 @@ def test_cli_text_prompt_with_a_model_directory(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     prompt = tok.encode("The class")[:-1]  # the EOS the tokenizer appends is dropped
     assert rows[0]["prompt_ids"] == prompt and len(rows[0]["ids"]) == 6
-    assert streamed.rstrip("\n") == rows[0]["text"] == tok.decode(rows[0]["ids"])
+    # the prompt, then its continuation: the text decoding adds after the prompt's own
+    whole, start = tok.decode(prompt + rows[0]["ids"]), tok.decode(prompt)
+    assert whole.startswith(start) and rows[0]["text"] == whole[len(start):]
+    assert streamed == "The class" + rows[0]["text"] + "\n"
 
 
 def test_predefined_G_LM_reports_no_invented_deductive_outputs(model):

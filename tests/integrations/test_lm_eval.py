@@ -174,6 +174,21 @@ def test_pldr_eval_offline_prints_the_table_and_writes_json(setup, tmp_path, cap
     assert "acc,none" in report["model"]["results"]["pldr_toy_mc"]
 
 
+def test_lm_evals_results_table_prints_its_own_headers():
+    """lm-eval's make_table (what `pldr eval` and `lm_eval` print) sets the writer's
+    `headers`; a pytablewriter that ignores them prints `A | B | C ...` instead."""
+    from lm_eval.utils import make_table
+
+    results = {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.25,
+                                        "acc_stderr,none": 0.0125}},
+               "versions": {"arc_easy": 1.0}, "n-shot": {"arc_easy": 0},
+               "higher_is_better": {"arc_easy": {"acc": True}}}
+    header, rule, row = make_table(results).strip().splitlines()
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
+    assert set(rule) <= set("|-:") and "0.25" in row and "0.0125" in row
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--tasks", "no_such_task"], "task 'no_such_task' does not exist"),
     (["--tasks", "pldr_toy_mc", "--batch-size", "0"], "--batch-size"),

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pldr import CheckpointError, PLDRConfig
+from pldr.errors import install_extra_command
 from pldr.checkpoint import load_model
 from pldr.cli import main as cli_main
 from pldr.training import TrainConfig, TrainingError, train
@@ -489,16 +490,16 @@ def test_missing_extras_are_one_line_errors_and_defaults_do_without_them(shared,
     assert result.step == 1 and not (tmp_path / "run" / "tb").exists()
     rc = cli_main(_cli_train_args(shared, tmp_path / "tb", "--max-steps", "1", "--tensorboard"))
     err = capsys.readouterr().err
-    assert rc == 2 and "pip install 'pldr-llm[tensorboard]'" in err and len(err.splitlines()) == 1
+    assert rc == 2 and install_extra_command("tensorboard") in err and len(err.splitlines()) == 1
     (tmp_path / "c.yaml").write_text("max_steps: 1\n")
     rc = cli_main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
-    assert rc == 2 and "pip install 'pldr-llm[yaml]'" in err and len(err.splitlines()) == 1
+    assert rc == 2 and install_extra_command("yaml") in err and len(err.splitlines()) == 1
     (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
     rc = cli_main(_cli_train_args(shared, tmp_path / "j", "--max-steps", "1", "--data",
                                   str(tmp_path / "docs.jsonl")))
     err = capsys.readouterr().err
-    assert rc == 2 and "pip install 'pldr-llm[data]'" in err and len(err.splitlines()) == 1
+    assert rc == 2 and install_extra_command("data") in err and len(err.splitlines()) == 1
     assert not any((tmp_path / d).exists() for d in ("tb", "y", "j"))
 
 

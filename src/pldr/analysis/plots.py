@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import PLDRError
+from ..errors import import_extra
 from ..files import atomic_path
 
 DEFAULT_DPI = 150
@@ -26,10 +26,7 @@ FORMATS = ("png", "svg", "pdf")
 
 def require_matplotlib() -> None:
     """Fail early, with the fix, when the `analysis` extra is not installed."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PLDRError("pictures need matplotlib: pip install 'pldr-llm[analysis]'") from None
+    import_extra("matplotlib", "analysis", "pictures")
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained"):

@@ -74,6 +74,41 @@ class BenchResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def model_config(model: str):
+    """The PLDRConfig of a bench --model (a preset, or a model directory in our layout or
+    the transformers port's) without reading its weights."""
+    from pathlib import Path
+
+    from ..checkpoint.hf_port import config_from_port, read_port_config
+    from ..config import PLDRConfig
+
+    path = Path(model)
+    if path.is_dir():
+        port = read_port_config(path)
+        if port is not None:
+            return config_from_port(port)
+    return PLDRConfig.resolve(model, "--model")
+
+
+def fit_lengths(max_seq_len: int, *, prompt_len: int, new_tokens: int, prefill_len: int,
+                train_len: int) -> tuple[dict[str, int], list[str]]:
+    """The lengths to measure at, fitted to a model of `max_seq_len` positions, and one note
+    per length that changed (naming its flag). A decode or engine run holds the prompt and
+    every new token; prefill and a training row hold their own length."""
+    fit = dict(prompt_len=prompt_len, new_tokens=new_tokens, prefill_len=prefill_len,
+               train_len=train_len)
+    if prompt_len + new_tokens > max_seq_len:
+        if prompt_len >= max_seq_len:
+            fit["prompt_len"] = max(1, max_seq_len // 4)
+        fit["new_tokens"] = max_seq_len - fit["prompt_len"]
+    fit["prefill_len"] = min(prefill_len, max_seq_len)
+    fit["train_len"] = min(train_len, max_seq_len)
+    given = dict(prompt_len=prompt_len, new_tokens=new_tokens, prefill_len=prefill_len,
+                 train_len=train_len)
+    notes = [f"--{k.replace('_', '-')} {given[k]} -> {v}" for k, v in fit.items() if v != given[k]]
+    return fit, notes
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, the SIMD flags that matter for torch, threads, load and versions, and
     whether few-row float32 products are turned round here (model/linear.py), which moves

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from .measure import BenchResult, BenchSpec, decode_bytes_per_token, machine_info, measure
 
+# the prefill figure's key names the length that ran: prefill512_s at the default length
+PREFILL_KEY = "prefill{prefill_len}_s"
 # key -> what to measure (overrides of the base spec) and which figure of the result to keep
 SUITE: dict[str, tuple[dict[str, Any], str]] = {
     "decode_kv_g_tok_s": (dict(what="decode", cache="kv_g"), "tokens_per_s"),
@@ -30,24 +32,33 @@ SUITE: dict[str, tuple[dict[str, Any], str]] = {
     "decode_kv_g_bf16_tok_s": (dict(what="decode", cache="kv_g", dtype="bfloat16"),
                                "tokens_per_s"),
     "decode_kv_g_int8_tok_s": (dict(what="decode", cache="kv_g", dtype="int8"), "tokens_per_s"),
-    "prefill512_s": (dict(what="prefill"), "median_s"),
+    PREFILL_KEY: (dict(what="prefill"), "median_s"),
     "train_tok_s": (dict(what="train"), "tokens_per_s"),
     "train_bf16_tok_s": (dict(what="train", dtype="bfloat16"), "tokens_per_s"),
     "train_peak_rss_mb": (dict(what="train"), "peak_rss_mb"),
     "gemv_gb_s": (dict(what="gemv"), "gemv_gb_s"),
 }
 DERIVED = ("decode_bytes_per_token", "decode_roofline_fraction")
-KEYS = tuple(SUITE) + DERIVED
+
+
+def suite_keys(prefill_len: int = 512) -> tuple[str, ...]:
+    """The keys a suite run at this prefill length writes (`prefill512_s` only for 512)."""
+    return tuple(k.format(prefill_len=prefill_len) for k in SUITE) + DERIVED
+
+
+KEYS = suite_keys()  # at the default lengths
 
 
 def run_suite(base: BenchSpec, progress: Callable[[str], None] = lambda m: None
               ) -> dict[str, Any]:
-    """Every key of `KEYS` for the model of `base` (its lengths, device, threads, repeats), with
-    the machine it ran on and each measurement's full result."""
+    """Every key of `suite_keys(base.prefill_len)` for the model of `base` (its lengths,
+    device, threads, repeats), with the machine it ran on and each measurement's full
+    result."""
     figures: dict[str, float] = {}
     results: dict[str, BenchResult] = {}
     done: dict[BenchSpec, BenchResult] = {}   # train_tok_s and train_peak_rss_mb share a run
-    for key, (overrides, field_name) in SUITE.items():
+    for template, (overrides, field_name) in SUITE.items():
+        key = template.format(prefill_len=base.prefill_len)
         spec = replace(base, **overrides)
         if spec not in done:
             done[spec] = measure(spec)
@@ -85,4 +96,4 @@ def ratios(figures: dict[str, float]) -> dict[str, float]:
     }
 
 
-__all__ = ["SUITE", "KEYS", "DERIVED", "run_suite", "ratios", "decode_bytes_per_token"]
+__all__ = ["SUITE", "KEYS", "PREFILL_KEY", "suite_keys", "DERIVED", "run_suite", "ratios", "decode_bytes_per_token"]

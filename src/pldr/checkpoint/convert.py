@@ -30,7 +30,7 @@ from ..errors import CheckpointError
 from ..files import replace_dir, temp_sibling
 from ..model.heads import is_head_model
 from ..model.pretrained import TOKENIZER_FILE, _plain_tensors, _write_tokenizer
-from .hf_port import write_port_files
+from .hf_port import PORT_TOKENIZER_CONFIG, write_port_files, write_port_tokenizer_config
 
 LAYOUTS = ("pldr", "original", "hf-port")
 ORIGINAL_CHECKPOINT, ORIGINAL_HPDICT, ORIGINAL_G_LM = "checkpoint.pth", "hpdict.json", "G_LM.pkl"
@@ -107,6 +107,8 @@ def convert_model(model: Any, dest: str | os.PathLike, to: str, tokenizer: Any =
             write_port_files(model, tmp)
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE, model.config.vocab_size)
+            if to == "hf-port":  # so AutoTokenizer finds PLDRTokenizer (import pldr.hf)
+                write_port_tokenizer_config(model.config, tmp)
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +144,7 @@ def _check_replaceable(target: Path) -> None:
         raise CheckpointError(f"{str(target)!r} exists and is not a directory; choose another "
                               "`dest`")
     model_files = {"config.json", "model.safetensors", "generation_config.json",
-                   "tokenizer.model", ORIGINAL_CHECKPOINT, ORIGINAL_HPDICT, ORIGINAL_G_LM}
+                   "tokenizer.model", PORT_TOKENIZER_CONFIG, ORIGINAL_CHECKPOINT, ORIGINAL_HPDICT, ORIGINAL_G_LM}
     if target.is_dir():
         others = sorted(p.name for p in target.iterdir() if p.name not in model_files)
         if others:

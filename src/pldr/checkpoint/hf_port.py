@@ -37,6 +37,9 @@ log = logging.getLogger("pldr")
 
 PORT_MODEL_TYPE = "pldrllm"
 PORT_ARCHITECTURE = "PldrllmForCausalLM"
+PORT_TOKENIZER_CONFIG = "tokenizer_config.json"
+# the transformers class of the paper's tokenizer, which `import pldr.hf` registers
+TOKENIZER_CLASS = "PLDRTokenizer"
 G_BUFFER = "decoder.past_G_values"
 G_STATUS = "decoder.past_G_values_status"
 
@@ -265,3 +268,14 @@ def write_port_files(model: Any, directory: Path) -> None:
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     state = state_to_port(_plain_tensors(model.state_dict()), config)
     save_safetensors(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def write_port_tokenizer_config(config: PLDRConfig, directory: Path) -> None:
+    """tokenizer_config.json beside a port directory's tokenizer.model: it names the
+    tokenizer class (PLDRTokenizer, registered by `import pldr.hf`), so
+    `AutoTokenizer.from_pretrained(dir)` loads it as it loads our own directories (whose
+    model_type pldr_llm names it), with the paper's special pieces."""
+    d = {"tokenizer_class": TOKENIZER_CLASS, "pad_token": "[PAD]", "unk_token": "[UNK]",
+         "bos_token": "[START]", "eos_token": "[END]", "padding_side": "left",
+         "model_max_length": config.max_seq_len}
+    (directory / PORT_TOKENIZER_CONFIG).write_text(json.dumps(d, indent=2) + "\n")

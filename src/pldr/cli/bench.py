@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PLDRError
+from .common import model_rule
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Each measurement runs in a fresh process (median of "
                        "--repeats after a warm-up); CPU flags and load are recorded. Compare "
                        "figures only within one run.")
-    p.add_argument("--model", default="pldr-110m", help="preset name or model directory")
+    model_rule(p, presets=True)
+    p.add_argument("--model", default="pldr-110m",
+                   help="a model directory (its shape and weights), else a preset name (a "
+                   "fresh random model of that shape)")
     p.add_argument("--what", default="decode,prefill,train",
                    help="comma-separated: decode, prefill, train, engine (continuous batching), "
                    "serve (a load test of pldr serve; needs the serve extra), finetune (a "
@@ -97,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
                         "not train or gemv; drop those from --what")
     if "int8" in dtypes and not args.device.startswith("cpu"):
         raise PLDRError("--dtype int8 runs on CPU only; use --device cpu")
-    if args.model not in PRESETS and not Path(args.model).is_dir():
-        raise PLDRError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
-                        "nor a model directory")
+    if not Path(args.model).is_dir() and args.model not in PRESETS:
+        raise PLDRError(f"--model {args.model!r} is a file; pldr bench takes a model directory "
+                        f"or a preset ({', '.join(PRESETS)})")
     try:
         batches = [int(b) for b in args.batch.split(",") if b]
     except ValueError:
@@ -118,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
             raise PLDRError(f"--json {args.json!r} cannot be written (no such folder, a "
                             "folder itself, or no permission); choose another path")
+    _fit_lengths(args)
     if args.suite:
         return _suite(args)
     variants: list[str | None] = [None] + (["v510G"] if args.compare_G else [])
@@ -149,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     serve_result = _serve_bench(args) if serve else None
     results = []
-    for spec in specs:
+    if specs:
+        print(_progress_header(args, len(specs)), flush=True)
+    for i, spec in enumerate(specs, 1):
         results.append(measure(spec))
-        print(format_table(results[-1:]).splitlines()[-1], flush=True)
+        print(f"[{i}/{len(specs)}] {format_table(results[-1:]).splitlines()[-1]}", flush=True)
     if results:
         print()
         print(format_table(results))
@@ -164,6 +171,30 @@ def run(args: argparse.Namespace) -> int:
              "results": [asdict(r) for r in results], "ratios": ratios,
              "serve": serve_result}, indent=2))
     return 0
+
+
+def _fit_lengths(args: argparse.Namespace) -> None:
+    """Fit --prompt-len/--new-tokens, --prefill-len and --train-len to the model's
+    max_seq_len (a tiny model has 256 positions, the defaults ask for 512), saying so."""
+    from ..bench.measure import fit_lengths, model_config
+
+    max_len = model_config(args.model).max_seq_len
+    fit, notes = fit_lengths(max_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                             prefill_len=args.prefill_len, train_len=args.train_len)
+    for name, value in fit.items():
+        setattr(args, name, value)
+    if notes:
+        print(f"note: {args.model} has max_seq_len {max_len}, so the lengths are fitted to it: "
+              f"{', '.join(notes)}", flush=True)
+    args.max_seq_len = max_len
+
+
+def _progress_header(args: argparse.Namespace, count: int) -> str:
+    """The line before the rows: how many measurements, of what, at which lengths."""
+    return (f"measuring {count} figure(s) on {args.model} (max_seq_len {args.max_seq_len}), each "
+            f"in a fresh process, median of {args.repeats} after a warm-up: prompt "
+            f"{args.prompt_len} + {args.new_tokens} new tokens, prefill {args.prefill_len}, "
+            f"train {args.train_batch} x {args.train_len}")
 
 
 def _serve_bench(args: argparse.Namespace) -> dict:
@@ -194,13 +225,14 @@ def _suite(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..bench.measure import BenchSpec
-    from ..bench.suite import ratios, run_suite
+    from ..bench.suite import ratios, run_suite, suite_keys
     from ..files import atomic_write_text
 
     base = BenchSpec(what="decode", model=args.model, prompt_len=args.prompt_len,
                      new_tokens=args.new_tokens, prefill_len=args.prefill_len,
                      train_batch=args.train_batch, train_len=args.train_len,
                      device=args.device, threads=args.threads, repeats=args.repeats)
+    print(_progress_header(args, len(suite_keys(base.prefill_len))), flush=True)
     out = run_suite(base, progress=lambda m: print(m, flush=True))
     info = out["machine"]
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} threads "

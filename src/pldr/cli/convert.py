@@ -4,9 +4,11 @@ training checkpoints to a model directory."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..devices import SUPPORTED_DTYPES
 from ..errors import PLDRError
+from .common import model_rule
 
 _LAYOUTS = ("pldr", "original", "hf-port")
 
@@ -19,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the layout --to names: pldr (config.json + model.safetensors), original "
                        "(checkpoint.pth + hpdict.json [+ G_LM.pkl]) or hf-port (the port's "
                        "config.json + model.safetensors). The weights are kept bit for bit.")
+    model_rule(p, presets=False, dest="src", flag="SRC")
     p.add_argument("src", nargs="?", metavar="SRC",
                    help="the model: an original checkpoint (.pth/.pt, with --config), a pldr "
                    "directory or a transformers-port directory")
@@ -32,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DEST", help="directory to write")
     p.add_argument("--to", choices=_LAYOUTS, default="pldr",
                    help="layout to write (default: pldr)")
-    p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model to copy along")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece .model to write along (default: the source's own "
+                   "tokenizer.model, when it has one)")
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES,
                    help="cast the weights (default: as stored)")
     p.set_defaults(func=run)
@@ -48,14 +53,24 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("give SRC (an original .pth with --config, or a model directory), or "
                         "--dcp DIR (a training checkpoint of a `pldr train` run)")
     model = load_model(args.src, args.config, G_LM=args.G_LM, dtype=args.dtype)
-    out = convert_model(model, args.out, args.to, tokenizer=args.tokenizer)
+    tokenizer = args.tokenizer or source_tokenizer(args.src)
+    out = convert_model(model, args.out, args.to, tokenizer=tokenizer)
     note = (" (rotate-half RoPE written as its exact interleaved twin: dk axis permuted)"
             if args.to == "original" and model.config.rope_style == "half" else "")
     task = f"{model.task}, " if hasattr(model, "task") else ""  # a task head (model/heads.py)
     print(f"wrote {out} ({args.to} layout, {task}{model.config.variant}, "
           f"{model.num_parameters():,} parameters, "
-          f"{str(model.dtype).removeprefix('torch.')}){note}")
+          f"{str(model.dtype).removeprefix('torch.')}"
+          f"{', with its tokenizer' if tokenizer else ', no tokenizer'}){note}")
     return 0
+
+
+def source_tokenizer(src: str) -> Path | None:
+    """The tokenizer a conversion carries along: the source folder's tokenizer.model (ours
+    or the port's layout); None when there is none or the source is a checkpoint file."""
+    from ..data.tokenizer import Tokenizer
+
+    return Tokenizer.find(src) if Path(src).is_dir() else None
 
 
 def _convert_dcp(args: argparse.Namespace) -> int:

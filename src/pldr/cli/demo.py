@@ -15,8 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the KV + G cache, and show the loss curve and how much G_LM varies "
                        "between prompts.")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
-                   help="run folder: new, empty, or a previous demo's, which is replaced; a "
-                   "folder the demo did not make is refused (default runs/demo)")
+                   help="run folder: new, empty, or a previous demo's: an interrupted one "
+                   "(Ctrl-C saves a checkpoint) is continued from its checkpoint when the "
+                   "settings are the same, a finished one is replaced; a folder the demo did "
+                   "not make is refused (default runs/demo)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over even where an interrupted demo could be continued")
     p.add_argument("--steps", type=int, default=600,
                    help="training steps (default 600, about 2-3 minutes on 2 CPU cores)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -32,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise PLDRError(f"--steps must be >= 1, got {args.steps}")
     run_demo(args.out, steps=args.steps, device=args.device, dtype=args.dtype,
-             progress=args.progress)
+             progress=args.progress, fresh=args.fresh)
     return 0

@@ -19,6 +19,8 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import PLDRError
+from ..errors import CheckpointError
+from ..training.checkpointing import FINAL, list_checkpoints, read_trainer_state
 from ..training.config import TrainConfig
 from ..training.metrics import read_metrics
 from ..training.prepare import RUN_ENTRIES
@@ -80,6 +82,39 @@ def clear_previous_demo(out: Path) -> None:
             path.unlink()
 
 
+# settings that may differ between an interrupted demo and the rerun that continues it
+_PER_RUN = frozenset({"resume", "progress", "truncate_later_steps", "fork_to"})
+
+
+def interrupted_demo(out: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint a rerun of the demo continues from: `out` is a demo's folder with a
+    complete checkpoint, no final model yet, and a run of the same settings (`cfg`: steps,
+    device, dtype, seed); None otherwise (the demo then starts over)."""
+    if not (out / DEMO_MARK).is_file() or (out / FINAL).exists():
+        return None
+    found = list_checkpoints(out)
+    if not found:
+        return None
+    try:
+        saved = read_trainer_state(found[-1]).get("train_config", {})
+    except CheckpointError:
+        return None  # damaged: start over
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in _PER_RUN}
+    return found[-1] if all(saved.get(k) == v for k, v in mine.items()) else None
+
+
+def demo_command(out: Path, steps: int, device: str | None, dtype: str) -> str:
+    """The `pldr demo` command line of these settings (what a rerun must repeat)."""
+    parts = ["pldr demo", f"--out {out}"]
+    if steps != DEMO_STEPS:
+        parts.append(f"--steps {steps}")
+    if device is not None:
+        parts.append(f"--device {device}")
+    if dtype != "float32":
+        parts.append(f"--dtype {dtype}")
+    return " ".join(parts)
+
+
 @torch.no_grad()
 def g_lm_spread(model: Any, prompts: list[list[int]]) -> list[float]:
     """Per layer, how much the inferred G_LM differs between prompts: the Frobenius norm of its
@@ -95,25 +130,34 @@ def g_lm_spread(model: Any, prompts: list[list[int]]) -> list[float]:
 
 def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str | None = None,
              dtype: str = "float32", progress: bool | None = None, seed: int = 0,
-             max_new_tokens: int = 40) -> DemoResult:
+             max_new_tokens: int = 40, fresh: bool = False) -> DemoResult:
     """Train, generate and report (see the module docstring); prints as it goes.
 
-    `out` must be new, empty, or a previous demo's folder (see `clear_previous_demo`)."""
+    `out` must be new, empty, or a previous demo's folder (see `clear_previous_demo`). A
+    demo that was interrupted (Ctrl-C saves a checkpoint) is continued from its checkpoint
+    when run again with the same settings, unless `fresh`; a finished one is replaced."""
     from ..checkpoint.load import load_model
     from ..data.tokenizer import Tokenizer
     from ..inference.generate import generate
 
     out = Path(out)
     resolve_device(device, 0)  # a device this build lacks fails before any folder is made
-    clear_previous_demo(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARK).write_text("written by `pldr demo`: a rerun replaces this run\n",
-                                 encoding="utf-8")
     cfg = demo_config(out, steps, device, dtype, progress, seed)
-    print(f"pldr demo: training the tiny preset on the built-in corpus for {steps} steps "
-          f"(batch {cfg.batch_size} x {cfg.context_length} tokens, {dtype}) into {out}",
-          flush=True)
-    result = train(cfg)
+    ckpt = None if fresh else interrupted_demo(out, cfg)
+    if ckpt is None:
+        clear_previous_demo(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARK).write_text("written by `pldr demo`: a rerun continues this run if "
+                                     "it was interrupted, else replaces it\n", encoding="utf-8")
+        print(f"pldr demo: training the tiny preset on the built-in corpus for {steps} steps "
+              f"(batch {cfg.batch_size} x {cfg.context_length} tokens, {dtype}) into {out}",
+              flush=True)
+    else:
+        cfg = cfg.replace(resume="auto")
+        print(f"pldr demo: continuing the interrupted demo in {out} from {ckpt.name} "
+              f"(--fresh starts over)", flush=True)
+    command = demo_command(out, steps, device, dtype)
+    result = train(cfg, continue_hint=f"rerun `{command}` to continue from it")
     if result.interrupted:
         raise KeyboardInterrupt
     records = read_metrics(out)
@@ -144,4 +188,5 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str
 
 
 __all__ = ["run_demo", "demo_config", "g_lm_spread", "clear_previous_demo", "DemoResult",
+           "interrupted_demo", "demo_command",
            "PROMPTS", "DEMO_MARK"]

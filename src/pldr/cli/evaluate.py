@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..devices import SUPPORTED_DTYPES
-from ..errors import PLDRError
+from ..errors import PLDRError, missing_extra
 from ..finetune.tasks import TASKS
 from .common import add_model_args
 from .finetune import COLUMN_FLAGS
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ..integrations import lm_eval as integration
     except ImportError as e:
-        raise PLDRError(f"pldr eval needs the eval extra ({e.name} is missing): "
-                        "pip install -c constraints.txt -e '.[eval]'") from None
+        raise missing_extra("pldr eval", "eval", e.name) from None
     # pldr's groups are always on the include path; lm-eval's own tasks (slow to index) only
     # when a task asked for is not one of --include-path's (the groups are made of them)
     own = [args.include_path] if args.include_path else []

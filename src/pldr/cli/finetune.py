@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .train import _add_flag
+from .common import model_rule
+from .train import add_flag
 
 COLUMN_FLAGS = ("text", "label", "tokens", "tags", "question", "context", "answers", "prompt",
                 "completion")
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JSON or YAML file of settings (the flags' names with _ for -); flags "
                    "given as well override it")
     for f in dataclasses.fields(FinetuneConfig):
-        _add_flag(p, f, FinetuneConfig)
+        add_flag(p, f, FinetuneConfig)
+    model_rule(p, presets=False)  # a model to start from: a path, never a fresh preset
     p.set_defaults(func=run)
 
 

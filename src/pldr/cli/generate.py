@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import Any
 
+from ..data.detokenize import TextDecoder
 from ..devices import INFERENCE_DTYPES
 from ..errors import PLDRError
 from ..model.cache import CACHE_MODES
-from .common import add_model_args, load_model_args, load_tokenizer_arg
+from .common import DefaultsHelpFormatter, add_model_args, load_model_args, load_tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with the KV/G caches",
+                       formatter_class=DefaultsHelpFormatter,
                        description="Continue one prompt or a batch of prompts. Text prompts are "
-                       "encoded as the original does (the EOS the tokenizer appends is dropped).")
+                       "encoded as the original does (the EOS the tokenizer appends is dropped). "
+                       "Prints each prompt followed by its continuation as one text, the "
+                       "continuation in bold on a terminal (plain when piped); --json gives "
+                       "the continuation alone, with its leading space.")
     add_model_args(p, G_LM_help="predefined G_LM file used at every step instead of the model's own "
                    "(v510 and v510G; an original v510G .pth needs one)",
                    dtypes=INFERENCE_DTYPES,
@@ -23,17 +31,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt text; repeat for a batch")
     p.add_argument("--ids", action="append", default=[], metavar="5,6,7",
                    help="prompt as comma-separated token ids; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate per prompt (fewer when EOS comes first)")
     p.add_argument("--cache", default="kv_g", choices=CACHE_MODES,
-                   help="kv_g: KV + G cache (default); kv_only; g_only; no_cache")
+                   help="kv_g: KV + G cache (A and G_LM fixed at the prompt, as the original); "
+                   "kv_only; g_only; no_cache (recompute everything each step)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off, 1: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling (every prompt alike)")
-    p.add_argument("--eos-id", type=int, help="stop token (default: the config's; -1 never stops)")
+    p.add_argument("--seed", type=int,
+                   help="seed for reproducible sampling, every prompt alike (default: random)")
+    p.add_argument("--eos-id", type=int,
+                   help="stop token; -1 never stops (default: the config's eos_id)")
     p.add_argument("--compile", action="store_true",
-                   help="run the decode step under torch.compile (kv_g/kv_only; same tokens)")
-    p.add_argument("--json", action="store_true", help="print ids and text per prompt as JSON")
+                   help="run the decode step under torch.compile (kv_g/kv_only; same tokens) "
+                   "(default: off)")
+    p.add_argument("--json", action="store_true",
+                   help="print prompt_ids, ids and text (the continuation) per prompt as JSON "
+                   "(default: the text)")
     p.set_defaults(func=run)
 
 
@@ -60,27 +75,44 @@ def run(args: argparse.Namespace) -> int:
     steps = stream(model, prompts, args.max_new_tokens, cache=args.cache,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    G_LM=G_LM, eos_id=args.eos_id, seed=args.seed, compile=args.compile)
+    # the prompts' own text: as typed for --prompt, decoded for --ids
+    prompt_texts = list(args.prompt) + [tokenizer.decode(p) if tokenizer else None
+                                        for p in id_prompts]
+    bold, plain = _emphasis(sys.stdout)
     new: list[list[int]] = [[] for _ in prompts]
     live = len(prompts) == 1 and not args.json and tokenizer is not None
-    shown = ""
+    if live:  # one prompt: print it, then stream its continuation as it comes
+        print(prompt_texts[0] + bold, end="", flush=True)
+        decoder, shown = TextDecoder(tokenizer, prompts[0]), ""
     for tokens in steps:
         for row, t in zip(new, tokens):
             if t is not None:
                 row.append(t)
-        if live:
-            shown = _print_new_text(tokenizer.decode(new[0]), shown)
+        if live and tokens[0] is not None:
+            shown = _print_new_text(decoder.add([tokens[0]]), shown)
     if live:
-        _print_new_text(tokenizer.decode(new[0]), shown, final=True)
-        print()
+        _print_new_text(decoder.add([]), shown, final=True)
+        print(plain)
         return 0
-    texts = [tokenizer.decode(r) if tokenizer else None for r in new]
+    texts = [TextDecoder(tokenizer, p).add(r) if tokenizer else None
+             for p, r in zip(prompts, new)]
     if args.json:
         print(json.dumps([{"prompt_ids": p, "ids": r, "text": t}
                           for p, r, t in zip(prompts, new, texts)], indent=2))
     else:
-        for i, (r, t) in enumerate(zip(new, texts)):
-            print(f"[{i}] {t if t is not None else ','.join(map(str, r))}")
+        for i, (r, p, t) in enumerate(zip(new, prompt_texts, texts)):
+            shown = f"{p}{bold}{t}{plain}" if t is not None else ",".join(map(str, r))
+            print(f"[{i}] {shown}")
     return 0
+
+
+def _emphasis(out: Any) -> tuple[str, str]:
+    """The escape codes that set a continuation apart from its prompt: bold on a terminal,
+    nothing when the output is piped or NO_COLOR is set (https://no-color.org)."""
+    isatty = getattr(out, "isatty", None)
+    if isatty is not None and isatty() and not os.environ.get("NO_COLOR"):
+        return "\033[1m", "\033[0m"
+    return "", ""
 
 
 def _print_new_text(text: str, shown: str, final: bool = False) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from .common import model_rule
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a checkpoint's config, variant and parameter count")
+    model_rule(p, presets=False, flag="CKPT")
     p.add_argument("model", metavar="CKPT",
                    help="a model directory, or an original checkpoint (then give --config)")
     p.add_argument("--config", metavar="JSON",

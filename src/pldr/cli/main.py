@@ -25,7 +25,7 @@ from .._version import __version__
 from ..errors import PLDRError, render
 from . import (bench, convert, data, demo, evaluate, extract_g, finetune, generate, info,
                inspect, serve, tokenizer, train, version)
-from .common import Parser
+from .common import Parser, check_model_arg
 
 # Registration order is the order in `pldr --help`.
 COMMANDS = (version, demo, train, finetune, generate, serve, bench, convert, info, inspect,
@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         with _console_logging():
+            check_model_arg(args)
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -8,7 +8,7 @@ import os
 from typing import Callable
 
 from ..devices import INFERENCE_DTYPES
-from ..errors import PLDRError
+from ..errors import PLDRError, missing_extra
 from .common import add_model_args, load_tokenizer_arg
 
 log = logging.getLogger("pldr")
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ..serve import ServeSettings, create_app
     except ImportError as e:
-        raise PLDRError(f"pldr serve needs the serve extra ({e.name} is missing): "
-                        "pip install -c constraints.txt -e '.[serve]'") from None
+        raise missing_extra("pldr serve", "serve", e.name) from None
     from ..checkpoint.load import checkpoint_layout
     from ..serve import EngineRunner, EngineSpec
 

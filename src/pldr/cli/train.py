@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..model.pretrained import CONFIG_FILE
 from ..training.config import TrainConfig, flag_name, read_config_file
+from .common import model_rule
 
 log = logging.getLogger("pldr")
 
@@ -31,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JSON or YAML file of settings (TrainConfig field names, e.g. "
                    "max_steps: 1000); flags given as well override it")
     for f in dataclasses.fields(TrainConfig):
-        _add_flag(p, f)
+        add_flag(p, f)
+    model_rule(p, presets=True)  # the rule every command's --model follows (cli/common.py)
     p.set_defaults(func=run)
 
 
-def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field, owner: type = TrainConfig) -> None:
+def add_flag(p: argparse.ArgumentParser, f: dataclasses.Field, owner: type = TrainConfig) -> None:
     """One flag of a field of a settings dataclass (`owner`: TrainConfig, FinetuneConfig):
     its type from the annotation, its help from the metadata with the default appended."""
     kind = _flag_type(f, owner)
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     given = vars(args)  # only the flags given (argument_default=SUPPRESS)
     flags = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
-    result = train(config_from_flags(flags, getattr(args, "config", None)))
+    result = train(config_from_flags(flags, getattr(args, "config", None)),
+                   continue_hint="continue with --resume auto")
     if result.interrupted:
         return 130
     if os.environ.get("RANK", "0") == "0":

@@ -30,7 +30,7 @@ from ..checkpoint.glm import load_G_LM
 from ..checkpoint.load import load_model
 from ..data.tokenizer import Tokenizer
 from ..devices import resolve_device
-from ..errors import PLDRError
+from ..errors import PLDRError, missing_extra
 from ..inference.generate import generate
 from ..model.cache import InferenceCache, stack_per_layer
 
@@ -43,8 +43,7 @@ try:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # pragma: no cover - the message is the point
-    raise ImportError(f"pldr.lm_eval needs lm-eval ({e.name} is missing): pip install -c "
-                      "constraints.txt -e '.[eval]'") from None
+    raise ImportError(str(missing_extra("pldr.lm_eval", "eval", e.name))) from None
 
 
 # lm-eval group YAMLs installed with pldr (package data): the papers' evaluation suites

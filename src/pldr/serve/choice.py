@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, NamedTuple
 
+from ..data.detokenize import TextDecoder
+
 
 class Scored(NamedTuple):
     """One id of a choice with logprobs: its text, where that starts in the response's text
@@ -17,36 +19,6 @@ class Scored(NamedTuple):
     text: str
     start: int
     record: Any
-
-
-class TextDecoder:
-    """decode(ids) as ids arrive, decoding only the ids since the last whole character (with
-    the id before them as context, for SentencePiece's spaces), so a token costs the same at
-    any length. With `context` (the prompt) the text is the prompt's continuation: its first
-    piece keeps the space SentencePiece drops at the start of a text (" Paris", as vLLM)."""
-
-    def __init__(self, tokenizer: Any, context: list[int] | tuple = ()):
-        self.decode = tokenizer.decode
-        ctx = list(context[-1:])
-        if ctx and self.decode(ctx).endswith("\ufffd"):
-            ctx = []  # half a character gives no context
-        self.ids: list[int] = ctx       # the context id, then the new ones
-        self.start = len(ctx)           # where the new ids begin
-        self.committed = ""  # the text of ids[start:_read], for good
-        self._prefix, self._read = 0, len(ctx)
-
-    def add(self, ids: list[int]) -> str:
-        """Append `ids`; returns the text of the new ids so far (ending in one U+FFFD per
-        byte while a character is incomplete)."""
-        self.ids += ids
-        before = self.decode(self.ids[self._prefix:self._read])
-        now = self.decode(self.ids[self._prefix:])
-        tail = now[len(before):]
-        if tail and not now.endswith("\ufffd"):  # whole characters: commit them
-            self.committed += tail
-            self._prefix, self._read = self._read, len(self.ids)
-            return self.committed
-        return self.committed + tail
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

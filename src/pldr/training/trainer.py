@@ -105,10 +105,12 @@ class Trainer:
     does. It owns the step, the metric trackers and the stop flag; the checkpoint manager
     owns what is on disk."""
 
-    def __init__(self, run: PreparedRun, on_step: Callable[[int, dict], None] | None = None):
+    def __init__(self, run: PreparedRun, on_step: Callable[[int, dict], None] | None = None,
+                 continue_hint: str = "continue with `resume='auto'`"):
         self.prepared = run
         self.cfg, self.dist, self.device = run.cfg, run.dist, run.dist.device
         self.on_step = on_step
+        self.continue_hint = continue_hint  # how to go on from a checkpoint, said on a stop
         self.train_loader, self.val_loader = run.train_loader, run.val_loader
         self.total_steps = run.total_steps
         self.step = 0
@@ -230,7 +232,7 @@ class Trainer:
     def _resume_hint(self) -> str:
         if self.checkpoints.last is None:
             return "no checkpoint yet: start again to train"
-        return f"checkpoint {self.checkpoints.last}; continue with `resume='auto'`"
+        return f"checkpoint {self.checkpoints.last}; {self.continue_hint}"
 
     def _batches(self) -> Iterator[Tensor]:
         """Training batches across epoch boundaries, from the loader's current position."""
@@ -439,16 +441,18 @@ def format_record(r: dict[str, Any], total: int) -> str:
     return "  ".join(parts)
 
 
-def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
+          continue_hint: str = "continue with `resume='auto'`") -> TrainResult:
     """Run training as `cfg` says; see `TrainConfig` and the module docstring.
 
     `on_step(step, values)` is called after every optimizer step with the step's global loss,
-    accuracy, DAG values and learning rate. Under torchrun the process group is started here
-    and ended when training ends."""
+    accuracy, DAG values and learning rate. `continue_hint` is what a stopped run says after
+    its checkpoint's name (a command that wraps training, like `pldr demo`, says its own).
+    Under torchrun the process group is started here and ended when training ends."""
     started = ptd.env_world_size() > 1 and not torch.distributed.is_initialized()
     finished = False
     try:
-        result = Trainer(prepare_run(cfg), on_step=on_step).run()
+        result = Trainer(prepare_run(cfg), on_step=on_step, continue_hint=continue_hint).run()
         finished = True
         return result
     finally:
