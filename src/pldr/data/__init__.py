@@ -28,7 +28,6 @@ from .chunks import MODES, PAD_ID, Chunks, chunk_spans, chunk_tokens
 from .loader import TokenBatches, build_loaders
 from .prepare import PrepareReport, prepare_store
 from .sources import (
-           load_table,
            BUILTIN,
            DEFAULT_HF_DATA,
            TEXT_COLUMNS,
@@ -36,6 +35,7 @@ from .sources import (
            SourcePart,
            SourceStream,
            load_documents,
+           load_table,
            parse_source,
            stream_source,
 )

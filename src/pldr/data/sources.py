@@ -17,36 +17,30 @@ A folder holding a prepared token store (`store.json`, see `store.py`) is a sour
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import hashlib
-import io
 import json
 import os
-import re
 import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import DataError, import_extra
+from .formats import (TEXT_COLUMNS, dataset_documents, datasets_progress, hf_rows,
+                      import_datasets, parquet_count, parquet_documents, parquet_row_groups,
+                      short_error, text_documents)
 from .splits import Split, parse_split
-from .tokenizer import split_paragraphs
 
 BUILTIN = "builtin"  # Python's own documentation topics, about 465 kB of text
 DEFAULT_HF_DATA = "hf:tiiuae/falcon-refinedweb"  # the original's training data
-TEXT_COLUMNS = ("content", "text")  # tried in order when no text column is given
 STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
                        ".csv": "csv"}  # file suffix -> reader
 KNOWN_SUFFIXES = {".txt", *STRUCTURED_SUFFIXES}
 STORE_MANIFEST = "store.json"  # a complete prepared token store has this file ...
 STORE_PENDING = "prepare.json"    # ... an unfinished one only this
 
-_TEXT_BLOCK = 1 << 22  # bytes of a .txt file read at a time
-_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")  # what separates .txt documents
-_ROWS = 1000  # rows of structured data read at a time
 
 
 @dataclass(frozen=True)
@@ -132,11 +126,11 @@ class SourcePart:
         if self.kind == "builtin":
             return iter(builtin_texts()[self.start:self.stop])
         if self.kind == "text":
-            return _text_documents(Path(self.name), self.start, self.stop)
+            return text_documents(Path(self.name), self.start, self.stop)
         if self.kind == "parquet":
-            return _parquet_documents(Path(self.name), self.index, self.text_column)
+            return parquet_documents(Path(self.name), self.index, self.text_column)
         if self.kind in ("json", "csv"):
-            return _dataset_documents(Path(self.name), self.kind, self.text_column)
+            return dataset_documents(Path(self.name), self.kind, self.text_column)
         ds = open_hf(DataSource("hf", self.name, self.config), self.split)
         if self.shards > 1:
             ds = ds.shard(self.shards, self.index, contiguous=True)
@@ -151,7 +145,7 @@ class SourcePart:
         if self.kind == "builtin":
             return len(builtin_texts()[self.start:self.stop])
         if self.kind == "parquet":
-            known = _parquet_count(Path(self.name), self.index, self.text_column)
+            known = parquet_count(Path(self.name), self.index, self.text_column)
             if known is not None:
                 return known
         return sum(1 for _ in self.units())
@@ -346,7 +340,7 @@ def _file_parts(path: Path, text_column: str | None,
         return
     reader = STRUCTURED_SUFFIXES.get(path.suffix.lower(), "text")
     if reader == "parquet":
-        for index, size in enumerate(_parquet_row_groups(path)):
+        for index, size in enumerate(parquet_row_groups(path)):
             yield SourcePart("parquet", str(path), text_column, index=index, size=size)
     elif reader == "text" and part_bytes is not None and size > part_bytes:
         for start in range(0, size, part_bytes):
@@ -354,152 +348,6 @@ def _file_parts(path: Path, text_column: str | None,
                              size=min(part_bytes, size - start))
     else:
         yield SourcePart(reader, str(path), text_column, size=size)
-
-
-def read_text_error(path: Path, e: UnicodeDecodeError, offset: int = 0) -> DataError:
-    return DataError(f"{str(path)!r} is not UTF-8 text (byte {offset + e.start}: {e.reason}); "
-                     "convert it to UTF-8 or leave it out of the data")
-
-
-def _text_documents(path: Path, start: int, stop: int | None) -> Iterator[str]:
-    """The documents of a .txt file whose first character lies in bytes [start, stop): the
-    range is moved to cuts after blank lines (`_cut_at`), so ranges that tile the file give
-    the file's documents exactly once, as `split_paragraphs` splits the whole text."""
-    with open(path, "rb") as f:
-        begin = _cut_at(f, start)
-        end = None if stop is None else _cut_at(f, stop)
-        if end is not None and end <= begin:
-            return
-        f.seek(begin)
-        yield from _paragraphs(_decoded_blocks(f, path, begin, end))
-
-
-_NL = rb"(?:\r\n|\r(?!\n)|\n)"  # a line break as Python's text mode reads one
-_CUT = re.compile(_NL + rb"[ \t]*" + _NL + rb"(?:[ \t]*" + _NL + rb")*(?=[^ \t\r\n])")
-_WHITE = b" \t\r\n"
-
-
-def _cut_at(f: io.BufferedReader, offset: int) -> int:
-    """The first position >= `offset` where a document may begin: 0, the end of the file,
-    or a byte that is not a space, tab, CR or LF right after a blank line (two line breaks
-    with only spaces or tabs between them and after the second). Cutting the text there
-    splits it exactly as the whole text splits, whatever `offset` is."""
-    size = os.fstat(f.fileno()).st_size
-    if offset <= 0 or offset >= size:
-        return min(max(offset, 0), size)
-    start = offset
-    while start > 0:  # back to the last document byte before offset (a blank line may end here)
-        start = max(start - 4096, 0)
-        f.seek(start)
-        if f.read(offset - start).strip(_WHITE) or start == 0:
-            break
-    window = 1 << 16
-    while True:
-        f.seek(start)
-        data = f.read(offset - start + window)
-        for m in _CUT.finditer(data):
-            if start + m.end() >= offset:
-                return start + m.end()
-        if start + len(data) >= size:
-            return size
-        window *= 2
-
-
-def _decoded_blocks(f: io.BufferedReader, path: Path, begin: int,
-                    end: int | None) -> Iterator[str]:
-    """The text of bytes [begin, end) in blocks, decoded as UTF-8 with universal newlines
-    (as Python's text mode reads a file)."""
-    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(),
-                                           translate=True)
-    at = begin
-    while end is None or at < end:
-        data = f.read(_TEXT_BLOCK if end is None else min(_TEXT_BLOCK, end - at))
-        try:
-            yield decoder.decode(data, final=not data)
-        except UnicodeDecodeError as e:
-            raise read_text_error(path, e, at) from None
-        if not data:
-            return
-        at += len(data)
-    try:
-        yield decoder.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        raise read_text_error(path, e, at) from None
-
-
-def _paragraphs(blocks: Iterable[str]) -> Iterator[str]:
-    """`split_paragraphs` of the concatenated `blocks`, never holding more than a block and a
-    document. A block is cut at its last blank-line separator that the next block cannot
-    extend (some character other than a space or tab follows it), so each piece splits
-    exactly as the whole text would."""
-    carry = ""
-    for chunk in blocks:
-        text = carry + chunk
-        cut = None
-        for m in _BLANK_LINES.finditer(text):
-            if text[m.end():].lstrip(" \t"):
-                cut = m
-        if cut is None:
-            carry = text
-            continue
-        yield from split_paragraphs(text[:cut.start()])
-        carry = text[cut.end():]
-    yield from split_paragraphs(carry)
-
-
-def _parquet_file(path: Path) -> Any:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path, pre_buffer=False)
-    except Exception as e:  # pyarrow's errors for a damaged or foreign file
-        raise DataError(f"could not read {path} as parquet: {short_error(e)}") from None
-
-
-def _parquet_row_groups(path: Path) -> list[int]:
-    """The uncompressed size of each row group of a parquet file."""
-    meta = _parquet_file(path).metadata
-    return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
-
-
-def _parquet_documents(path: Path, index: int, text_column: str | None) -> Iterator[str]:
-    """The texts of one row group's text column, `_ROWS` rows at a time, nulls skipped;
-    read with pyarrow without pre-buffering, so memory stays flat."""
-    file = _parquet_file(path)
-    column = pick_column(file.schema_arrow.names, text_column, str(path))
-    try:
-        for rows in file.iter_batches(batch_size=_ROWS, row_groups=[index], columns=[column]):
-            yield from checked_texts(rows.column(0).to_pylist(), column, str(path))
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"could not read {path} as parquet: {short_error(e)}") from None
-
-
-def _parquet_count(path: Path, index: int, text_column: str | None) -> int | None:
-    """Non-null texts of a row group from its statistics, or None when they are missing."""
-    file = _parquet_file(path)
-    column = pick_column(file.schema_arrow.names, text_column, str(path))
-    group = file.metadata.row_group(index)
-    for j in range(group.num_columns):
-        chunk = group.column(j)
-        if chunk.path_in_schema == column:
-            stats = chunk.statistics
-            if stats is not None and stats.has_null_count:
-                return group.num_rows - stats.null_count
-    return None
-
-
-def _dataset_documents(path: Path, reader: str, text_column: str | None) -> Iterator[str]:
-    """The texts of a .jsonl/.json or .csv file through `datasets` in streaming mode."""
-    datasets = import_datasets()
-    try:
-        ds = datasets.load_dataset(reader, data_files=[str(path)], split="train",
-                                   streaming=True)
-    except Exception as e:
-        raise DataError(f"could not read {path} as {reader}: {short_error(e)}") from None
-    return (t for t in hf_rows(ds, text_column, f"{path} as {reader}", read_error=True)
-            if t is not None)
 
 
 # ----- Hugging Face datasets ----------------------------------------------------------------
@@ -551,25 +399,6 @@ def open_hf(source: DataSource, split_name: str) -> Any:
         raise DataError(f"could not load {source}: {short_error(e)}") from None
 
 
-def hf_rows(ds: Any, text_column: str | None, what: str,
-            read_error: bool = False) -> Iterator[str | None]:
-    """The text column of a streaming `datasets.IterableDataset`, row by row (None where a
-    row has no text; anything but text is a clear error)."""
-    try:
-        columns = ds.column_names
-        if columns is None:  # json and csv streams know their columns only once read
-            columns = list(next(iter(ds.take(1)), {}).keys())
-        column = pick_column(columns, text_column, what)
-        for rows in ds.select_columns([column]).iter(batch_size=_ROWS):
-            values = rows[column]
-            _check_text(values, column, what)
-            yield from values
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many kinds; all mean "cannot read this data"
-        raise DataError(f"could not read {what}: {short_error(e)}") from None
-
-
 def _hub_offline() -> bool:
     """True when the Hugging Face libraries are set to use only their local cache."""
     datasets = import_datasets()
@@ -603,62 +432,6 @@ def _check_hub_reachable(source: DataSource, timeout: float = 3.0) -> None:
                         f"({e.strerror or e}); connect to the network, or set HF_HUB_OFFLINE=1 "
                         "HF_DATASETS_OFFLINE=1 to use a dataset already in the local cache, or "
                         "pass a local file or folder") from None
-
-
-def import_datasets() -> Any:
-    """The `datasets` library, or a clear error naming the extra that installs it."""
-    return import_extra("datasets", "data", "reading .jsonl/.json/.parquet/.csv or hf: data")
-
-
-@contextlib.contextmanager
-def datasets_progress(enabled: bool) -> Iterator[None]:
-    """Show or hide `datasets`' own progress bars for one block, then restore the setting
-    (nothing to do when `datasets` was never imported)."""
-    import sys
-
-    datasets = sys.modules.get("datasets")
-    if datasets is None:
-        yield
-        return
-    was_enabled = datasets.is_progress_bar_enabled()
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
-    try:
-        yield
-    finally:
-        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
-
-
-# ----- columns and values -----------------------------------------------------------------
-
-
-def pick_column(columns: Sequence[str], text_column: str | None, what: str) -> str:
-    """The text column: the one asked for, else `content`, else `text`."""
-    candidates = [text_column] if text_column else list(TEXT_COLUMNS)
-    for name in candidates:
-        if name in columns:
-            return name
-    asked = repr(text_column) if text_column else " or ".join(map(repr, TEXT_COLUMNS))
-    raise DataError(f"{what} has no text column {asked}; its columns are "
-                    f"{', '.join(map(str, columns))}: name one as text_column (--text-column)")
-
-
-def _check_text(values: list[Any], column: str, what: str) -> None:
-    bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
-    if bad is not None:
-        raise DataError(f"column {column!r} of {what} holds {type(bad).__name__} values, not "
-                        "text; name a text column as text_column (--text-column)")
-
-
-def checked_texts(values: list[Any], column: str, what: str) -> Iterator[str]:
-    """The values of a text column, nulls skipped; anything but text is a clear error."""
-    _check_text(values, column, what)
-    return (v for v in values if v is not None)
-
-
-def short_error(e: BaseException) -> str:
-    """An exception as one line of at most 300 characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 __all__ = ["DataSource", "parse_source", "SourcePart", "SourceStream", "stream_source",
