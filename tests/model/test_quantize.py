@@ -24,13 +24,26 @@ from pldr.model.quantize import (
     for_decoding,
     pack_bf16,
     quantize_int8,
+    vnni,
     weight_bytes,
 )
 
 T = 64  # training and evaluation window
+# the activation widths this CPU's int8 kernel runs with: 7-bit everywhere, 8-bit with VNNI
+# (elsewhere 8-bit is refused: test_8_bit_activations_are_refused_without_vnni)
+RANGES = [True] + ([False] if vnni() else [])
 
 
-@pytest.mark.parametrize("reduce_range", [False, True])
+def test_8_bit_activations_are_refused_without_vnni(monkeypatch):
+    import pldr.model.quantize as quantize
+
+    monkeypatch.setattr(quantize, "vnni", lambda: False)
+    with pytest.raises(PLDRError, match="VNNI"):
+        Int8Linear.from_linear(nn.Linear(8, 4), reduce_range=False)
+    assert Int8Linear.from_linear(nn.Linear(8, 4)).reduce_range  # the default: 7-bit
+
+
+@pytest.mark.parametrize("reduce_range", RANGES)
 def test_int8_linear_computes_with_its_dequantized_weight_and_rounded_input(reduce_range):
     torch.manual_seed(0)
     lin = nn.Linear(48, 20)
@@ -73,7 +86,7 @@ def test_int8_a_non_finite_row_spoils_only_itself(bad):
     it (FBGEMM's range skips NaN, and an inf row scales to 0 and NaN), and its own output
     non-finite."""
     torch.manual_seed(1)
-    q = Int8Linear.from_linear(nn.Linear(48, 20), reduce_range=False)
+    q = Int8Linear.from_linear(nn.Linear(48, 20))  # the activation width of this CPU
     x = torch.randn(8, 48)
     x[3, 5] = bad
     others = [0, 1, 2, 4, 5, 6, 7]
@@ -206,8 +219,8 @@ def _forced_agreement(model, prompts, want, cache: str) -> int:
     return same
 
 
-# both activation widths the kernel is run with: 8-bit (VNNI CPUs) and 7-bit (the others)
-@pytest.mark.parametrize("reduce_range", [False, True])
+# the activation widths the kernel runs with here: 7-bit, and 8-bit on VNNI CPUs
+@pytest.mark.parametrize("reduce_range", RANGES)
 def test_int8_greedy_tokens_agree_with_float32_on_the_fixture_prompts(trained, reduce_range):
     """int8 picks float32's greedy token at >= 90% of the first 32 positions of the fixture's
     prompts. Counted along float32's own continuation: free-running, one flip of a near tie
@@ -224,7 +237,7 @@ def test_int8_greedy_tokens_agree_with_float32_on_the_fixture_prompts(trained, r
         assert _forced_agreement(model, prompts, want, cache) == 32 * len(prompts)
 
 
-@pytest.mark.parametrize("reduce_range", [False, True])
+@pytest.mark.parametrize("reduce_range", RANGES)
 def test_int8_perplexity_rises_under_one_percent(trained, reduce_range):
     model, held = trained
     base = _perplexity(model, held)

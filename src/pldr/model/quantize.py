@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..devices import cpu_flags, native_bf16
-from ..errors import PLDRTypeError
+from ..errors import PLDRError, PLDRTypeError
 
 log = logging.getLogger("pldr")
 
@@ -79,7 +79,13 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, reduce_range: bool | None = None) -> "Int8Linear":
         """Round `linear`'s weights to int8 with symmetric per-row scales and pack them.
-        `reduce_range=None`: 7-bit activations unless the CPU has VNNI (`vnni`)."""
+        `reduce_range=None`: 7-bit activations unless the CPU has VNNI (`vnni`); 8-bit ones
+        (`reduce_range=False`) need VNNI, since the kernels of other CPUs add pairs of products
+        in 16 bits, which 8-bit activations overflow."""
+        if reduce_range is False and not vnni():
+            raise PLDRError("`reduce_range=False` (8-bit activations) needs a CPU with VNNI "
+                            "(avx512_vnni or amx_int8): without it the int8 products overflow; "
+                            "leave `reduce_range` at None (7-bit activations on this CPU)")
         w = linear.weight.detach().float()                           # [out, in]
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0        # [out]
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
@@ -144,8 +150,11 @@ class BF16Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().to(torch.bfloat16)                # [out, in]
-        # laid out for one row at a time (decoding); measured no slower for 16 or 64 rows
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        # laid out for one row at a time (decoding); measured no slower for 16 or 64 rows.
+        # oneDNN packs bf16 only on CPUs it computes bf16 on (AVX512-BW and up); elsewhere
+        # the weight stays plain and F.linear computes the same bf16 product
+        self.is_packed = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.is_packed else w
         self.bias = (None if linear.bias is None
                      else linear.bias.detach().to(torch.bfloat16).contiguous())
 
@@ -155,6 +164,8 @@ class BF16Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
+        if not self.is_packed:
+            return nn.functional.linear(x, self.packed, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     @property
@@ -163,7 +174,8 @@ class BF16Linear(nn.Module):
         return 2 * self.out_features * (self.in_features + 1)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed"
+        layout = "packed" if self.is_packed else "plain (oneDNN cannot pack bf16 on this CPU)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 {layout}"
 
 
 def _swap_linears(model: nn.Module, make, keep: tuple[str, ...] = ()) -> int:
