@@ -5,6 +5,7 @@ tests import by name."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from finetune_data import NAMES, SMALL
 from pldr import PLDRConfig, PLDRModel
@@ -23,7 +24,9 @@ def base(tmp_path_factory) -> dict:
     planted = [" ".join((*NAMES, "XYZ"))] * 300
     tok = Tokenizer.train(load_documents("builtin", "train[:10%]") + planted, 512)
     config = PLDRConfig.preset("tiny").replace(**SMALL, vocab_size=tok.vocab_size)
-    model = PLDRModel(config)
+    with torch.random.fork_rng(devices=[]):  # the same weights whichever test comes first
+        torch.manual_seed(0)
+        model = PLDRModel(config)
     model.save_pretrained(root / "base", tokenizer=tok)
     return {"root": root, "model": str(root / "base"), "tokenizer": tok, "config": config}
 

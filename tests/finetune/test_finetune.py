@@ -31,7 +31,7 @@ def data_files(tmp_path: Path, rows, n_train: int = 320) -> tuple[str, str]:
 def run(base: dict, tmp_path: Path, task: str, rows, **changes):
     train, val = data_files(tmp_path, rows)
     cfg = FinetuneConfig(task=task, model=base["model"], data=train, eval_data=val,
-                         out=str(tmp_path / "out"), epochs=2, **{**FAST, **changes})
+                         out=str(tmp_path / "out"), **{**FAST, "epochs": 2, **changes})
     return finetune(cfg), val
 
 
@@ -40,19 +40,22 @@ def last_val(result) -> dict:
 
 
 def test_sequence_classification_learns_the_planted_word(base, tmp_path, capsys):
-    result, val = run(base, tmp_path, "sequence-classification", sequence_rows, eval_every=20)
-    figures = last_val(result)
+    result, val = run(base, tmp_path, "sequence-classification", sequence_rows, eval_every=10,
+                      epochs=3)
+    evals = [r for r in result.records if r["split"] == "val"]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40, 50, 60]
+    figures = max(evals, key=lambda r: r["accuracy"])  # the first best, kept as OUT/best
     assert figures["accuracy"] >= 0.95 and figures["macro_f1"] >= 0.95
     model = pldr.load_model(result.final_dir)
     assert isinstance(model, pldr.PLDRForSequenceClassification)
     assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
     # the record is in metrics.jsonl, as in pretraining; best/ holds the best evaluation
-    assert read_metrics(tmp_path / "out", "val")[-1]["accuracy"] == figures["accuracy"]
+    assert read_metrics(tmp_path / "out", "val") == evals
     assert isinstance(pldr.load_model(tmp_path / "out" / "best"), type(model))
-    # pldr eval --task scores the final model the same way
+    # pldr eval --task scores the best model the same way
     out = tmp_path / "eval.json"
     assert cli_main(["eval", "--task", "sequence-classification", "--model",
-                     str(result.final_dir), "--data", val, "--output", str(out)]) == 0
+                     str(tmp_path / "out" / "best"), "--data", val, "--output", str(out)]) == 0
     scored = json.loads(out.read_text())
     assert scored["accuracy"] == pytest.approx(figures["accuracy"])
     assert scored["rows"] == 64

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PLDRError
+from ..errors import PLDRError, import_extra
 
 MEASUREMENTS = ("decode", "prefill", "train", "engine", "gemv", "finetune")
 # dtypes a spec may name: the float dtypes, and int8 weights (model/quantize.py) for decoding
@@ -288,6 +288,7 @@ def run_one(spec: BenchSpec) -> BenchResult:
         warm, tokens = job, spec.train_batch * spec.train_len
     elif spec.what == "finetune":
         job, warm, tokens = _finetune_job(model, spec, ids)
+        del model  # the head model holds a copy of the decoder
     else:
         raise PLDRError(f"unknown measurement {spec.what!r}; choose from {', '.join(MEASUREMENTS)}")
     warm()
@@ -322,9 +323,9 @@ def _finetune_job(model, spec: BenchSpec, ids):
     from ..model.heads import PLDRForSequenceClassification
     from ..training.step import ADAMW_BETAS, ADAMW_EPS
 
+    import_extra("peft", "finetune", "pldr bench --what finetune")  # both runs carry its RSS
     torch.manual_seed(0)
     head = attach_head(model, PLDRForSequenceClassification, model.config.replace(num_labels=2))
-    del model
     if spec.lora_r:
         add_lora(head, spec.lora_r, 2.0 * spec.lora_r, 0.0, DEFAULT_LORA_TARGETS, ("score",))
     head.train()
