@@ -170,3 +170,11 @@ def test_the_checker_sees_a_forbidden_arrow(tmp_path):
     assert "pldr.model.pretrained" in imports_of(f, top_level_only=False)
     assert room("pldr.model.model") == "model" and room("pldr.errors") == "leaf"
     assert "data" not in ALLOWED["model"]
+
+
+def test_test_module_names_are_unique():
+    """pytest imports test modules by their file name (tests/ has no __init__.py files), so two
+    test files of one name in different folders stop the whole run at collection."""
+    tests = Path(__file__).resolve().parent
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
