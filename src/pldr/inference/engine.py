@@ -189,6 +189,7 @@ class Engine:
                     scoring.append((req, prompt_lp))
                 if req.max_new_tokens == 0:  # the prompt's log-probabilities were the task
                     scored.append(req)
+                    self._leave_after_scoring(req, slot, row)  # the slot serves the next
                 else:
                     admitted.append((req, row))
         got = ([(r, logits[i]) for i, r in enumerate(running)] + admitted)
@@ -206,9 +207,7 @@ class Engine:
         for req, handles in scoring:
             req.prompt_token_logprobs += _logprob_records(values, handles)
         for req in scored:
-            if _finite(req.prompt_token_logprobs):
-                self._finish(req, "length")
-            else:
+            if not _finite(req.prompt_token_logprobs):
                 self._fail(req)
         if not got:
             return scored
@@ -277,6 +276,24 @@ class Engine:
                 handles = _logprob_tensors(head, ids[0, 1:],
                                            [req.prompt_logprobs] * (ids.shape[1] - 1), reads)
         return out.logits[0, -1], handles
+
+    def _leave_after_scoring(self, req: Request, slot: int, row: Tensor) -> None:
+        """A request that only scores its prompt ends as soon as it is prefilled, so the next
+        queued request can take its slot in the same step; its log-probabilities are read
+        with the step's one copy (and turn it into an error if they are not finite). Since
+        nothing of it is read yet, the positions it wrote are zeroed on the device when its
+        last logits [V] are not finite (NaN keys or values would poison the slot's next
+        request, as `_fail` explains): a few prompt rows, no sync."""
+        finite = torch.isfinite(row).all()                                            # 0-d
+        c, n = self.cache, len(req.prompt)
+        for t, part in ((c.k, (slice(None), slot, slice(None), slice(0, n))),
+                        (c.v, (slice(None), slot, slice(None), slice(0, n))),
+                        *((t, (slice(None), slot)) for t in (c.A, c.G_LM, c.A_LM, c.A_G,
+                                                             c.A_P))):
+            if t is not None:
+                t[part] = torch.where(finite, t[part], torch.zeros((), dtype=t.dtype,
+                                                                   device=t.device))
+        self._finish(req, "length")
 
     def _fail(self, req: Request) -> None:
         """End `req`, whose logits are not finite, with its error; its slot's cached keys and

@@ -5,6 +5,12 @@ conventions").
     -> backward -> clip gradients by value at 1.0 -> AdamW(0.9, 0.95, eps 1e-5) at lr(step)
     -> metrics record -> checkpoint every N steps (atomic) -> final model directory
 
+A step reads nothing back from the device (on a GPU the host queues the next step while the
+device runs this one): the loss weights stay tensors, a non-finite loss or gradient skips
+the update on the device, and the step's figures wait in `_pending` until a step that logs,
+evaluates or checkpoints reads them all in one copy (`_settle`), which is also where a
+skipped step or non-finite weights stop the run, before anything is recorded or saved.
+
 `train(TrainConfig(...))` runs it in-process; `pldr train` maps its flags onto `TrainConfig`.
 Under `torchrun` the same code shards the model with FSDP2. The pieces around the loop:
 prepare.py (inputs checked and loaded, run folder, model), checkpointing.py (resumable
