@@ -33,7 +33,7 @@ def tok(tmp_path_factory) -> dict:
 def run(tok: dict, out: Path, precision: str):
     cfg = TrainConfig(model="tiny", tokenizer=tok["tokenizer"], data="builtin",
                       split="train[:10%]", val_split="none", out=str(out), max_steps=20,
-                      batch_size=4, context_length=32, lr=2e-3, warmup_steps=4, log_every=1,
+                      batch_size=4, context_length=32, lr=2e-3, warmup_steps=4, log_every=5,
                       precision=precision, cache_dir=tok["cache"], progress=False,
                       tensorboard=False)
     return train(cfg)
@@ -43,10 +43,10 @@ def test_bf16_mixed_tracks_fp32_for_20_steps(tok, tmp_path):
     fp32 = run(tok, tmp_path / "fp32", "fp32").train_losses
     mixed = run(tok, tmp_path / "mixed", "bf16-mixed")
     losses = mixed.train_losses
-    assert sorted(losses) == list(range(1, 21))
+    assert sorted(losses) == [5, 10, 15, 20]  # each the mean loss of its 5 steps
     for step, loss in fp32.items():
         assert losses[step] == pytest.approx(loss, rel=LOSS_TOLERANCE), step
-    assert losses[20] < losses[1] - 0.5  # it learns
+    assert losses[20] < losses[5] - 0.3  # it learns
     # float32 master weights: the final model is float32
     from pldr.checkpoint import load_model
 
@@ -56,7 +56,7 @@ def test_bf16_mixed_tracks_fp32_for_20_steps(tok, tmp_path):
 def test_bf16_true_keeps_bfloat16_weights_and_learns(tok, tmp_path):
     result = run(tok, tmp_path / "true", "bf16-true")
     losses = result.train_losses
-    assert losses[20] < losses[1] - 0.5
+    assert losses[20] < losses[5] - 0.3
     from safetensors import safe_open
 
     with safe_open(str(result.final_dir / "model.safetensors"), "pt") as f:
@@ -84,3 +84,22 @@ def test_precision_is_checked_and_old_dtype_settings_still_read():
     assert check_settings({"dtype": "float32"}, "x") == {"precision": "fp32"}
     with pytest.raises(ConfigError, match="unknown training setting"):
         check_settings({"dtype": "float16"}, "x")
+
+
+def test_compile_trains_the_same_steps_as_eager(tok, tmp_path):
+    """--compile runs the forward and backward under torch.compile: the same losses as
+    eager within float32 rounding of fused kernels."""
+    small = dict(num_layers=1, d_model=32, num_heads=2, dff=64, num_reslayerA=1,
+                 num_denseA=1, A_dff=16, max_seq_len=64)
+    losses = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(model=PLDRConfig.preset("tiny").replace(**small),
+                          tokenizer=tok["tokenizer"], data="builtin", split="train[:10%]",
+                          val_split="none", out=str(tmp_path / str(compiled)), max_steps=3,
+                          batch_size=2, context_length=16, lr=1e-3, warmup_steps=0,
+                          log_every=1, compile=compiled, cache_dir=tok["cache"],
+                          progress=False, tensorboard=False)
+        losses[compiled] = train(cfg).train_losses
+    assert sorted(losses[True]) == [1, 2, 3]
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=1e-4), step

@@ -65,8 +65,8 @@ def forward_backward(model: nn.Module, ids: Tensor, *, pad_id: int,
                 else torch.autocast(device_type=ids.device.type, dtype=amp_dtype))
     known = {} if pads is None else {"pads": pads}
     with autocast:
-        out = (forward or model)(x, return_deductive=with_deductive or any(dag_coeffs),
-                                 **known)                                # logits [b, T, V]
+        call = model if forward is None else forward  # (a compiled module has no truth value)
+        out = call(x, return_deductive=with_deductive or any(dag_coeffs), **known)  # [b, T, V]
     lo = loss_with_dag(out.logits, y, out.deductive, dag_coeffs, pad_id)
     predicted = out.logits.detach().argmax(-1)                          # [b, T]
     del out
