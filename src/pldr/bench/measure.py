@@ -12,7 +12,8 @@ casts the weights to bf16 for decode and prefill).
 `engine` measures the aggregate decode throughput of `pldr.Engine` with `batch` running
 requests (all admitted and prefilled first, untimed; then `new_tokens - 1` timed steps of
 one token each for every request); `compile=True` runs the decode step under torch.compile
-(kv modes of `decode`, and `engine`).
+(kv modes of `decode`, and `engine`), and the training step's forward and backward (`train`,
+as `pldr train --compile`; the warm-up step compiles).
 The machine's CPU flags, thread count and load are recorded with the results: compare only
 figures from the same run.
 """
@@ -58,7 +59,7 @@ class BenchSpec:
     threads: int | None = None
     repeats: int = 3
     batch: int = 1                # engine: running requests
-    compile: bool = False         # decode (kv modes) and engine: torch.compile the step
+    compile: bool = False         # decode (kv modes), engine, train: torch.compile the step
     activation_checkpointing: bool = False  # train: recompute each decoder layer in backward
     lora_r: int = 0               # finetune: LoRA rank (0: every weight trains)
 
@@ -280,9 +281,11 @@ def run_one(spec: BenchSpec) -> BenchResult:
         opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
         batch = ids(spec.train_batch, spec.train_len + 1)
         amp = None if parse_dtype(spec.dtype) == torch.float32 else torch.bfloat16
+        forward = torch.compile(model) if spec.compile else None
 
         def job():  # the step of `pldr train` (training/step.py), as the original's: no DAG
-            lo, _ = forward_backward(model, batch, pad_id=model.config.pad_id, amp_dtype=amp)
+            lo, _ = forward_backward(model, batch, pad_id=model.config.pad_id, amp_dtype=amp,
+                                     pads=False, forward=forward)  # random ids: no pads
             update(model, opt, lr=1e-3)
             lo.loss.item()
         warm, tokens = job, spec.train_batch * spec.train_len

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", default="1,16",
                    help="engine: comma-separated numbers of running requests (default 1,16)")
     p.add_argument("--compile", action="store_true",
-                   help="also measure decode (kv modes) and engine under torch.compile")
+                   help="also measure decode (kv modes), engine and train (the forward and "
+                   "backward, as `pldr train --compile`) under torch.compile")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="also measure train with each decoder layer recomputed in backward "
                    "(less memory, more compute; `pldr train --activation-checkpointing`)")
@@ -138,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
                     if variant == "v510G" and c in ("g_only",):
                         continue  # no G-cache in v510G: same as no_cache
                     kv = c in ("kv_g", "kv_only")
-                    for comp in ([False, True] if args.compile and kv and w in ("decode", "engine")
-                                 else [False]):
+                    for comp in ([False, True] if args.compile and kv
+                                 and w in ("decode", "engine", "train") else [False]):
                         for b in (batches if w == "engine" else [1]):
                             for ac in ([False, True] if args.activation_checkpointing
                                        and w == "train" else [False]):

@@ -21,7 +21,7 @@ from ..devices import resolve_device
 from ..errors import PLDRError
 from ..errors import CheckpointError
 from ..training.checkpointing import FINAL, list_checkpoints, read_trainer_state
-from ..training.config import TrainConfig
+from ..training.config import LEGACY_DTYPE, TrainConfig
 from ..training.metrics import read_metrics
 from ..training.prepare import RUN_ENTRIES
 from ..training.trainer import train
@@ -57,7 +57,8 @@ def demo_config(out: str | Path = "runs/demo", steps: int = DEMO_STEPS,
                        max_steps=steps, batch_size=16, context_length=128, lr=2e-3,
                        warmup_steps=max(1, steps // 10), lr_alpha=0.1, weight_decay=0.1,
                        log_every=max(1, steps // 20), eval_every=max(1, steps // 4),
-                       keep_checkpoints=1, device=device, dtype=dtype, seed=seed,
+                       keep_checkpoints=1, device=device,
+                       precision=LEGACY_DTYPE[dtype], seed=seed,
                        progress=progress)
 
 

@@ -235,10 +235,12 @@ class FinetuneTrainer(Trainer):
 
     # ----- a step ------------------------------------------------------------------------
 
-    def _train_step(self, micro: list[list[Any]]) -> tuple[dict[str, Any], bool]:
+    def _train_step(self, micro: list[list[Any]]) -> None:
         """One optimizer step over `micro` batches of examples (this rank's rows): each
         forward's mean loss weighted by its share of the global batch's items (as the
-        pretraining step weighs tokens), gradient norm clipped, AdamW."""
+        pretraining step weighs tokens), gradient norm clipped, AdamW. Unlike pretraining's
+        step it reads its figures at once (fine-tuning steps are few and short), so `_settle`
+        has nothing pending and returns them."""
         cfg, W, run = self.cfg, self.dist.world_size, self.prepared
         examples = [e for m in micro for e in m]
         size = run.micro_batch_size
@@ -288,7 +290,8 @@ class FinetuneTrainer(Trainer):
             self._fail(f"the update of step {self.step} made weights NaN or inf")
         self.metrics.add({k: values[k] for k in ("loss", "ce", "accuracy")},
                          self.train_loader.epoch, int(totals[1]))
-        return values, total.stop > 0
+        self._last_values = values
+        self._stop_agreed = self._stop_agreed or total.stop > 0
 
     @torch.no_grad()
     def _check_output(self) -> None:

@@ -165,31 +165,40 @@ class Engine:
         those that only had their prompt scored (max_new_tokens=0)."""
         running = self.running
         logits = self._decode_running(running) if running else None  # [N, V]: running[i]
-        admitted, scored = [], []
+        reads = _HostRead()  # everything this step hands back: read in one copy
+        admitted, scored, scoring = [], [], []
         for slot in range(self.max_batch):
             while self._slots[slot] is None and self._queue:
                 req = self._queue.popleft()
-                row = self._prefill(req, slot)                                        # [V]
+                row, prompt_lp = self._prefill(req, slot, reads)                      # [V]
+                if prompt_lp is not None:
+                    scoring.append((req, prompt_lp))
                 if req.max_new_tokens == 0:  # the prompt's log-probabilities were the task
-                    if _finite(req.prompt_token_logprobs):
-                        self._finish(req, "length")
-                    else:
-                        self._fail(req)
                     scored.append(req)
+                    self._leave_after_scoring(req, slot, row)  # the slot serves the next
                 else:
                     admitted.append((req, row))
         got = ([(r, logits[i]) for i, r in enumerate(running)] + admitted)
+        picked = asked_lp = None
+        asked = [i for i, (r, _) in enumerate(got) if r.logprobs is not None]
+        if got:
+            picks = _pick_tokens(running, logits, admitted)                           # [N]
+            self._last[torch.tensor([r.slot for r, _ in got], device=picks.device)] = picks
+            picked = reads.add(picks)
+            if asked:
+                rows = torch.stack([got[i][1] for i in asked])                        # [M, V]
+                asked_lp = _logprob_tensors(rows, picks[asked],
+                                            [got[i][0].logprobs for i in asked], reads)
+        values = reads.read()  # the one host-device sync of a step, logprobs or not
+        for req, handles in scoring:
+            req.prompt_token_logprobs += _logprob_records(values, handles)
+        for req in scored:
+            if not _finite(req.prompt_token_logprobs):
+                self._fail(req)
         if not got:
             return scored
-        picks = _pick_tokens(running, logits, admitted)                               # [N]
-        self._last[torch.tensor([r.slot for r, _ in got], device=picks.device)] = picks
-        tokens = picks.tolist()  # the one host-device sync of a step (without logprobs)
-        asked = [i for i, (r, _) in enumerate(got) if r.logprobs is not None]
-        records = {}
-        if asked:
-            rows = torch.stack([got[i][1] for i in asked])                            # [M, V]
-            found = _logprobs_of(rows, picks[asked], [got[i][0].logprobs for i in asked])
-            records = dict(zip(asked, found))
+        tokens = [int(t) for t in values[picked]]
+        records = dict(zip(asked, _logprob_records(values, asked_lp))) if asked else {}
         for i, ((req, _), tok) in enumerate(zip(got, tokens)):
             if tok == BAD_ROW:
                 self._fail(req)
@@ -231,10 +240,13 @@ class Engine:
                          logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _prefill(self, req: Request, slot: int) -> Tensor:
-        """Put `req` in `slot` and run its prompt alone; returns its last logits [V]. With
-        `prompt_logprobs` the output head also runs over the other positions (apart, so the
-        last logits are those of a request without them)."""
+    def _prefill(self, req: Request, slot: int,
+                 reads: "_HostRead") -> tuple[Tensor, "_LogprobHandles | None"]:
+        """Put `req` in `slot` and run its prompt alone; returns its last logits [V] and,
+        with `prompt_logprobs`, where `reads` will hold its prompt's log-probabilities (the
+        output head also runs over the other positions, apart, so the last logits are those
+        of a request without them); `req.prompt_token_logprobs` starts as [None] (the first
+        id has nothing before it) and the step appends the rest once it has read them."""
         self.cache.reset(slot)
         G = req.G_LM if req.G_LM is not None else self._own_G
         if G is not None:
@@ -242,13 +254,32 @@ class Engine:
         req.slot, self._slots[slot] = slot, req
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.model.device)
         out = self.model(ids, cache=self.cache, slots=[slot], logits_to_keep=1)
+        handles = None
         if req.prompt_logprobs is not None:  # the first id has nothing before it: None
             req.prompt_token_logprobs = [None]
             if ids.shape[1] > 1:
                 head = self.model.final_layer(out.hidden[0, :-1])                  # [T-1, V]
-                req.prompt_token_logprobs += _logprobs_of(
-                    head, ids[0, 1:], [req.prompt_logprobs] * (ids.shape[1] - 1))
-        return out.logits[0, -1]
+                handles = _logprob_tensors(head, ids[0, 1:],
+                                           [req.prompt_logprobs] * (ids.shape[1] - 1), reads)
+        return out.logits[0, -1], handles
+
+    def _leave_after_scoring(self, req: Request, slot: int, row: Tensor) -> None:
+        """A request that only scores its prompt ends as soon as it is prefilled, so the next
+        queued request can take its slot in the same step; its log-probabilities are read
+        with the step's one copy (and turn it into an error if they are not finite). Since
+        nothing of it is read yet, the positions it wrote are zeroed on the device when its
+        last logits [V] are not finite (NaN keys or values would poison the slot's next
+        request, as `_fail` explains): a few prompt rows, no sync."""
+        finite = torch.isfinite(row).all()                                            # 0-d
+        c, n = self.cache, len(req.prompt)
+        for t, part in ((c.k, (slice(None), slot, slice(None), slice(0, n))),
+                        (c.v, (slice(None), slot, slice(None), slice(0, n))),
+                        *((t, (slice(None), slot)) for t in (c.A, c.G_LM, c.A_LM, c.A_G,
+                                                             c.A_P))):
+            if t is not None:
+                t[part] = torch.where(finite, t[part], torch.zeros((), dtype=t.dtype,
+                                                                   device=t.device))
+        self._finish(req, "length")
 
     def _fail(self, req: Request) -> None:
         """End `req`, whose logits are not finite, with its error; its slot's cached keys and
@@ -305,17 +336,59 @@ def _pick_tokens(running: list[Request], logits: Tensor | None,
     return torch.stack(picks)
 
 
-def _logprobs_of(logits: Tensor, ids: Tensor, ks: list[int]) -> list[TokenLogprobs]:
+class _HostRead:
+    """Tensors to hand back to the host together: `add` queues one (on the device, no
+    sync) and returns its index, `read` copies them all in one go (one sync) as lists of
+    floats. Token ids travel as float64, exact below 2**53."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+
+    def add(self, t: Tensor) -> int:
+        self.parts.append(t.reshape(-1).to(torch.float64))
+        return len(self.parts) - 1
+
+    def read(self) -> list[list[float]]:
+        if not self.parts:
+            return []
+        flat = torch.cat(self.parts).tolist()
+        out, at = [], 0
+        for part in self.parts:
+            out.append(flat[at:at + part.numel()])
+            at += part.numel()
+        return out
+
+
+@dataclass(frozen=True)
+class _LogprobHandles:
+    """Where a `_HostRead` holds rows' log-probabilities: the chosen ids' [N], the top k
+    values and ids [N, k], and each row's own k."""
+
+    chosen: int
+    values: int
+    top: int
+    k: int
+    ks: tuple[int, ...]
+
+
+def _logprob_tensors(logits: Tensor, ids: Tensor, ks: list[int],
+                     reads: _HostRead) -> _LogprobHandles:
     """Row i of logits [N, V]: the log-probability of ids[i] [N] and the ks[i] most likely
-    ids (reading them back is a sync of its own). A BAD_ROW id (non-finite logits, a request
-    that fails) gets a record nobody reads."""
+    ids, queued on `reads` (no sync). A BAD_ROW id (non-finite logits, a request that
+    fails) gets a record nobody reads."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-    chosen = logp.gather(1, ids.clamp(min=0)[:, None])[:, 0].tolist()                  # [N]
+    chosen = logp.gather(1, ids.clamp(min=0)[:, None])[:, 0]                         # [N]
     k = min(max(ks), logp.shape[-1])
-    values, top = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())     # [N, k]
-    values, top = values.tolist(), top.tolist()
-    return [TokenLogprobs(c, tuple(zip(t[:n], v[:n])))
-            for c, t, v, n in zip(chosen, top, values, ks)]
+    values, top = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())   # [N, k]
+    return _LogprobHandles(reads.add(chosen), reads.add(values), reads.add(top), k, tuple(ks))
+
+
+def _logprob_records(read: list[list[float]], h: _LogprobHandles) -> list[TokenLogprobs]:
+    """The records of `_logprob_tensors` once `read` holds the values."""
+    chosen, values, top = read[h.chosen], read[h.values], read[h.top]
+    return [TokenLogprobs(c, tuple((int(t), v) for t, v in
+                                   zip(top[i * h.k:i * h.k + n], values[i * h.k:i * h.k + n])))
+            for i, (c, n) in enumerate(zip(chosen, h.ks))]
 
 
 def _finite(records: list[TokenLogprobs | None]) -> bool:

@@ -75,21 +75,30 @@ def start(model: PLDRModel, rows: list[list[int]], cache: str, max_new_tokens: i
     return GenerationState(seq=seq, cache=ic, mode=cache)
 
 
-def prefill(model: PLDRModel, state: GenerationState) -> Tensor:
-    """Run the whole prompt once; returns the last position's logits [B, V]."""
-    out = model(state.seq, cache=state.cache, logits_to_keep=1)
+def prefill(model: PLDRModel, state: GenerationState, pads: bool | None = None) -> Tensor:
+    """Run the whole prompt once; returns the last position's logits [B, V]. `pads`: whether
+    the checked ids hold pad ids, when the caller knows (no value is then read back; see
+    `PLDRModel.forward`)."""
+    out = model(state.seq, cache=state.cache, logits_to_keep=1, **_known(pads))
     return out.logits[:, -1]
 
 
-def decode_step(model: PLDRModel, state: GenerationState, next_ids: Tensor) -> Tensor:
+def decode_step(model: PLDRModel, state: GenerationState, next_ids: Tensor,
+                pads: bool | None = None) -> Tensor:
     """Append next_ids [B] and return the logits [B, V] for the token after them.
 
     With a KV part only the new token runs; otherwise the whole sequence is re-run (with the
-    kept G_LM, if any, standing in for the metric learner)."""
+    kept G_LM, if any, standing in for the metric learner); `pads` as in `prefill`, for the
+    sequence with next_ids appended."""
     if state.cache.has_kv:
         return decode_cached(model, state.cache, next_ids)
     state.seq = torch.cat([state.seq, next_ids[:, None]], dim=1)
-    return model(state.seq, cache=state.cache, logits_to_keep=1).logits[:, -1]
+    return model(state.seq, cache=state.cache, logits_to_keep=1,
+                 **_known(pads)).logits[:, -1]
+
+
+def _known(pads: bool | None) -> dict:
+    return {} if pads is None else {"pads": pads}
 
 
 def _check_G_LM(model: PLDRModel, G_LM) -> None:
@@ -162,7 +171,10 @@ def _stream(model, rows, max_new_tokens, cache, sampling, G_LM, eos, seeds):
                       for s in seeds]
     done = [False] * B
     pad = model.config.pad_id
-    logits = prefill(model, state)
+    # whether the sequence holds pad ids, known on the host (left padding, pad ids in a
+    # prompt, finished rows fed pads), so that the re-run forwards read no value back
+    pads = len({len(r) for r in rows}) > 1 or any(pad in r for r in rows)
+    logits = prefill(model, state, pads)
     for step in range(max_new_tokens):
         tokens = sample(logits, sampling, generators).tolist()  # the one sync per step
         check_tokens(tokens)
@@ -171,7 +183,8 @@ def _stream(model, rows, max_new_tokens, cache, sampling, G_LM, eos, seeds):
         done = [d or t == eos for t, d in zip(tokens, done)]
         if all(done) or step == max_new_tokens - 1:
             return
-        logits = decode_step(model, state, torch.tensor(tokens, device=dev))
+        pads = pads or pad in tokens
+        logits = decode_step(model, state, torch.tensor(tokens, device=dev), pads)
 
 
 def generate(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int, *,

@@ -155,7 +155,7 @@ class PLDRModel(nn.Module):
     def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
                 positions: Tensor | None = None, cache: InferenceCache | None = None,
                 slots: Sequence[int] | None = None, return_deductive: bool = False,
-                logits_to_keep: int = 0) -> PLDROutput:
+                logits_to_keep: int = 0, pads: bool | None = None) -> PLDROutput:
         """Logits for ids [B, T]; with a cache, a cached step of any number of new tokens.
 
         - `attention_mask` [B, T] (1/True = real token) and `positions` [B, T] (RoPE
@@ -169,9 +169,14 @@ class PLDRModel(nn.Module):
         - `logits_to_keep=n > 0` computes the logits of the last n positions only.
 
         Uncached calls check the ids' values (one device sync); cached calls check shapes
-        only, their callers (`generate`, `Engine`) check values at the API edge."""
+        only, their callers (`generate`, `Engine`) check values at the API edge. `pads`
+        True/False says the caller checked the ids itself and whether they hold pad ids (the
+        trainer, whose loader built them): no value is read back, so a training step does
+        not wait on the device."""
         cfg = self.config
-        B, T, pads = self._check_inputs(ids, attention_mask, positions, cache, slots)
+        B, T, found = self._check_inputs(ids, attention_mask, positions, cache, slots,
+                                         pads is None)
+        pads = found if pads is None else bool(pads) and attention_mask is None
         kv = cache is not None and cache.has_kv
         if attention_mask is not None:
             real = attention_mask.to(torch.bool)                           # [B, T]
@@ -211,10 +216,11 @@ class PLDRModel(nn.Module):
 
     def _check_inputs(self, ids: Tensor, attention_mask: Tensor | None,
                       positions: Tensor | None, cache: InferenceCache | None,
-                      slots: Sequence[int] | None) -> tuple[int, int, bool]:
+                      slots: Sequence[int] | None, values: bool = True) -> tuple[int, int, bool]:
         """Reject what would otherwise fail deep inside torch, with a message that says why.
         Returns B, T and whether the ids hold pads (known only for uncached calls without a
-        mask: the one device sync; cached calls are checked by their caller)."""
+        mask: the one device sync, skipped when `values` is False; cached calls are checked
+        by their caller)."""
         if not isinstance(ids, Tensor):
             raise PLDRTypeError(f"ids must be a LongTensor [B, T], got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -241,6 +247,8 @@ class PLDRModel(nn.Module):
         if T > self.config.max_seq_len:
             raise PLDRError(f"{T} positions do not fit: max_seq_len is "
                             f"{self.config.max_seq_len}; shorten the input")
+        if not values:
+            return B, T, False
         V, pad = self.config.vocab_size, self.config.pad_id
         lo, hi, n_pad = torch.stack([*torch.aminmax(ids), (ids == pad).sum()]).tolist()
         if lo < 0 or hi >= V:

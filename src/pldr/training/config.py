@@ -18,8 +18,12 @@ from typing import Any
 
 from ..config import PLDRConfig
 from ..data.chunks import MODES as CHUNK_MODES
-from ..devices import SUPPORTED_DTYPES
 from ..errors import ConfigError, import_extra
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+# the `dtype` setting that `precision` replaced, as train_config.json files of older runs
+# hold it: float32 is fp32, bfloat16 (autocast with float32 weights) is bf16-mixed
+LEGACY_DTYPE = {"float32": "fp32", "bfloat16": "bf16-mixed"}
 
 
 def setting(default: Any, help: str, **flag: Any) -> Any:
@@ -98,8 +102,15 @@ class TrainConfig:
         "checkpoint's run, which stays untouched; the new run starts with that run's history up "
         "to the checkpoint (metrics.jsonl, TensorBoard events) (default: no fork)",
         metavar="NEW_DIR")
-    dtype: str = setting("float32", "bfloat16: autocast (and FSDP mixed precision) with fp32 "
-                         "weights", choices=SUPPORTED_DTYPES)
+    precision: str = setting(
+        "fp32", "fp32: float32 throughout; bf16-mixed: bfloat16 autocast for the forward "
+        "(under torchrun FSDP2 gathers bfloat16 parameters and reduces gradients in float32) "
+        "with float32 weights and AdamW state, as the paper trained; bf16-true: bfloat16 "
+        "weights, gradients and AdamW state (half the memory, coarser updates)",
+        choices=PRECISIONS)
+    compile: bool = setting(
+        False, "run the model's forward and backward under torch.compile (the first steps "
+        "compile; later ones run the fused kernels)")
     activation_checkpointing: bool = setting(
         False, "recompute each decoder layer's activations in backward instead of keeping "
         "them: less memory for about one more forward of compute per step")
@@ -165,7 +176,7 @@ class TrainConfig:
         if isinstance(self.lr_alpha, bool) or not isinstance(self.lr_alpha, (int, float)) \
                 or not 0 <= self.lr_alpha <= 1:
             raise ConfigError(f"`lr_alpha` must lie in [0, 1], got {self.lr_alpha!r}")
-        for name, choices in (("dtype", SUPPORTED_DTYPES), ("chunk_mode", CHUNK_MODES)):
+        for name, choices in (("precision", PRECISIONS), ("chunk_mode", CHUNK_MODES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"`{name}` must be one of {', '.join(choices)}, "
                                   f"got {getattr(self, name)!r}")
@@ -174,9 +185,10 @@ class TrainConfig:
                 or c < 0 for c in self.dag_coeffs):
             raise ConfigError(f"`dag_coeffs` must be three numbers >= 0 (cA,cAp,cG), got "
                               f"{self.dag_coeffs!r}")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ConfigError("`activation_checkpointing` must be true or false, got "
-                              f"{self.activation_checkpointing!r}")
+        for name in ("activation_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}` must be true or false, got "
+                                  f"{getattr(self, name)!r}")
         if not isinstance(self.model, (str, PLDRConfig)):
             raise ConfigError(f"`model` must be a preset name, a config path or a PLDRConfig, got "
                               f"{type(self.model).__name__}")
@@ -195,6 +207,7 @@ def check_settings(d: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where} must be a mapping of TrainConfig fields, got "
                           f"{type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    d = _legacy(d)
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"unknown training setting(s) {', '.join(unknown)} in {where}; the "
@@ -217,6 +230,16 @@ def check_settings(d: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{name} in {where} must be "
                               f"{'true or false' if kind is bool else 'a string'}, got "
                               f"{value!r}")
+    return d
+
+
+def _legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """Settings saved before `precision` replaced `dtype` (a checkpoint's train_config) read
+    as the same run: dtype float32 -> precision fp32, bfloat16 -> bf16-mixed."""
+    if "dtype" not in d or "precision" in d or d["dtype"] not in LEGACY_DTYPE:
+        return d
+    d = dict(d)
+    d["precision"] = LEGACY_DTYPE[d.pop("dtype")]
     return d
 
 
@@ -260,5 +283,5 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     return settings or {}
 
 
-__all__ = ["TrainConfig", "CHUNK_MODES", "setting", "flag_name", "check_settings",
-           "read_config_file", "read_settings_file"]
+__all__ = ["TrainConfig", "CHUNK_MODES", "PRECISIONS", "setting", "flag_name", "check_settings",
+           "read_config_file", "read_settings_file", "LEGACY_DTYPE"]

@@ -8,7 +8,8 @@ Run under `torchrun`, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / 
   CUDA); without them, or with WORLD_SIZE=1, it does nothing and training is single-process.
 - `shard_model` applies FSDP2 `fully_shard` to each decoder layer and then to the whole model
   (embedding, input LayerNorm and output head form the root group), with a bf16
-  `MixedPrecisionPolicy` for `--dtype bfloat16`.
+  `MixedPrecisionPolicy` (bfloat16 parameters, float32 reductions) for `--precision
+  bf16-mixed`.
 - `save_sharded` / `load_sharded` write and read the model and optimizer state with
   Distributed Checkpoint (each rank writes its own shards; loading reshards to any number of
   ranks, also to one process without a process group). checkpointing.py decides what goes

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from ..config import PLDRConfig
-from ..devices import parse_dtype
 from ..errors import CheckpointError, ConfigError, DataError, import_extra
 from ..model.model import PLDRModel, parameter_count
 from ..model.pretrained import CONFIG_FILE, TOKENIZER_FILE
@@ -44,6 +43,9 @@ from .step import make_optimizer
 log = logging.getLogger("pldr")
 
 TRAIN_CONFIG_FILE = "train_config.json"
+# --precision -> the forward's autocast dtype and the dtype of weights, gradients and AdamW
+AUTOCAST = {"fp32": None, "bf16-mixed": torch.bfloat16, "bf16-true": None}
+WEIGHTS = {"fp32": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 # every entry a run writes into OUT (what `pldr demo` may remove again)
 RUN_ENTRIES = (TOKENIZER_FILE, TRAIN_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS,
                FINAL)
@@ -64,11 +66,14 @@ class PreparedRun:
     total_steps: int
     lr_total_steps: int
     micro_batch_size: int         # rows per forward on this process
-    amp_dtype: torch.dtype | None
+    amp_dtype: torch.dtype | None  # the forward's autocast dtype (bf16-mixed), else None
     tensorboard: bool
     progress: bool
     resume_dir: Path | None
     fork_of: Path | None = None   # with --fork-to: the run folder whose history is copied
+    # whether the batches may hold pad ids: a packed stream never does, so its forward reads
+    # no value back (PLDRModel.forward's `pads`)
+    pads: bool = True
 
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
@@ -156,9 +161,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                context_length=context_length, train_loader=train_loader,
                val_loader=val_loader, total_steps=total,
                lr_total_steps=cfg.lr_total_steps or total, micro_batch_size=micro,
-               amp_dtype=parse_dtype(cfg.dtype) if cfg.dtype != "float32" else None,
+               amp_dtype=AUTOCAST[cfg.precision],
                tensorboard=tensorboard, progress=progress, resume_dir=resume_dir,
-               fork_of=fork_of)
+               fork_of=fork_of, pads=cfg.chunk_mode != "pack")
 
 
 def fit_warmup(cfg: TrainConfig, total: int, say: bool = True) -> TrainConfig:
@@ -206,7 +211,7 @@ def _check_memory(config: PLDRConfig, cfg: TrainConfig, micro: int, context_leng
 
     need = training_memory(config, parameter_count(config), micro, context_length,
                            shards=dist.world_size,
-                           autocast_bytes=2 if cfg.dtype == "bfloat16" else 4)
+                           autocast_bytes=2 if cfg.precision != "fp32" else 4)
     if dist.device.type == "cpu":
         need = need.scaled(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     check_fits(need, dist.device, "lower `micro_batch_size` (rows per forward) or "
@@ -344,9 +349,15 @@ def build_model(config: PLDRConfig, device: torch.device, seed: int) -> PLDRMode
 
 
 def build_training(run: PreparedRun) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model (sharded with FSDP2 on several processes) in train mode, and its AdamW."""
+    """The model (sharded with FSDP2 on several processes) in train mode, and its AdamW.
+
+    --precision bf16-true casts the initialised weights to bfloat16 (so gradients and AdamW
+    state are bfloat16 too); bf16-mixed keeps them float32 and, under torchrun, lets FSDP2
+    gather bfloat16 parameters and reduce gradients in float32."""
     model = build_model(run.config, run.dist.device, run.cfg.seed)
     model.set_activation_checkpointing(run.cfg.activation_checkpointing)
+    if WEIGHTS[run.cfg.precision] != torch.float32:
+        model.to(WEIGHTS[run.cfg.precision])
     if run.dist.enabled:
         ptd.shard_model(model, run.amp_dtype)
     optimizer = make_optimizer(model, run.cfg.lr, run.cfg.weight_decay)

@@ -4,6 +4,12 @@
     -> backward -> clip gradients by value at 1.0 -> AdamW(0.9, 0.95, eps 1e-5) at lr(step)
     -> metrics record -> checkpoint every N steps (atomic) -> final model directory
 
+A step reads nothing back from the device (on a GPU the host queues the next step while the
+device runs this one): the loss weights stay tensors, a non-finite loss or gradient skips
+the update on the device, and the step's figures wait in `_pending` until a step that logs,
+evaluates or checkpoints reads them all in one copy (`_settle`), which is also where a
+skipped step or non-finite weights stop the run, before anything is recorded or saved.
+
 `train(TrainConfig(...))` runs it in-process; `pldr train` maps its flags onto `TrainConfig`.
 Under `torchrun` the same code shards the model with FSDP2. The pieces around the loop:
 prepare.py (inputs checked and loaded, run folder, model), checkpointing.py (resumable
@@ -48,10 +54,25 @@ from .metrics import DAG_KEYS, METRICS_FILE, MetricsLog, TrainMetrics
 from .prepare import PreparedRun, build_training, make_run_folder, prepare_run
 from .schedule import lr_at
 from .stats import StepStats
-from .step import forward_backward, update
+from .step import forward_backward, gradient_norm_sq, update
 
 log = logging.getLogger("pldr")
 
+
+
+_SUMS = 8  # a step row: StepStats.pack() [8], squared gradient norm, stop request, found_inf
+
+
+@dataclass
+class _Pending:
+    """A step whose figures are still on the device: its all-reduced row and what the
+    host knows of it."""
+
+    step: int
+    row: Tensor   # float64 [11] on the device
+    lr: float
+    epoch: int
+    tokens: int
 
 
 class TrainingError(PLDRError):
@@ -124,6 +145,11 @@ class Trainer:
         self.probe: Tensor | None = None  # a batch [b, T+1] of the last step, run before a save
         self.log: MetricsLog | None = None
         self.stop_early = False  # set by an evaluation hook: end the run as if complete
+        self._pending: list[_Pending] = []  # steps whose figures are still on the device
+        self._last_values: dict[str, Any] = {}
+        self._stop_agreed = False  # under torchrun: some process was asked to stop
+        self.skipped: Tensor = torch.zeros((), device=self.device)  # updates skipped (device)
+        self.forward: Callable[..., Any] | None = None  # the compiled model, with --compile
 
     def _say(self, text: str) -> None:
         if self.dist.is_main:
@@ -136,6 +162,8 @@ class Trainer:
         # the model is built and the checkpoint read before the run folder is touched, so a
         # failure of either leaves the folder (and its train_config.json) as it was
         self.model, self.optimizer = self._build()
+        if self.cfg.compile:  # the same module's weights: checkpoints see no difference
+            self.forward = torch.compile(self.model)
         if run.resume_dir is not None:
             self._load(run.resume_dir)
         make_run_folder(run)
@@ -177,20 +205,31 @@ class Trainer:
             self.log.close()
 
     def _loop(self, bar: Any) -> bool:
-        """Train until total_steps; True when stopped early by a signal (checkpoint saved)."""
+        """Train until total_steps; True when stopped early by a signal (checkpoint saved).
+
+        A step that neither reports, evaluates nor checkpoints reads nothing back from the
+        device: its figures wait on the device until the next step that does (`_settle`)."""
         batches = self._batches()
         timer = time.perf_counter()
         tokens_at_report = self.metrics.tokens
         while self.step < self.total_steps and not self.stop_early:
-            # where a checkpoint resumes if a KeyboardInterrupt cuts this step short
-            position: dict[str, Any] | None = self._position()
+            # where a checkpoint resumes if a KeyboardInterrupt cuts this step short (one
+            # process only: under torchrun a second Ctrl-C ends the run without a save)
+            position: dict[str, Any] | None = None if self.dist.enabled else self._position()
             try:
                 micro = [next(batches) for _ in range(self.cfg.grad_accum)]
-                values, stop = self._train_step(micro)
+                self._train_step(micro)
                 position = None  # the step is complete: the live state is consistent
                 self.updating = False  # only now, so no interrupt pairs new weights with `position`
                 bar.update(1)
-                if self._report_due(self.step):
+                report = self._report_due(self.step)
+                evaluate = bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+                                and self.val_loader is not None)
+                save = bool(self.cfg.save_every and self.step % self.cfg.save_every == 0)
+                values = None
+                if report or evaluate or save or self.on_step is not None:
+                    values = self._settle()  # the one read of the device since the last
+                if report:
                     now = time.perf_counter()
                     tokens = self.metrics.tokens - tokens_at_report
                     record = {"step": self.step, "split": "train",
@@ -202,10 +241,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                     timer, tokens_at_report = time.perf_counter(), self.metrics.tokens
-                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
-                        and self.val_loader is not None:
+                if evaluate:
                     self._evaluate()
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                if save:
                     self._save()
                 if self.on_step is not None:
                     self.on_step(self.step, values)
@@ -214,11 +252,14 @@ class Trainer:
                 # half-updated or other ranks wait in a collective
                 if self.dist.enabled or self.updating:
                     raise
+                if position is not None:  # the step was cut short: forget its figures
+                    self._pending = [p for p in self._pending if p.step <= position["step"]]
                 self.model.train()
                 self._save(position)
                 self._say(f"interrupted at step {self.step}; " + self._resume_hint())
                 return True
-            if stop or (not self.dist.enabled and self.stop_flag.is_set()):
+            stop = self.stop_flag.is_set() if not self.dist.enabled else self._stop_agreed
+            if stop:
                 if self.step != self.checkpoints.last_step:
                     self._save()
                 self._say(f"stopped by a signal at step {self.step}; " + self._resume_hint())
@@ -245,68 +286,103 @@ class Trainer:
         size = self.prepared.micro_batch_size
         return [piece for ids in micro for piece in ids.split(size)]
 
-    def _train_step(self, micro: list[Tensor]) -> tuple[dict[str, Any], bool]:
-        """One optimizer step over `micro` batches [b, T+1] (this rank's rows).
+    def _train_step(self, micro: list[Tensor]) -> None:
+        """One optimizer step over `micro` batches [b, T+1] (this rank's rows), queued on the
+        device without reading anything back.
 
         Each forward's loss is scaled so that the gradients FSDP averages over ranks (and
         that accumulate over forwards) equal the gradient of the loss of the whole global
         batch: the masked CE averages over all non-pad targets of all ranks and forwards
         (weight n_local / n_global * world_size), the DAG terms average over forwards and
-        ranks (each is already a batch mean). Returns the step's global figures."""
+        ranks (each is already a batch mean). The token counts stay on the device. The
+        step's sums, its squared gradient norm and the stop request are all-reduced in one
+        tensor; a non-finite loss or gradient skips the update on the device (`found_inf`)
+        and is counted there. The row joins `_pending` for `_settle` to read."""
         cfg, W = self.cfg, self.dist.world_size
-        pieces = self._forwards(micro)
-        M = len(pieces)
         pad = self.prepared.config.pad_id
-        counts = [int((ids[:, 1:] != pad).sum()) for ids in pieces]
-        n_global = ptd.all_reduce_sum(
-            torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device),
-            self.dist).item()
+        pieces = [ids.to(self.device, non_blocking=True) for ids in self._forwards(micro)]
+        M = len(pieces)
+        counts = [(ids[:, 1:] != pad).sum() for ids in pieces]         # 0-d int64 each
+        n_global = ptd.all_reduce_sum(torch.stack(counts).sum().double(), self.dist)
+        scale = W / n_global.clamp(min=1.0)  # n_global 0: every count is 0, so every weight
         stats = StepStats()
         # DAG values cost a float64 matrix exponential per head and layer: without DAG terms
         # in the loss they are computed on the steps that get reported only
         dag = any(cfg.dag_coeffs) or self._report_due(self.step + 1)
         for i, ids in enumerate(pieces):
-            ids = ids.to(self.device, non_blocking=True)
             ptd.set_gradient_sync(self.model, i == M - 1)
             lo, predicted = forward_backward(
                 self.model, ids, pad_id=pad, dag_coeffs=cfg.dag_coeffs,
-                ce_weight=counts[i] * W / n_global if n_global else 0.0, dag_weight=1 / M,
-                with_deductive=dag, amp_dtype=self.prepared.amp_dtype)
+                ce_weight=(counts[i] * scale).float(), dag_weight=1 / M, with_deductive=dag,
+                amp_dtype=self.prepared.amp_dtype, pads=self.prepared.pads,
+                forward=self.forward)
             stats.add_batch(lo, predicted, ids[:, 1:], counts[i], pad)
-        stats.stop = float(self.stop_flag.is_set())
-        total = stats.all_reduce(self.dist)
-        values = total.figures(cfg.dag_coeffs)
-        if not math.isfinite(values["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._fail(f"the loss became {values['loss']} at step {self.step + 1}")
-        if not self._all_finite(p.grad for p in self.model.parameters()):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._fail(f"the gradients of step {self.step + 1} hold NaN or inf; the step was "
-                       "not taken")
+        grad_sq = gradient_norm_sq(self.model.parameters()).to(self.device)
+        stop = torch.tensor([float(self.stop_flag.is_set())], dtype=torch.float64)
+        row = ptd.all_reduce_sum(torch.cat([stats.pack(self.device), grad_sq.reshape(1),
+                                            stop.to(self.device)]), self.dist)  # [8 + 2]
+        found_inf = (~torch.isfinite(row[:_SUMS])).any().to(torch.float32)  # 0-d, 1.0: skip
+        self.skipped = self.skipped + found_inf
         self.probe = pieces[0]
         lr = lr_at(self.step + 1, cfg.lr, cfg.warmup_steps, self.prepared.lr_total_steps,
                    cfg.lr_alpha)
-        values["lr"] = lr
         tokens = cfg.batch_size * self.prepared.context_length * len(micro)
         self.updating = True
-        update(self.model, self.optimizer, lr)
+        update(self.model, self.optimizer, lr, found_inf)
         self.step += 1
-        if not self._all_finite(self.model.parameters()):
-            self._fail(f"the update of step {self.step} made weights NaN or inf; nothing of it "
-                       "was saved")
-        self.metrics.add({k: values[k] for k in ("loss", "ce", "accuracy",
-                                                  *(n for _, n in DAG_KEYS))},
-                         self.train_loader.epoch, tokens)
-        return values, total.stop > 0  # `updating` stays True until the loop drops its position
+        self._pending.append(_Pending(self.step, torch.cat([row, found_inf.double()[None]]),
+                                      lr, self.train_loader.epoch, tokens))
+        # `updating` stays True until the loop drops its position
+
+    def _settle(self) -> dict[str, Any]:
+        """Read the figures of the steps since the last read (one copy to the host) and
+        account for them: a step whose loss or gradients were not finite (its update was
+        skipped) or weights that are no longer finite stop the run with a TrainingError
+        naming the last good checkpoint; the others go into the metric means in order.
+        Returns the last step's figures (loss, CE, accuracy, DAG values, lr, grad_norm). Under
+        torchrun it also tells whether some process was asked to stop."""
+        if not self._pending:
+            return self._last_values
+        pending, self._pending = self._pending, []
+        weights_ok = self._finite_flag(self.model.parameters())
+        rows = torch.cat([torch.stack([p.row for p in pending]).flatten(),
+                          weights_ok.reshape(1), self.skipped.double().reshape(1)]).tolist()
+        width = pending[0].row.numel()
+        for k, p in enumerate(pending):
+            row = rows[k * width:(k + 1) * width]
+            total = StepStats.unpack(torch.tensor(row[:_SUMS], dtype=torch.float64))
+            values = total.figures(self.cfg.dag_coeffs)
+            if not math.isfinite(values["loss"]):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._fail(f"the loss became {values['loss']} at step {p.step}")
+            if row[-1]:  # found_inf: the update was skipped on the device
+                self._fail(f"the gradients of step {p.step} hold NaN or inf; the step was "
+                           "not taken")
+            values["lr"] = p.lr
+            values["grad_norm"] = math.sqrt(row[_SUMS])
+            self.metrics.add({k2: values[k2] for k2 in ("loss", "ce", "accuracy",
+                                                         *(n for _, n in DAG_KEYS))},
+                             p.epoch, p.tokens)
+            self._stop_agreed = self._stop_agreed or row[_SUMS + 1] > 0
+            self._last_values = values
+        if rows[-2] == 0:
+            self._fail(f"the weights became NaN or inf by step {pending[-1].step} (after step "
+                       f"{pending[0].step - 1}); nothing of it was saved")
+        return self._last_values
+
+    def _finite_flag(self, tensors: Iterator[Tensor | None]) -> Tensor:
+        """1.0 when every given tensor (this rank's shards) is finite on every rank, else 0.0:
+        a float64 0-d tensor on the device, nothing read back (one all-reduce)."""
+        flags = [torch.isfinite(_local(t)).all() for t in tensors if t is not None]
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        if flags:
+            bad = bad + (~torch.stack(flags)).sum()
+        return (ptd.all_reduce_sum(bad, self.dist) == 0).double()
 
     def _all_finite(self, tensors: Iterator[Tensor | None]) -> bool:
         """Whether every given tensor (this rank's shards) is finite on every rank: one
-        all-reduce and one sync."""
-        flags = [torch.isfinite(_local(t)).all() for t in tensors if t is not None]
-        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if flags:
-            bad += (~torch.stack(flags)).sum()
-        return ptd.all_reduce_sum(bad, self.dist).item() == 0
+        all-reduce and one sync (at checkpoint time only)."""
+        return bool(self._finite_flag(tensors))
 
     def _fail(self, what: str) -> None:
         """Stop the run with a TrainingError naming the last good checkpoint, which resumes."""
@@ -374,10 +450,11 @@ class Trainer:
     # ----- checkpoints ---------------------------------------------------------------------
 
     def _position(self) -> dict[str, Any]:
-        """What besides model and optimizer a checkpoint must hold to continue exactly here
-        (taken before every step, for a Ctrl-C mid-step)."""
-        return {"loader": self.train_loader.state_dict(),
-                "metrics": self.metrics.state_dict(), "step": self.step,
+        """Where the data and the step stand: with the model, the optimizer and the metrics
+        (read at save time, once the steps before are settled), what a checkpoint must hold
+        to continue exactly here (taken before every step of a 1-process run, for a Ctrl-C
+        mid-step: a few integers, no copy of the metrics)."""
+        return {"loader": self.train_loader.state_dict(), "step": self.step,
                 "extra": self._extra_state()}
 
     def _save(self, position: dict[str, Any] | None = None) -> Path | None:
@@ -388,9 +465,10 @@ class Trainer:
         position = position or self._position()
         if position["step"] == 0:
             return None
+        self._settle()  # every step up to here is finite and in the metrics
         self._check_output()
         return self.checkpoints.save(self.model, self.optimizer, position["step"], {
-            "loader": position["loader"], "metrics": position["metrics"],
+            "loader": position["loader"], "metrics": self.metrics.state_dict(),
             "total_steps": self.total_steps, "lr_total_steps": self.prepared.lr_total_steps,
             "train_config": self.cfg.to_dict(), "extra": position.get("extra", {})})
 
