@@ -1,4 +1,4 @@
-"""Run by test_syncs.py (in-process, and under torchrun): a short training run whose host
+"""Run by test_train_syncs.py (in-process, and under torchrun): a short training run whose host
 reads of tensor values are counted per step; writes OUT/syncs-rank<R>.json, mapping the
 trainer's step counter at each read to the number of reads."""
 
