@@ -103,3 +103,22 @@ def test_compile_trains_the_same_steps_as_eager(tok, tmp_path):
     assert sorted(losses[True]) == [1, 2, 3]
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_the_02_dtype_flag_of_pldr_train_still_means_its_precision(monkeypatch):
+    """`pldr train --dtype bfloat16` (0.2) runs as --precision bf16-mixed; --precision wins."""
+    import pldr.training.trainer as trainer
+    from pldr.cli import main
+
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg.precision)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    for argv, want in ((["--dtype", "bfloat16"], "bf16-mixed"), (["--dtype", "float32"], "fp32"),
+                       (["--dtype", "bfloat16", "--precision", "fp32"], "fp32")):
+        with pytest.raises(SystemExit):
+            main(["train", "--model", "tiny", "--data", "builtin", *argv])
+    assert seen == ["bf16-mixed", "fp32", "fp32"]

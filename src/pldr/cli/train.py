@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..model.pretrained import CONFIG_FILE
-from ..training.config import TrainConfig, flag_name, read_config_file
+from ..training.config import LEGACY_DTYPE, TrainConfig, flag_name, read_config_file
 from .common import model_rule
 
 log = logging.getLogger("pldr")
@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "max_steps: 1000); flags given as well override it")
     for f in dataclasses.fields(TrainConfig):
         add_flag(p, f)
+    p.add_argument("--dtype", dest="legacy_dtype", choices=tuple(LEGACY_DTYPE),
+                   help="the 0.2 name of --precision: float32 is fp32, bfloat16 is bf16-mixed")
     model_rule(p, presets=True)  # the rule every command's --model follows (cli/common.py)
     p.set_defaults(func=run)
 
@@ -113,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
     given = vars(args)  # only the flags given (argument_default=SUPPRESS)
     flags = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    if "legacy_dtype" in given and "precision" not in flags:
+        flags["precision"] = LEGACY_DTYPE[given["legacy_dtype"]]
     result = train(config_from_flags(flags, getattr(args, "config", None)),
                    continue_hint="continue with --resume auto")
     if result.interrupted:

@@ -96,8 +96,9 @@ class FinetuneConfig:
     resume: str | None = setting(None, "continue from a checkpoint folder, or auto: the "
                                  "latest in --out", metavar="CKPT|auto")
     keep_checkpoints: int = setting(3, "keep the last N checkpoints, 0 keeps all")
-    dtype: str = setting("float32", "bfloat16: autocast with fp32 weights",
-                         choices=("float32", "bfloat16"))
+    precision: str = setting("fp32", "bf16-mixed: bfloat16 autocast for the forward with "
+                             "float32 weights and AdamW state, as pretraining's --precision",
+                             choices=("fp32", "bf16-mixed"))
     device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda if available)")
     dist_timeout: int = setting(1800, "under torchrun: seconds to wait for the other "
                                 "processes in a collective")
@@ -157,7 +158,7 @@ class FinetuneConfig:
             context_length=self.max_length, lr=self.lr, warmup_steps=self.warmup_steps,
             lr_alpha=self.lr_alpha, weight_decay=self.weight_decay, seed=self.seed,
             save_every=self.save_every, eval_every=self.eval_every, log_every=self.log_every,
-            resume=self.resume, dtype=self.dtype, device=self.device,
+            resume=self.resume, precision=self.precision, device=self.device,
             dist_timeout=self.dist_timeout, keep_checkpoints=self.keep_checkpoints,
             activation_checkpointing=self.activation_checkpointing, progress=self.progress,
             tensorboard=self.tensorboard)

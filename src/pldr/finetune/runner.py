@@ -172,7 +172,7 @@ def prepare_finetune(fcfg: FinetuneConfig) -> FinetuneRun:
     return FinetuneRun(
         cfg=cfg, dist=dist, out=out, config=config, tokenizer=tok, context_length=max_len,
         train_loader=loader, val_loader=eval_data, total_steps=total, lr_total_steps=total,
-        micro_batch_size=micro, amp_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
+        micro_batch_size=micro, amp_dtype=torch.bfloat16 if cfg.precision == "bf16-mixed" else None,
         tensorboard=_tensorboard(cfg.tensorboard), progress=progress, resume_dir=resume_dir,
         fcfg=fcfg, base=base, new_head=new_head, labels=labels, eval_data=eval_data)
 
