@@ -18,6 +18,7 @@ from pldr.cli import main as cli_main
 from pldr.finetune import FinetuneConfig, finetune
 from pldr.training.checkpointing import list_checkpoints
 from pldr.training.metrics import read_metrics
+from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 # argv[1]: "step:K" dies right after optimizer step K, "save:N" inside the N-th checkpoint
@@ -29,7 +30,6 @@ torch.set_num_threads(1)
 import pldr.training.distributed as ptd
 from pldr.finetune.runner import FinetuneTrainer
 from pldr.cli import main
-from finetune_fixtures import base, one_thread  # noqa: F401  (fixtures)
 
 mode, value = sys.argv[1].split(":")
 step_of, save_of, saves = FinetuneTrainer._train_step, ptd.save_sharded, [0]

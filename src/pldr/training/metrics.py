@@ -167,5 +167,18 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
     return [r for r in records if split is None or r.get("split") == split]
 
 
+def format_record(r: dict[str, Any], total: int) -> str:
+    """One console line for a metrics record."""
+    parts = [f"{r['split']:5s} step {r['step']}/{total}", f"loss {r['loss']:.4f}",
+             f"acc {r['accuracy']:.3f}"]
+    if r["split"] == "train":
+        parts += [f"lr {r['lr']:.2e}", f"tok/s {r['tokens_per_s']:.0f}"]
+    if r.get("dag_G") is not None:
+        parts.append(f"dag A/Ap/G {r['dag_A']:.3g}/{r['dag_Ap']:.3g}/{r['dag_G']:.3g}")
+    return "  ".join(parts)
+
+
+
 __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "DAG_KEYS", "MeanTracker", "TrainMetrics",
+           "format_record",
            "MetricsLog", "copy_history", "read_metrics"]

@@ -34,10 +34,9 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -50,14 +49,14 @@ from ..model.losses import loss_with_dag
 from . import distributed as ptd
 from .checkpointing import CheckpointManager
 from .config import TrainConfig
-from .metrics import DAG_KEYS, METRICS_FILE, MetricsLog, TrainMetrics
+from .metrics import DAG_KEYS, METRICS_FILE, MetricsLog, TrainMetrics, format_record
 from .prepare import PreparedRun, build_training, make_run_folder, prepare_run
 from .schedule import lr_at
+from .signals import stop_on_signals
 from .stats import StepStats
 from .step import forward_backward, gradient_norm_sq, update
 
 log = logging.getLogger("pldr")
-
 
 
 _SUMS = 8  # a step row: StepStats.pack() [8], squared gradient norm, stop request, found_inf
@@ -95,30 +94,6 @@ class TrainResult:
     def train_losses(self) -> dict[int, float]:
         """step -> logged training loss of this call's train records."""
         return {r["step"]: r["loss"] for r in self.records if r["split"] == "train"}
-
-
-@contextmanager
-def _stop_on_signals(flag: threading.Event) -> Iterator[None]:
-    """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step
-    and save a checkpoint; a second Ctrl-C interrupts at once. Only the main thread can set
-    signal handlers; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag.set()
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class Trainer:
@@ -183,7 +158,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
                    disable=not run.progress, dynamic_ncols=True)
         try:
-            with _stop_on_signals(self.stop_flag):
+            with stop_on_signals(self.stop_flag):
                 interrupted = self._loop(bar)
             if interrupted:
                 return self._result(interrupted=True)
@@ -506,17 +481,6 @@ class Trainer:
 def _local(t: Tensor) -> Tensor:
     """This rank's part of a tensor (a DTensor shard under FSDP, else the tensor)."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def format_record(r: dict[str, Any], total: int) -> str:
-    """One console line for a metrics record."""
-    parts = [f"{r['split']:5s} step {r['step']}/{total}", f"loss {r['loss']:.4f}",
-             f"acc {r['accuracy']:.3f}"]
-    if r["split"] == "train":
-        parts += [f"lr {r['lr']:.2e}", f"tok/s {r['tokens_per_s']:.0f}"]
-    if r.get("dag_G") is not None:
-        parts.append(f"dag A/Ap/G {r['dag_A']:.3g}/{r['dag_Ap']:.3g}/{r['dag_G']:.3g}")
-    return "  ".join(parts)
 
 
 def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
