@@ -20,6 +20,9 @@ def test_serve_bench_records_figures(tmp_path, capsys):
 
 
 def test_serve_bench_refuses_a_model_directory(tmp_path, capsys):
+    from pldr import PLDRConfig, PLDRModel
+
+    PLDRModel(PLDRConfig.preset("tiny")).save_pretrained(tmp_path)  # a real model directory
     assert main(["bench", "--what", "serve", "--model", str(tmp_path)]) == 2
     assert "measures a preset shape" in capsys.readouterr().err
 

@@ -78,7 +78,7 @@ def test_bf16_mixed_forward_gives_finite_deductive_outputs():
 
 
 def test_precision_is_checked_and_old_dtype_settings_still_read():
-    with pytest.raises(ConfigError, match="--precision must be one of fp32, bf16-mixed"):
+    with pytest.raises(ConfigError, match="`precision` must be one of fp32, bf16-mixed"):
         TrainConfig(precision="fp16").check()
     assert check_settings({"dtype": "bfloat16"}, "x") == {"precision": "bf16-mixed"}
     assert check_settings({"dtype": "float32"}, "x") == {"precision": "fp32"}

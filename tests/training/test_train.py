@@ -471,7 +471,7 @@ def test_config_file_errors_are_one_line(shared, tmp_path, capsys):
     wrong_type.write_text(json.dumps({"data": 5}))
     for file, message in ((bad_key, "unknown training setting(s) max_step"),
                           (broken, "is not valid YAML"),
-                          (wrong_type, "data in --config"),
+                          (wrong_type, "data in the settings file --config"),
                           (tmp_path / "none.json", "does not exist")):
         rc = cli_main(["train", "--config", str(file), "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err

@@ -45,9 +45,11 @@ WEIGHT_LEFT_PAYS = weight_left_pays()  # once per process: the kernels do not ch
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., in] @ weight [out, in]^T + bias [out] -> [..., out]. Turned round, the result
     is a transposed view (making it contiguous would cost a tenth of the gain)."""
+    if not WEIGHT_LEFT_PAYS or torch.compiler.is_compiling():  # compiled: inductor's own mm
+        return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (rows in SMALL_BATCH_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and WEIGHT_LEFT_PAYS):
+            and x.device.type == "cpu"):
         xt = x.reshape(rows, x.shape[-1]).t()                               # [in, rows]
         y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)
         return y.t().reshape(*x.shape[:-1], weight.shape[0])                # [..., out]
