@@ -7,6 +7,7 @@ tests/fixtures/README.md."""
 from __future__ import annotations
 
 import json
+import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -112,3 +113,11 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str = ""):
     """An exact property, checked at the bound for the tensors' dtype (float64: 1e-10)."""
     assert got.dtype == want.dtype, f"{what}: dtypes {got.dtype} and {want.dtype}"
     assert_close_scaled(got, want, PROPERTY_TOL[got.dtype], what=what)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or torchrun's
+    rendezvous in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,12 +5,12 @@ evaluation, the same adapter weights."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fixture_utils import free_port
 import torch
 
 from finetune_data import sequence_rows, write_jsonl
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process(base, tmp_path):
     from safetensors.torch import load_file
 
@@ -45,7 +39,7 @@ def test_two_ranks_equal_one_process(base, tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "-m", "pldr", *args],
+                           f"--master_port={free_port()}", "-m", "pldr", *args],
                           env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one = finetune(FinetuneConfig(out=str(tmp_path / "one"), micro_batch_size=4,

@@ -7,7 +7,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx2 as httpx  # the maintained httpx fork that openai and huggingface_hub use
 import openai
 import pytest
+from fixture_utils import free_port
 import torch
 
 from pldr import PLDRConfig, PLDRModel, generate, load_model
@@ -24,12 +24,6 @@ from pldr.data.tokenizer import Tokenizer
 KEY = "test-key-123"
 PROMPTS = ["The class", "Hello world", "import os", "def f(x):", "A list of", "Python is",
            "The function returns", "for i in range"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ class Server:
     """A `pldr serve` subprocess; `url` once /health answers."""
 
     def __init__(self, model_dir: Path, *extra: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PLDR_API_KEY", None)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fixture_utils import free_port
 import torch
 
 from pldr import PLDRConfig
@@ -36,12 +36,6 @@ FLAGS = dict(chunk_mode="pad", batch_size=4, context_length=32, lr=1e-4, warmup_
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def run_torchrun(shared: dict, out: Path, *extra: str) -> None:
                PLDR_CACHE_DIR=shared["cache"])
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "pldr", *args, *extra]
+           f"--master_port={free_port()}", "-m", "pldr", *args, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -308,7 +302,7 @@ def test_a_rank_killed_mid_run_ends_the_job_then_resume_auto_reproduces(runs, tm
     # a monitor interval of 5 s mostly lets rank 0 meet the dead peer itself (gloo reports it
     # after about 4 s) before torchrun stops it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "--monitor-interval=5", str(script), *args]
+           f"--master_port={free_port()}", "--monitor-interval=5", str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     ended = time.time()
     log = proc.stdout + proc.stderr

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fixture_utils import free_port
 import torch
 
 from pldr import PLDRConfig
@@ -63,12 +63,6 @@ def test_non_logging_steps_do_not_sync_on_one_process(shared, tmp_path, mode, ex
     check(by_step, text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(),
                     reason="torch.distributed is not available")
 def test_non_logging_steps_do_not_sync_on_two_processes(shared, tmp_path):
@@ -78,7 +72,7 @@ def test_non_logging_steps_do_not_sync_on_two_processes(shared, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"),
                                          env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(Path(__file__).parent / "sync_run.py"),
+           f"--master_port={free_port()}", str(Path(__file__).parent / "sync_run.py"),
            json.dumps(settings)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
