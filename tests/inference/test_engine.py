@@ -280,7 +280,7 @@ def test_steps_run_every_slot_while_most_are_busy_and_listed_slots_otherwise(mon
     def spy(self, ids, **kw):
         if kw.get("cache") is not None and ids.shape[1] == 1:
             c = kw["cache"]
-            idle = [w for w, live in zip(c.written, c.live) if not live]
+            idle = [s.length for s in c.state if not s.live]
             calls.append((kw.get("slots"), len(engine.running), max(idle, default=0)))
         return forward(self, ids, **kw)
 

@@ -15,24 +15,26 @@ def test_slots_keep_their_own_lengths_and_state():
     with torch.no_grad():
         model(a, cache=cache, slots=[0])
         model(b, cache=cache, slots=[1])
-        assert cache.lengths.tolist() == [5, 3] and cache.seen.tolist() == [5, 3]
+        real_keys = cache.tensors.key_real.sum(dim=1).tolist()   # the slots' real tokens
+        assert cache.lengths == [5, 3] and real_keys == [5, 3]
         both = model(nxt, cache=cache).logits[:, -1]               # one call, both slots
-        assert cache.lengths.tolist() == [6, 4]
+        assert cache.lengths == [6, 4]
         for row, (prompt, tok) in enumerate(((a, 11), (b, 12))):
             own = InferenceCache.for_mode(model.config, "kv_g", 1, 8, dtype=torch.float64)
             model(prompt, cache=own)
             want = model(torch.tensor([[tok]]), cache=own).logits[0, -1]
             assert_same(both[row], want, what=f"slot {row}")
         cache.reset(1)
-        assert cache.lengths.tolist() == [6, 0] and not cache.key_real[1].any()
+        assert cache.lengths == [6, 0] and not cache.tensors.key_real[1].any()
         with pytest.raises(ValueError, match="mixes fresh slots"):
             model(nxt, cache=cache)
         model(a, cache=cache, slots=[1])                           # the slot reused
-        assert cache.lengths.tolist() == [6, 5]
-        assert_same(cache.A[:, 1], cache.A[:, 0], what="slot 1 has A of prompt a again")
+        assert cache.lengths == [6, 5]
+        A = cache.tensors.A
+        assert_same(A[:, 1], A[:, 0], what="slot 1 has A of prompt a again")
         cache.release(0)                                           # idle: lengths stop
         model(nxt, cache=cache)
-        assert cache.lengths.tolist() == [6, 6]
+        assert cache.lengths == [6, 6]
 
 
 def test_a_given_G_LM_for_one_slot_only():
@@ -77,15 +79,120 @@ def test_a_listed_kv_g_step_reports_the_kept_deductive_outputs_when_asked():
         for slot, prompt in enumerate(([5, 6, 7], [9, 3], [4, 4, 8, 2])):
             model(torch.tensor([prompt]), cache=cache, slots=[slot])
         step = torch.tensor([[11], [12]])
-        kept = {name: getattr(cache, name)[:, [2, 0]].clone()
+        kept = {name: getattr(cache.tensors, name)[:, [2, 0]].clone()
                 for name in ("A_G", "A_LM", "A_P", "G_LM")}
         asked = model(step, cache=cache, slots=[2, 0], return_deductive=True)
         for slot in (2, 0):  # the same step again without deductive outputs
-            cache.lengths[slot] -= 1
-            cache.seen[slot] -= 1
+            cache.state[slot].length -= 1
+            cache.tensors.key_real[slot, cache.state[slot].length] = False
         plain = model(step, cache=cache, slots=[2, 0])
     ded = asked.deductive
     for name, got in (("A_G", ded.A), ("A_LM", ded.A_LM), ("A_P", ded.A_P), ("G_LM", ded.G_LM)):
         assert torch.equal(got, kept[name]), name
     assert plain.deductive is None
     assert_same(plain.logits, asked.logits, what="the step without deductive outputs")
+
+
+def test_the_cache_holds_tensors_and_the_slot_state_lives_on_the_host():
+    """One owner each: `CacheTensors` holds tensors only (all in `buffers()`, the list a
+    compiled step pins), the slot state is plain Python on the host, and nothing else of
+    the cache holds a tensor."""
+    import dataclasses
+
+    from pldr.model.cache import SlotState
+
+    model = fixture_model()
+    cache = InferenceCache.for_mode(model.config, "kv_g", 2, 8)
+    tensors = vars(cache.tensors)
+    assert all(t is None or isinstance(t, torch.Tensor) for t in tensors.values())
+    assert {id(t) for t in tensors.values() if t is not None} == {id(t) for t in cache.tensors.buffers()}
+    assert not [k for k, v in vars(cache).items() if isinstance(v, torch.Tensor)]
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), cache=cache, slots=[0])
+    for state in cache.state:
+        assert isinstance(state, SlotState)
+        assert all(type(getattr(state, f.name)) in (int, bool) for f in dataclasses.fields(state))
+    assert cache.lengths == [3, 0] and cache.state[0].fresh is False and cache.state[1].fresh
+
+
+def test_a_call_is_described_once_before_the_layers_and_the_description_is_frozen(monkeypatch):
+    """Every layer of a forward receives the same frozen description, built before the
+    first layer runs; a compiled step runs the layers on it without the host state."""
+    import dataclasses
+
+    from pldr.model import model as model_module
+
+    model = fixture_model()
+    cache = InferenceCache.for_mode(model.config, "kv_only", 1, 8)
+    seen = []
+    layer_forward = model_module.DecoderLayer.forward
+
+    def spy(self, x, cos, sin, call):
+        seen.append(call)
+        return layer_forward(self, x, cos, sin, call)
+
+    monkeypatch.setattr(model_module.DecoderLayer, "forward", spy)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), cache=cache)
+        model(torch.tensor([[8]]), cache=cache)
+    first, second = seen[:2], seen[2:]
+    assert len(seen) == 4 and first[0] is first[1] and second[0] is second[1]
+    assert first[0].compute.keep_A and second[0].compute.reuse_A   # kv_only: A fixed, reused
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first[0].span = 3
+
+
+def test_a_given_G_LM_is_checked_once_where_it_enters(monkeypatch, tmp_path):
+    """generate, the engine, lm-eval's and the loaders' G_LM pass one shape check each,
+    however many layers, requests and cache slots it then reaches."""
+    from pldr import Engine, generate, load_G_LM, save_G_LM
+    from pldr.checkpoint.load import load_for_inference
+    from pldr.model import cache as cache_module
+    from fixture_utils import fixture_v510G_model
+
+    checks = []
+    real = cache_module.stack_per_layer
+
+    def counted(tensors, config, name="G_LM"):
+        if config is not None:  # a file's own read (no model yet) is not a check against one
+            checks.append(name)
+        return real(tensors, config, name)
+
+    monkeypatch.setattr(cache_module, "stack_per_layer", counted)
+    model = fixture_model()
+    eye = [torch.eye(16).expand(1, 4, 16, 16) for _ in range(2)]
+    for mode in ("kv_g", "kv_only", "g_only", "no_cache"):
+        checks.clear()
+        generate(model, [[5, 6, 7], [9, 8]], 3, cache=mode, G_LM=eye, temperature=0)
+        assert checks == ["G_LM"], mode
+    checks.clear()
+    engine = Engine(model, max_batch=2)
+    for _ in range(3):
+        engine.submit([5, 6, 7], 2, G_LM=eye, temperature=0)
+    engine.run()
+    assert checks == ["G_LM"] * 3  # once per request
+    g_model = fixture_v510G_model()
+    g_model.save_pretrained(tmp_path / "g")
+    save_G_LM(eye, tmp_path / "eye.safetensors")
+    checks.clear()
+    _, given = load_for_inference(tmp_path / "g", G_LM=tmp_path / "eye.safetensors")
+    assert checks == ["G_LM"] and torch.equal(given.G_LM, torch.stack(load_G_LM(tmp_path / "eye.safetensors"))[:, 0])
+
+
+def test_the_engine_leaves_a_v510G_models_G_LM_in_the_model():
+    """A v510G engine reads the model's own G_LM buffers through the call's description: it
+    copies nothing into the cache, and its tokens equal generate alone."""
+    from pldr import Engine, generate
+    from fixture_utils import fixture_v510G_model
+
+    model = fixture_v510G_model()
+    with torch.no_grad():
+        for layer in model.decoder.dec_layers:  # not the identity: a G_LM that matters
+            layer.mha1.G_LM.add_(0.1 * torch.randn_like(layer.mha1.G_LM))
+    engine = Engine(model, max_batch=2)
+    reqs = [engine.submit(p, 4, temperature=0, eos_id=-1) for p in ([5, 6, 7], [9, 8, 4, 2])]
+    engine.run()
+    assert not engine.cache.tensors.G_LM.any()
+    for req, prompt in zip(reqs, ([5, 6, 7], [9, 8, 4, 2])):
+        assert req.tokens == generate(model, [prompt], 4, temperature=0, eos_id=-1,
+                                      cache="no_cache")[0]

@@ -39,9 +39,10 @@ def test_parameter_count_is_exact():
 @pytest.mark.parametrize("kv", [True, False])
 def test_cache_estimate_is_what_the_cache_allocates(kv):
     cache = InferenceCache(TINY, 3, 40, kv=kv, keep_G=True)
-    tensors = [cache.G_LM, cache.A_LM, cache.A_G, cache.A_P]
+    t = cache.tensors
+    tensors = [t.G_LM, t.A_LM, t.A_G, t.A_P]
     if kv:
-        tensors += [cache.k, cache.v, cache.A]
+        tensors += [t.k, t.v, t.A]
     got = sum(t.numel() * t.element_size() for t in tensors)
     assert cache_memory(TINY, 3, 40, kv, torch.float32).total == got
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..config import PLDRConfig
 from ..devices import load_dtype, parse_dtype, resolve_device
 from ..errors import CheckpointError, PLDRError
-from ..model.cache import stack_per_layer
+from ..model.cache import GivenG
 from ..model.heads import head_class
 from ..model.model import PLDRModel
 from ..model.pretrained import (
@@ -112,7 +112,7 @@ def load_for_inference(path: str | os.PathLike,
                        *, G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
                        device: str | torch.device | None = None,
                        dtype: str | torch.dtype | None = None
-                       ) -> tuple[PLDRModel, list[Tensor] | None]:
+                       ) -> tuple[PLDRModel, GivenG | None]:
     """A model and the G_LM to generate with, from one read of the checkpoint.
 
     A given G_LM (tensor, list or file) wins in either variant: a v510G model takes it as its
@@ -127,23 +127,22 @@ def load_for_inference(path: str | os.PathLike,
         if not isinstance(model, PLDRModel):
             raise PLDRError(f"{str(path)!r} adapts a {type(model).__name__}; generation needs "
                             "a causal model")
-        G = None if G_LM is None else list(stack_per_layer(G_LM, model.config, "G_LM"))
-        return model.requires_grad_(False).eval(), G
+        given = None if G_LM is None else GivenG.check(G_LM, model.config)
+        return model.requires_grad_(False).eval(), given
     require_causal(path, "generation")
     state, config = read_state(path, config)
+    given = None if G_LM is None else GivenG.check(G_LM, config)  # the one check
+    G = None
     if config.variant == "v510G":
-        state, G = _attach_G_LM(state, config, G_LM)
-    else:
-        G = None
-    model = _place(_build(config, state, G), device, dtype).eval()
-    return model, None if G_LM is None else list(stack_per_layer(G_LM, config, "G_LM"))
+        state, G = _attach_G_LM(state, config, given)
+    return _place(_build(config, state, G), device, dtype).eval(), given
 
 
 def load_for_decoding(path: str | os.PathLike,
                       config: PLDRConfig | Mapping | str | os.PathLike | None = None, *,
                       G_LM: Tensor | Sequence[Tensor] | str | os.PathLike | None = None,
                       device: str | torch.device | None = None,
-                      dtype: str = "float32") -> tuple[PLDRModel, list[Tensor] | None]:
+                      dtype: str = "float32") -> tuple[PLDRModel, GivenG | None]:
     """`load_for_inference` for an inference dtype name (generate's and serve's `dtype`):
     int8 loads float32 weights on the CPU and quantises them; bfloat16 on a CPU packs its
     weights for oneDNN, or falls back to float32 (with a warning) where the CPU has no
@@ -228,10 +227,10 @@ def _model_type(path: Path) -> str | None:
 
 
 def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,
-                 G_LM: Any) -> tuple[dict[str, Tensor], Tensor | None]:
+                 G_LM: Any) -> tuple[dict[str, Tensor], GivenG | None]:
     """Put a given G_LM into the state dict as the v510G buffers; demand one when missing.
 
-    Returns the state and the per-layer G_LM [L, H, dk, dk] that was given (or None)."""
+    Returns the state and the G_LM that was given (or None), checked here once."""
     if config.variant != "v510G":
         if G_LM is not None:
             raise CheckpointError("G_LM is only for v510G checkpoints, and this one is v510 (it "
@@ -247,14 +246,14 @@ def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,
         G_LM = load_G_LM(G_LM)
     like = state.get("decoder.embedding.weight")  # keep the checkpoint's dtype
     dtype = like.dtype if like is not None else torch.float32
-    G = stack_per_layer(G_LM, config, "G_LM")[:, 0].detach().to("cpu", dtype)
+    G = GivenG.check(G_LM, config).G_LM.detach().to("cpu", dtype)
     state = dict(state)
     for i in range(config.num_layers):
         state[G_LM_key(i)] = G[i].clone()
-    return state, G
+    return state, GivenG(G)
 
 
-def _build(config: PLDRConfig, state: dict[str, Tensor], G: Tensor | None,
+def _build(config: PLDRConfig, state: dict[str, Tensor], G: GivenG | None,
            cls: type[torch.nn.Module] = PLDRModel) -> PLDRModel:
     """A model of `cls` (PLDRModel or a head) built on the meta device that takes the
     state's tensors (assign=True)."""

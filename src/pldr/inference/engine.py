@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..errors import PLDRError, PLDRTypeError
-from ..model.cache import InferenceCache, stack_per_layer
+from ..model.cache import GivenG, InferenceCache
+from ..model.call import AttentionCall, host_to_device
 from ..model.model import PLDRModel
 from .checks import (check_eos_id, check_logprobs, check_max_new_tokens, positions_needed,
                      prepare_prompts)
@@ -56,7 +57,7 @@ class Request:
     sampling: SamplingConfig
     eos_id: int
     seed: int | None = None
-    G_LM: Tensor | None = None        # [L, 1, H, dk, dk] given for this request
+    G_LM: GivenG | None = None        # given for this request
     logprobs: int | None = None       # most likely ids to report per new token (None: none)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
     id: int = 0
@@ -94,9 +95,6 @@ class Engine:
                                                  model.device, model.dtype, static=compile)
             for s in range(max_batch):
                 self.cache.release(s)
-            self._own_G = self._model_G_LM()
-            if self._own_G is not None:  # v510G: every slot holds a G_LM, so steps agree
-                self.cache.set_G_LM(self._own_G)
         self._last = torch.zeros(max_batch, dtype=torch.long, device=model.device)  # [B]
         self._slots: list[Request | None] = [None] * max_batch
         self._queue: deque[Request] = deque()
@@ -124,7 +122,7 @@ class Engine:
             raise PLDRError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens "
                             f"({max_new_tokens}) needs {need} positions but the engine holds "
                             f"{self.max_len}; shorten one of them or raise max_len")
-        G = None if G_LM is None else stack_per_layer(G_LM, self.model.config, "G_LM")
+        G = None if G_LM is None else GivenG.check(G_LM, self.model.config)
         req = Request(prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                       eos_id=eos_id, seed=seed, G_LM=G, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, id=next(self._ids))
@@ -183,7 +181,7 @@ class Engine:
         asked = [i for i, (r, _) in enumerate(got) if r.logprobs is not None]
         if got:
             picks = _pick_tokens(running, logits, admitted)                           # [N]
-            self._last[torch.tensor([r.slot for r, _ in got], device=picks.device)] = picks
+            self._last[host_to_device([r.slot for r, _ in got], picks.device)] = picks
             picked = reads.add(picks)
             if asked:
                 rows = torch.stack([got[i][1] for i in asked])                        # [M, V]
@@ -230,9 +228,13 @@ class Engine:
         then; figures in docs/benchmarks.md, "Batched steps"). With fewer busy,
         only their slots run, so a lone request in a 16-slot engine pays for one row."""
         slots = [r.slot for r in running]
-        rows = torch.tensor(slots, device=self._last.device)
+        rows = host_to_device(slots, self._last.device)
         if self._compiled_decode is not None:  # every slot (static shapes), then the running
-            return self._compiled_decode(self.model, self.cache, self._last).index_select(0, rows)
+            ids = self._last[:, None]                                             # [B, 1]
+            call = self.model.describe(ids, cache=self.cache)  # host state stays outside
+            logits = self._compiled_decode(self.model, ids, call)
+            self.cache.advance(None, 1)
+            return logits.index_select(0, rows)
         if 2 * len(slots) > self.max_batch:    # every slot, then the running (all: in order)
             logits = decode_cached(self.model, self.cache, self._last)            # [B, V]
             return logits if len(slots) == self.max_batch else logits.index_select(0, rows)
@@ -248,9 +250,8 @@ class Engine:
         of a request without them); `req.prompt_token_logprobs` starts as [None] (the first
         id has nothing before it) and the step appends the rest once it has read them."""
         self.cache.reset(slot)
-        G = req.G_LM if req.G_LM is not None else self._own_G
-        if G is not None:
-            self.cache.set_G_LM(G, slot=slot)
+        if req.G_LM is not None:
+            self.cache.set_G_LM(req.G_LM, slot=slot)
         req.slot, self._slots[slot] = slot, req
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.model.device)
         out = self.model(ids, cache=self.cache, slots=[slot], logits_to_keep=1)
@@ -271,14 +272,7 @@ class Engine:
         last logits [V] are not finite (NaN keys or values would poison the slot's next
         request, as `_fail` explains): a few prompt rows, no sync."""
         finite = torch.isfinite(row).all()                                            # 0-d
-        c, n = self.cache, len(req.prompt)
-        for t, part in ((c.k, (slice(None), slot, slice(None), slice(0, n))),
-                        (c.v, (slice(None), slot, slice(None), slice(0, n))),
-                        *((t, (slice(None), slot)) for t in (c.A, c.G_LM, c.A_LM, c.A_G,
-                                                             c.A_P))):
-            if t is not None:
-                t[part] = torch.where(finite, t[part], torch.zeros((), dtype=t.dtype,
-                                                                   device=t.device))
+        self.cache.tensors.zero(slot, upto=len(req.prompt), unless=finite)
         self._finish(req, "length")
 
     def _fail(self, req: Request) -> None:
@@ -299,24 +293,15 @@ class Engine:
             self._slots[req.slot] = None
             req.slot = None
 
-    def _model_G_LM(self) -> Tensor | None:
-        """A v510G model's G_LM buffers [L, H, dk, dk] (None for v510)."""
-        if self.model.config.variant != "v510G":
-            return None
-        return torch.stack([layer.mha1.G_LM for layer in self.model.decoder.dec_layers])
-
     def _compiled(self):
         """The decode call under torch.compile; on CUDA with CUDA graphs, whose replays need
         the cache's buffers at fixed addresses."""
         cuda = self.model.device.type == "cuda"
         if cuda:
-            c = self.cache
-            for t in (c.k, c.v, c.A, c.key_real, c.lengths, c.seen, c.active, c.G_LM,
-                      c.A_LM, c.A_G, c.A_P, c.given, self._last):
+            for t in self.cache.tensors.buffers():
                 torch._dynamo.mark_static_address(t)
         log.info("compiling the decode step (mode=%s)", "reduce-overhead" if cuda else "default")
-        return torch.compile(decode_cached, mode="reduce-overhead" if cuda else None,
-                             dynamic=False)
+        return torch.compile(run_decode, mode="reduce-overhead" if cuda else None, dynamic=False)
 
 
 def _pick_tokens(running: list[Request], logits: Tensor | None,
@@ -398,6 +383,11 @@ def _finite(records: list[TokenLogprobs | None]) -> bool:
 
 
 def decode_cached(model: PLDRModel, cache: InferenceCache, next_ids: Tensor) -> Tensor:
-    """One token per slot through a KV cache: next_ids [B] -> the next logits [B, V].
-    Static shapes, no host-device sync (what the engine compiles)."""
+    """One token per slot through a KV cache: next_ids [B] -> the next logits [B, V]."""
     return model(next_ids[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+def run_decode(model: PLDRModel, ids: Tensor, call: AttentionCall) -> Tensor:
+    """The layers of a described decode call, ids [B, 1] -> the next logits [B, V]: static
+    shapes, no host state, no host-device sync (what the engine compiles)."""
+    return model.run(ids, call, logits_to_keep=1).logits[:, -1]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PLDRError
-from ..model.cache import CACHE_MODES, InferenceCache
+from ..model.cache import CACHE_MODES, GivenG, InferenceCache
 from ..model.model import PLDRModel
 from .checks import check_eos_id, check_max_new_tokens, positions_needed, prepare_prompts
 from .engine import Engine, decode_cached
@@ -101,12 +101,9 @@ def _known(pads: bool | None) -> dict:
     return {} if pads is None else {"pads": pads}
 
 
-def _check_G_LM(model: PLDRModel, G_LM) -> None:
-    """Shape-check a user-given G_LM before any work."""
-    if G_LM is not None:
-        from ..model.cache import stack_per_layer
-
-        stack_per_layer(G_LM, model.config, "G_LM")
+def _check_G_LM(model: PLDRModel, G_LM) -> GivenG | None:
+    """A user-given G_LM, shape-checked before any work (the one check of a run)."""
+    return None if G_LM is None else GivenG.check(G_LM, model.config)
 
 
 def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int, *,
@@ -127,7 +124,7 @@ def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_
     if positions_needed(T, max_new_tokens) > model.config.max_seq_len:
         raise PLDRError(f"the longest prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) "
                         f"exceeds max_seq_len={model.config.max_seq_len}; shorten one of them")
-    _check_G_LM(model, G_LM)
+    G_LM = _check_G_LM(model, G_LM)
     if compile and cache not in ("kv_g", "kv_only"):
         raise PLDRError(f"compile=True needs a KV-cache mode (kv_g or kv_only), not {cache!r}: "
                         "the other modes re-run a growing sequence")

@@ -117,13 +117,13 @@ class PLDRCache(Cache):
                                            device, dtype))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(self.inner.written)  # host-side: no device sync
+        return self.inner.length  # host-side: no device sync
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.inner.max_len
 
     def __len__(self) -> int:
-        return self.inner.k.shape[0]
+        return self.inner.config.num_layers
 
 
 @dataclass

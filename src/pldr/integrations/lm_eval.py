@@ -32,7 +32,7 @@ from ..data.tokenizer import Tokenizer
 from ..devices import resolve_device
 from ..errors import PLDRError, missing_extra
 from ..inference.generate import generate
-from ..model.cache import InferenceCache, stack_per_layer
+from ..model.cache import GivenG, InferenceCache
 
 try:
     # lm-eval registers its own models (hf, local-completions, ...) on first lookup only while
@@ -90,9 +90,8 @@ class PLDRLM(TemplateLM):
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise PLDRError(f"the tokenizer has {self.tok.vocab_size} pieces but the model only "
                             f"{self.model.config.vocab_size}: they do not belong together")
-        self.G_LM = load_G_LM(G_LM) if isinstance(G_LM, str) else G_LM
-        if self.G_LM is not None:
-            stack_per_layer(self.G_LM, self.model.config, "G_LM")  # shape check first
+        G_LM = load_G_LM(G_LM) if isinstance(G_LM, str) else G_LM
+        self.G_LM = None if G_LM is None else GivenG.check(G_LM, self.model.config)
 
     # ----- what TemplateLM asks for ------------------------------------------------------------
 

@@ -19,15 +19,12 @@ match the original release, so its state dicts load without renaming.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import PLDRConfig
-from .cache import InferenceCache
+from .call import AttentionCall, LayerDeductive
 from .linear import Linear
 
 A_LM_EPS = 1e-9  # keeps A_LM strictly positive so A_LM ** pw is defined
@@ -134,16 +131,6 @@ class PowerLawStep(nn.Module):
         nn.init.zeros_(self.balst)
 
 
-@dataclass
-class LayerDeductive:
-    """One layer's deductive outputs, each [B, H, dk, dk] (None where not computed)."""
-
-    A: Tensor | None
-    A_LM: Tensor | None
-    A_P: Tensor | None
-    G_LM: Tensor
-
-
 # ----- the attention layer -----------------------------------------------------------------------
 
 class PowerLawAttention(nn.Module):
@@ -181,66 +168,41 @@ class PowerLawAttention(nn.Module):
             A = unit(A)
         return A
 
-    def energy_curvature(self, q: Tensor, call: "AttentionCall") -> LayerDeductive:
-        """G_LM for this call, with the deductive outputs behind it.
-
-        Order of precedence: a G_LM given to the cache for the call's slots; the G_LM the
-        cache kept from the slots' first call (kv_g, g_only); the fixed buffer (v510G); the
-        metric tensor fixed in the KV-cache (only the power-law step runs, kv_only);
-        otherwise A from this call's queries (kept in the cache on a slot's first call)."""
-        i, c, rows = self.layer_idx, call.cache, call.rows
-        take = InferenceCache.take
-        if c is not None and not call.fresh and c.keep_G and self.learned:
-            if not call.deductive:  # a listed call's gathers of A, A_LM, A_P cost 1.5x a step
-                return LayerDeductive(None, None, None, take(c.G_LM, i, rows))
-            return LayerDeductive(take(c.A_G, i, rows), take(c.A_LM, i, rows),
-                                  take(c.A_P, i, rows), take(c.G_LM, i, rows))
-        any_given, all_given, with_A_LM = (c.given_state(call.slots) if c is not None
-                                           else (False, False, False))
-        if all_given:
-            return LayerDeductive(None, take(c.A_LM, i, rows) if with_A_LM and call.deductive
-                                  else None, None, take(c.G_LM, i, rows))
-        if not self.learned:
-            G = self.G_LM[None].expand(q.shape[0], -1, -1, -1)
-            if any_given:
-                G = torch.where(self._given(c, rows), take(c.G_LM, i, rows), G)
-            return LayerDeductive(None, None, None, G)
-        if c is not None and c.has_kv and not call.fresh:
-            A = take(c.A, i, rows)
-        else:
-            A = self.metric_tensor(q, call.metric_mask)
-            if c is not None and c.has_kv:
-                c.put(c.A, i, rows, A)
+    def energy_curvature(self, q: Tensor, call: AttentionCall) -> LayerDeductive:
+        """G_LM for this call, with the deductive outputs behind it: from the call's
+        description when it holds the rows' G_LM (kept, given, a v510G model's own), else
+        computed from A (this call's queries, or kv_only's A fixed in the KV-cache), kept
+        in the cache on a slot's first call as the description says."""
+        i, how, kv, rows = self.layer_idx, call.compute, call.cache, call.rows
+        if how is None:
+            return call.known.layer(i, q.shape[0])
+        A = kv.read("A", i, rows) if how.reuse_A else self.metric_tensor(q, call.metric_mask)
         A_LM, A_P, G_LM = self.plgatt_layer(A)
-        if any_given:
-            given = self._given(c, rows)
-            G_LM = torch.where(given, take(c.G_LM, i, rows), G_LM)
-            A_LM = torch.where(given, take(c.A_LM, i, rows), A_LM)
-        if c is not None and c.keep_G and call.fresh:
-            for t, value in ((c.A_G, A), (c.A_LM, A_LM), (c.A_P, A_P), (c.G_LM, G_LM)):
-                c.put(t, i, rows, value)
-        if any_given:  # the given rows have no A or A_P (and maybe no A_LM) to report
-            return LayerDeductive(None, A_LM if with_A_LM else None, None, G_LM)
+        if how.given is not None:  # these rows' G_LM (and A_LM) is given: theirs win
+            G_LM = torch.where(how.given, call.known.G_LM[i], G_LM)
+            A_LM = torch.where(how.given, call.known.A_LM[i], A_LM)
+        if how.keep_A:
+            kv.write("A", i, rows, A)
+        if how.keep_G:
+            for name, value in (("A_G", A), ("A_LM", A_LM), ("A_P", A_P), ("G_LM", G_LM)):
+                kv.write(name, i, rows, value)
+        if how.given is not None:  # the given rows have no A or A_P (and maybe no A_LM)
+            return LayerDeductive(None, A_LM if how.report_A_LM else None, None, G_LM)
         return LayerDeductive(A, A_LM, A_P, G_LM)
-
-    @staticmethod
-    def _given(c: InferenceCache, rows: Tensor | None) -> Tensor:
-        """[B', 1, 1, 1] bool: the call's rows whose G_LM is given."""
-        return (c.given if rows is None else c.given[rows])[:, None, None, None]
 
     # -- forward --
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                call: "AttentionCall") -> tuple[Tensor, LayerDeductive]:
+                call: AttentionCall) -> tuple[Tensor, LayerDeductive]:
         """x [B, T, D] -> attention output [B, T, D] and this layer's deductive outputs."""
         B, T, D = x.shape
         heads = lambda t: t.view(B, T, self.num_heads, self.dk)  # noqa: E731
         q = self.rope(heads(self.wq(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
         k = self.rope(heads(self.wk(x)), cos, sin).transpose(1, 2)  # [B, H, T, dk]
         v = heads(self.wv(x)).transpose(1, 2)                        # [B, H, T, dk]
-        if call.cache is not None and call.cache.has_kv:
-            k, v = call.cache.update(self.layer_idx, k, v, call.rows, call.where,
-                                     call.span)                        # [B, H, span, dk]
+        if call.where is not None:  # a KV-cache call: attend over the slots' past too
+            k, v = call.cache.write_kv(self.layer_idx, call.rows, call.where, k, v,
+                                       call.span)                      # [B, H, span, dk]
         ded = self.energy_curvature(q, call)
         q_bent = q @ ded.G_LM.to(q.dtype)                              # [B, H, T, dk]
         out = attend(q_bent, k, v, call.mask)
@@ -258,21 +220,6 @@ class PowerLawAttention(nn.Module):
 QUERY_CHUNK = 512  # queries per SDPA call on a masked call: bounds the [T, S] score memory
 
 
-@dataclass
-class AttentionCall:
-    """What one forward call shares with every layer's attention."""
-
-    mask: Tensor | None               # [B, 1, T, S] bool (True = attend); None: causal, no pads
-    metric_mask: Tensor | None        # [B, T] positions that enter A (None: all)
-    cache: InferenceCache | None = None
-    slots: Sequence[int] | None = None  # the cache slots of the rows (None: all)
-    rows: Tensor | None = None        # the same as a LongTensor on the device
-    where: Tensor | None = None       # [B, T] cache positions of the new tokens
-    span: int = 0                     # cache positions the call attends over (KV calls)
-    fresh: bool = True                # the first call on these slots (fixes A and G_LM)
-    deductive: bool = True            # the caller reads A, A_LM, A_P (else only G_LM is taken)
-
-
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """SDPA of q [B, H, T, dk] over k, v [B, H, S, dk].
 
@@ -287,18 +234,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return torch.cat([F.scaled_dot_product_attention(q[:, :, a:a + QUERY_CHUNK], k, v,
                                                      attn_mask=mask[:, :, a:a + QUERY_CHUNK])
                       for a in range(0, T, QUERY_CHUNK)], dim=2)
-
-
-def uncached_mask(real: Tensor) -> Tensor:
-    """Boolean mask [B, 1, T, T] (True = attend) of a padded uncached call real [B, T]:
-    causal and without pad keys; a query that would see no key sees itself (see
-    `InferenceCache.begin`)."""
-    T = real.shape[1]
-    idx = torch.arange(T, device=real.device)
-    mask = (idx[None, :] <= idx[:, None])[None] & real[:, None, :]          # [B, T, T]
-    lonely = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (lonely & torch.eye(T, dtype=torch.bool, device=real.device)[None])
-    return mask[:, None]
 
 
 def scale_embedding(x: Tensor, d_model: int) -> Tensor:

@@ -21,16 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import PLDRConfig
 from ..errors import PLDRError, PLDRTypeError
-from .attention import (
-    GLU,
-    AttentionCall,
-    LayerDeductive,
-    PowerLawAttention,
-    rope_tables,
-    scale_embedding,
-    uncached_mask,
-)
-from .cache import InferenceCache, stack_per_layer
+from .attention import GLU, PowerLawAttention, rope_tables, scale_embedding
+from .cache import GivenG, InferenceCache
+from .call import AttentionCall, LayerDeductive, describe
 from .linear import Linear
 from .pretrained import save_pretrained  # the directory format (takes any model, duck-typed)
 
@@ -117,7 +110,7 @@ class PLDRModel(nn.Module):
         self.config = config
         self.decoder = Decoder(config)
         self.final_layer = Linear(config.d_model, config.vocab_size)
-        self._given_G_LM = None if G_LM is None else stack_per_layer(G_LM, config)[:, 0].detach().cpu()
+        self._given_G_LM = None if G_LM is None else GivenG.check(G_LM, config).G_LM.detach().cpu()
         # RoPE cos/sin tables per device, float32 whatever the model's dtype (as the original
         # computes them); not buffers, so `.to(bfloat16)` cannot round them
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -168,51 +161,61 @@ class PLDRModel(nn.Module):
           length and attended to with the slot's past, through fixed-size buffers.
         - `logits_to_keep=n > 0` computes the logits of the last n positions only.
 
-        Uncached calls check the ids' values (one device sync); cached calls check shapes
+        A forward is `describe` (one immutable description of the call, from the inputs and
+        the cache's host-side slot state), `run` (the layers) and `cache.advance`. Uncached calls check the ids' values (one device sync); cached calls check shapes
         only, their callers (`generate`, `Engine`) check values at the API edge. `pads`
         True/False says the caller checked the ids itself and whether they hold pad ids (the
         trainer, whose loader built them): no value is read back, so a training step does
         not wait on the device."""
-        cfg = self.config
         B, T, found = self._check_inputs(ids, attention_mask, positions, cache, slots,
                                          pads is None)
         pads = found if pads is None else bool(pads) and attention_mask is None
+        call = self.describe(ids, attention_mask=attention_mask, cache=cache, slots=slots,
+                             deductive=return_deductive, pads=pads)
+        out = self.run(ids, call, positions=positions, deductive=return_deductive,
+                       logits_to_keep=logits_to_keep)
+        if cache is not None:
+            cache.advance(slots, T)
+        return out
+
+    def describe(self, ids: Tensor, *, attention_mask: Tensor | None = None,
+                 cache: InferenceCache | None = None, slots: Sequence[int] | None = None,
+                 deductive: bool = False, pads: bool = True) -> AttentionCall:
+        """The description of a call on ids [B, T] (`pldr.model.call`), built before any
+        layer runs; `pads`: whether the ids may hold pad ids (a KV call always checks)."""
         kv = cache is not None and cache.has_kv
         if attention_mask is not None:
             real = attention_mask.to(torch.bool)                           # [B, T]
         else:
-            real = ids != cfg.pad_id if (pads or kv) else None
-        call = AttentionCall(mask=None, metric_mask=None, cache=cache, slots=slots,
-                             deductive=return_deductive)
-        if cache is not None:
-            call.rows, call.fresh = cache.index(slots), cache.is_fresh(slots)
-        if kv:
-            call.span = cache.span(slots, T)
-            call.where, auto_positions, call.mask = cache.begin(call.rows, real, call.span)
-        elif real is not None:
-            auto_positions = count_positions(real)                         # [B, T]
-            call.mask = uncached_mask(real)                                # [B, 1, T, T]
-        else:
-            auto_positions = torch.arange(T, device=ids.device)[None].expand(B, T)
-        if real is not None and not cfg.metric_includes_pad:
-            call.metric_mask = real
-        cos_table, sin_table = self.rope_tables(ids.device)                # [max_seq_len, dk/2]
-        pos = auto_positions if positions is None else positions
-        cos, sin = cos_table[pos], sin_table[pos]                          # [B, T, dk/2]
+            real = ids != self.config.pad_id if (pads or kv) else None
+        return describe(real, *ids.shape, device=ids.device, max_seq_len=self.config.max_seq_len,
+                        own_G=self.own_G_LM(), metric_pads=self.config.metric_includes_pad,
+                        cache=cache, slots=slots, deductive=deductive)
 
+    def run(self, ids: Tensor, call: AttentionCall, *, positions: Tensor | None = None,
+            deductive: bool = False, logits_to_keep: int = 0) -> PLDROutput:
+        """The layers and the output head on ids [B, T] as `call` describes (no host state:
+        what a compiled decode step runs)."""
+        cfg = self.config
+        cos_table, sin_table = self.rope_tables(ids.device)                # [max_seq_len, dk/2]
+        pos = call.positions if positions is None else positions
+        cos, sin = cos_table[pos], sin_table[pos]                          # [B, T, dk/2]
         x = self.decoder.embedding(ids)
         x = self.decoder.layernorm1(scale_embedding(x, cfg.d_model))       # [B, T, D]
         layer_outputs = []
         for layer in self.decoder.dec_layers:
             x, ded = layer(x, cos, sin, call)
             layer_outputs.append(ded)
-        if cache is not None:
-            cache.advance(slots, call.rows, real if real is not None
-                          else torch.ones_like(ids, dtype=torch.bool))
-        deductive = Deductive.stack(layer_outputs) if return_deductive else None
         head_in = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
         logits = self.final_layer(head_in).contiguous()  # a transposed view for a few rows
-        return PLDROutput(logits=logits, hidden=x, deductive=deductive)
+        return PLDROutput(logits=logits, hidden=x,
+                          deductive=Deductive.stack(layer_outputs) if deductive else None)
+
+    def own_G_LM(self) -> list[Tensor] | None:
+        """A v510G model's fixed G_LM buffers, one [H, dk, dk] per layer (None for v510)."""
+        if self.config.variant != "v510G":
+            return None
+        return [layer.mha1.G_LM for layer in self.decoder.dec_layers]
 
     def _check_inputs(self, ids: Tensor, attention_mask: Tensor | None,
                       positions: Tensor | None, cache: InferenceCache | None,
@@ -292,16 +295,6 @@ class PLDRModel(nn.Module):
         save_pretrained(self, directory, tokenizer=tokenizer)
 
 
-def count_positions(real: Tensor, start: Tensor | None = None) -> Tensor:
-    """RoPE positions [B, T] of real [B, T]: counted from each row's first real token (plus
-    `start` [B], the positions a cache already holds), so left padding shifts nothing; pads
-    get a position too (as in the original), which no real token sees."""
-    T = real.shape[1]
-    lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)              # [B, 1]
-    positions = (torch.arange(T, device=real.device)[None] - lead).clamp(min=0)
-    return positions if start is None else positions + start[:, None]
-
-
 @torch.no_grad()
 def infer_G_LM(model: PLDRModel, ids: Tensor) -> list[Tensor]:
     """The G_LM that a v510 model infers from ids [T] or [B, T]: a list of L tensors
@@ -323,7 +316,7 @@ def to_v510G(model: PLDRModel, G_LM: Tensor | Sequence[Tensor]) -> PLDRModel:
     with torch.device("meta"):
         g_model = PLDRModel(config, G_LM=G_LM)
     shared = {k: v for k, v in model.state_dict().items() if k in g_model.state_dict()}
-    G = stack_per_layer(G_LM, config)[:, 0].to(device=model.device, dtype=model.dtype)
+    G = GivenG.check(G_LM, config).G_LM.to(device=model.device, dtype=model.dtype)
     for i in range(config.num_layers):
         shared[f"decoder.dec_layers.{i}.mha1.G_LM"] = G[i]
     g_model.load_state_dict(shared, strict=True, assign=True)
