@@ -13,7 +13,7 @@ import pytest
 
 import pldr.data
 from pldr.cli.main import main as cli
-from pldr.data import load_documents, parse_source, prepare_store
+from pldr.data import Tokenizer, load_documents, load_tokens, parse_source, prepare_store
 from pldr.errors import DataError
 
 DATA_PACKAGE = Path(pldr.data.__file__).parent
@@ -85,6 +85,16 @@ def cli_error(capsys, *argv: str) -> str:
     return err
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLDR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "tiny", "--data", str(data), "--out", str(out),
+            "--max-steps", "1", "--no-progress", "--no-tensorboard", *extra]
+
+
 @pytest.fixture
 def rows(tmp_path) -> Path:
     path = tmp_path / "rows.jsonl"
@@ -101,6 +111,22 @@ def test_a_missing_text_column_names_text_column(rows, tmp_path, capsys):
                     "--out", str(tmp_path / "s"), "--no-progress")
     assert err.rstrip().endswith("columns are body: name one as --text-column"), err
     assert "`" not in err
+    err = cli_error(capsys, *train_args(rows, tmp_path / "run", "--text-column", "nope"))
+    assert err.rstrip().endswith("columns are body: name one as --text-column"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_store_of_another_column_names_text_column(rows, tmp_path, capsys):
+    tok = Tokenizer.train(load_documents("builtin", "train[:40]"), 400)
+    tok_file = tok.save(tmp_path / "tok.model")
+    prepare_store(rows, tmp_path / "store", tok, text_column="body", progress=False)
+    with pytest.raises(DataError, match="not 'content'; drop `text_column` or prepare") as e:
+        load_tokens(tmp_path / "store", tok, text_column="content")
+    assert e.value.param == "text_column"
+    err = cli_error(capsys, *train_args(tmp_path / "store", tmp_path / "run", "--tokenizer",
+                                        str(tok_file), "--text-column", "content"))
+    assert "not 'content'; drop --text-column or prepare the data again" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_occupied_out_folder_names_out(tmp_path, capsys):
