@@ -45,7 +45,7 @@ STORE_PENDING = "prepare.json"    # ... an unfinished one only this
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where documents come from, parsed from a `--data` string by `parse_source`.
+    """Where documents come from, parsed from a `data` string by `parse_source`.
 
     kind `builtin`: Python's documentation topics (`pydoc_data.topics`), one document each.
     kind `files`: a local file or a folder of them (.txt, .jsonl, .json, .parquet, .csv).

@@ -128,7 +128,7 @@ def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
         store = _open_cached(path, tokenizer)
         if store is None:
             raise DataError(f"the token cache {str(path)!r} cannot be read back; check the "
-                            "cache folder (cache_dir, $PLDR_CACHE_DIR)")
+                            "cache folder (`cache_dir`, $PLDR_CACHE_DIR)")
     return TokenizedDocs(*store.slice())
 
 
