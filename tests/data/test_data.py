@@ -300,7 +300,7 @@ def test_single_token_remainders_are_dropped():
 def test_chunking_errors():
     with pytest.raises(DataError, match="unknown chunking mode"):
         chunk_tokens(SAMPLES, 4, "squash")
-    with pytest.raises(DataError, match="chunk length"):
+    with pytest.raises(DataError, match="`chunk_len` must be"):
         chunk_tokens(SAMPLES, 1, "pack")
 
 

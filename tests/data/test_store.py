@@ -273,19 +273,23 @@ def test_prepare_refuses_what_it_cannot_continue(tmp_path, corpus, tok):
     P.prepare_store(folder, tmp_path / "s", tok, progress=False, **SMALL_SHARDS)
     with pytest.raises(DataError, match="another tokenizer"):
         P.prepare_store(folder, tmp_path / "s", other, progress=False, **SMALL_SHARDS)
-    with pytest.raises(DataError, match="other data or settings"):
+    with pytest.raises(DataError, match=r"^`out` '.*' holds a token store of other data or "
+                       r"settings .*; choose another `out`") as err:
         P.prepare_store("builtin", tmp_path / "s", tok, progress=False, **SMALL_SHARDS)
+    assert err.value.param == "out"
     with pytest.raises(DataError, match="other data or settings"):
         P.prepare_store(folder, tmp_path / "s", tok, progress=False, shard_tokens=5000)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="not a token store"):
+    with pytest.raises(DataError, match="^`out` '.*' exists and is not a token store") as err:
         P.prepare_store(folder, tmp_path / "junk", tok, progress=False)
+    assert err.value.param == "out"
     (tmp_path / "early").mkdir()  # killed after saving the tokenizer, before prepare.json
     tok.save(tmp_path / "early" / "tokenizer.model")
     assert P.prepare_store(folder, tmp_path / "early", tok, progress=False).store.num_documents
-    with pytest.raises(DataError, match="workers must be a positive"):
+    with pytest.raises(DataError, match="`workers` must be a positive") as err:
         P.prepare_store(folder, tmp_path / "w0", tok, workers=0)
+    assert err.value.param == "workers"
     with pytest.raises(DataError, match="holds token ids, not documents"):
         load_documents(tmp_path / "s")
 

@@ -186,7 +186,7 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     (["--input", "MISSING", "--vocab-size", "300"], "does not exist"),
     (["--data", "builtin", "--vocab-size", "99999"], "too large for this data"),
     (["--data", "builtin", "--split", "train[x:]", "--vocab-size", "300"], "is not valid"),
-    (["--data", "builtin", "--vocab-size", "-3"], "vocab_size must be a positive integer"),
+    (["--data", "builtin", "--vocab-size", "-3"], "--vocab-size must be a positive integer"),
 ])
 def test_cli_tokenizer_train_bad_input(tmp_path, capsys, argv, message):
     argv = ["tokenizer", "train", *[a.replace("MISSING", str(tmp_path / "no.txt")) for a in argv],

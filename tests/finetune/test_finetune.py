@@ -129,6 +129,10 @@ def test_bad_input_is_one_line_before_anything_is_written(base, tmp_path, capsys
     err = bad(tmp_path, capsys, "--task", "sequence-classification", "--model", m, "--data",
               data, "--lora-r", "2", "--lora-targets", "wq,query")
     assert "'query' matches no linear layer" in err
+    missing = str(tmp_path / "missing.jsonl")  # the data package's error, on the right flag
+    err = bad(tmp_path, capsys, "--task", "sequence-classification", "--model", m, "--data",
+              data, "--eval-data", missing)
+    assert err.startswith(f"error: --eval-data path {missing!r} does not exist"), err
     head = tmp_path / "seqcls"
     pldr.PLDRForSequenceClassification(base["config"]).save_pretrained(
         head, tokenizer=base["tokenizer"])

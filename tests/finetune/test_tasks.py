@@ -164,3 +164,13 @@ def test_entity_and_classification_metrics():
     assert c["accuracy"] == 0.75
     assert c["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert M.perplexity(0.0) == 1.0 and not M.higher_is_better("perplexity")
+
+
+def test_errors_about_the_evaluation_source_name_eval_data(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="^`data` path") as err:
+        read_split(missing, "train")
+    assert err.value.param == "data"
+    with pytest.raises(DataError, match=r"^`eval_data` path '.*missing.jsonl' does not") as err:
+        read_split(missing, "train", param="eval_data")
+    assert err.value.param == "eval_data"

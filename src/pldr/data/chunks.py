@@ -72,10 +72,10 @@ def check_chunking(chunk_len: int, mode: str, group_size: int | None) -> None:
     if mode not in MODES:
         raise DataError(f"unknown chunking mode {mode!r}; choose one of {', '.join(MODES)}")
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 2:
-        raise DataError(f"chunk length must be an integer >= 2 (context_length + 1), got "
+        raise DataError(f"`chunk_len` must be an integer >= 2 (context_length + 1), got "
                         f"{chunk_len!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-        raise DataError(f"group_size must be a positive integer or None, got {group_size!r}")
+        raise DataError(f"`group_size` must be a positive integer or None, got {group_size!r}")
 
 
 @dataclass(frozen=True)

@@ -221,14 +221,15 @@ def pick_column(columns: Sequence[str], text_column: str | None, what: str) -> s
             return name
     asked = repr(text_column) if text_column else " or ".join(map(repr, TEXT_COLUMNS))
     raise DataError(f"{what} has no text column {asked}; its columns are "
-                    f"{', '.join(map(str, columns))}: name one as text_column (--text-column)")
+                    f"{', '.join(map(str, columns))}: name one as `text_column`",
+                    param="text_column")
 
 
 def check_text(values: list[Any], column: str, what: str) -> None:
     bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
     if bad is not None:
         raise DataError(f"column {column!r} of {what} holds {type(bad).__name__} values, not "
-                        "text; name a text column as text_column (--text-column)")
+                        "text; name a text column as `text_column`", param="text_column")
 
 
 def checked_texts(values: list[Any], column: str, what: str) -> Iterator[str]:

@@ -41,7 +41,7 @@ class TokenBatches:
                  rank: int = 0, world_size: int = 1) -> None:
         _check_batching(batch_size, rank, world_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+            raise DataError(f"`seed` must be a non-negative integer, got {seed!r}")
         self.chunks = chunks
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -110,13 +110,13 @@ class TokenBatches:
 def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
     """A global batch that splits evenly over `world_size` ranks, and a valid rank."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise DataError(f"`batch_size` must be a positive integer, got {batch_size!r}")
     if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) \
             or not 0 <= rank < world_size:
-        raise DataError(f"rank {rank!r} / world_size {world_size!r} are not valid; need "
+        raise DataError(f"`rank` {rank!r} / `world_size` {world_size!r} are not valid; need "
                         "0 <= rank < world_size")
     if batch_size % world_size:
-        raise DataError(f"batch_size {batch_size} (the global batch) must be divisible by "
+        raise DataError(f"`batch_size` {batch_size} (the global batch) must be divisible by "
                         f"the number of processes {world_size}")
 
 
@@ -138,10 +138,10 @@ def build_loaders(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
     (`pldr data prepare`): it is memory-mapped, and gives the batches its source gives."""
     if isinstance(context_length, bool) or not isinstance(context_length, int) \
             or context_length < 1:
-        raise DataError(f"context_length must be a positive integer, got {context_length!r}")
+        raise DataError(f"`context_length` must be a positive integer, got {context_length!r}")
     if isinstance(batch_agg_count, bool) or not isinstance(batch_agg_count, int) \
             or batch_agg_count < 1:
-        raise DataError(f"batch_agg_count must be a positive integer, got {batch_agg_count!r}")
+        raise DataError(f"`batch_agg_count` must be a positive integer, got {batch_agg_count!r}")
     _check_batching(batch_size, rank, world_size)
     check_chunking(context_length + 1, mode, None)
     split, val_split = default_splits(split, val_split)

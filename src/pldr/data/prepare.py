@@ -158,7 +158,7 @@ def prepare_store(data: str | os.PathLike | DataSource | SourceStream, out: str 
 def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DataError(f"{name} must be a positive integer, got {v!r}")
+            raise DataError(f"`{name}` must be a positive integer, got {v!r}")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -170,8 +170,8 @@ def _check_same(saved: dict[str, Any], source: dict[str, Any], settings: dict[st
                 out: Path) -> None:
     """A store (or an unfinished one) at `out` must come from this source and settings."""
     if saved["source"]["identity"] != source["identity"] or saved["settings"] != settings:
-        raise DataError(f"--out {str(out)!r} holds a token store of other data or settings "
-                        f"(prepared from {saved['source']['data']!r}); choose another --out, "
+        raise DataError(f"`out` {str(out)!r} holds a token store of other data or settings "
+                        f"(prepared from {saved['source']['data']!r}); choose another `out`, "
                         "or delete it to prepare again")
 
 
@@ -187,13 +187,13 @@ def _begin(out: Path, tokenizer: Tokenizer | None, streamed: Any, source: dict[s
         saved = Tokenizer.load(out / TOKENIZER_FILE)
         if tokenizer is not None and tokenizer.fingerprint != saved.fingerprint:
             raise DataError(f"the unfinished token store {str(out)!r} was started with another "
-                            "tokenizer; run again with the same --tokenizer (or without it), or "
-                            "delete the folder to start over")
+                            "tokenizer; run again with the same `tokenizer` (or without one), or "
+                            "delete the folder to start over", param="tokenizer")
         return saved, pending
     # a first run killed before prepare.json was written may have left the tokenizer only
     if out.exists() and (not out.is_dir() or any(
             p.name != TOKENIZER_FILE and not is_temp_name(p.name) for p in out.iterdir())):
-        raise DataError(f"--out {str(out)!r} exists and is not a token store; choose a new or "
+        raise DataError(f"`out` {str(out)!r} exists and is not a token store; choose a new or "
                         "empty folder")
     if tokenizer is None:
         log.info("no tokenizer given: training a tokenizer (%d pieces) on the first %d documents; "

@@ -45,7 +45,7 @@ STORE_PENDING = "prepare.json"    # ... an unfinished one only this
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where documents come from, parsed from a `--data` string by `parse_source`.
+    """Where documents come from, parsed from a `data` string by `parse_source`.
 
     kind `builtin`: Python's documentation topics (`pydoc_data.topics`), one document each.
     kind `files`: a local file or a folder of them (.txt, .jsonl, .json, .parquet, .csv).
@@ -68,19 +68,19 @@ def parse_source(data: str | os.PathLike | DataSource) -> DataSource:
         return data
     spec = os.fspath(data)
     if not spec:
-        raise DataError("no data given; pass `builtin`, a file or folder, or hf:NAME")
+        raise DataError("no data given; set `data` to 'builtin', a file or folder, or hf:NAME")
     if spec == BUILTIN:
         return DataSource("builtin", BUILTIN)
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:
-            raise DataError(f"data {spec!r} names no dataset; write hf:NAME or hf:NAME:CONFIG, "
+            raise DataError(f"`data` {spec!r} names no dataset; write hf:NAME or hf:NAME:CONFIG, "
                             f"e.g. {DEFAULT_HF_DATA}")
         return DataSource("hf", name, config or None)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(f"data path {spec!r} does not exist; pass an existing file or folder, "
-                        "`builtin`, or hf:NAME for a Hugging Face dataset")
+        raise DataError(f"`data` path {spec!r} does not exist; pass an existing file or "
+                        "folder, 'builtin', or hf:NAME for a Hugging Face dataset")
     if path.is_file():
         if path.suffix.lower() not in KNOWN_SUFFIXES:
             raise DataError(f"unknown data format {path.suffix or '(no extension)'!r} of "
@@ -89,8 +89,9 @@ def parse_source(data: str | os.PathLike | DataSource) -> DataSource:
     elif (path / STORE_MANIFEST).is_file():
         return DataSource("store", str(path))
     elif (path / STORE_PENDING).is_file():
-        raise DataError(f"{spec!r} is a token store whose preparation did not finish; run the "
-                        "same `pldr data prepare` command again to complete it")
+        raise DataError(f"`data` {spec!r} is a token store whose preparation did not finish; "
+                        "finish it with the same pldr.data.prepare_store(...) call (or `pldr "
+                        "data prepare` command) it was started with")
     return DataSource("files", str(path))
 
 
@@ -278,9 +279,9 @@ def load_documents(data: str | os.PathLike | DataSource, split: str | Split | No
 
 def store_has_no_documents(source: DataSource) -> DataError:
     """The error for reading documents from a prepared token store."""
-    return DataError(f"{source.name!r} is a prepared token store: it holds token ids, not "
-                     "documents; train on it directly (`pldr train --data DIR`), or read the "
-                     "source it was prepared from")
+    return DataError(f"`data` {source.name!r} is a prepared token store: it holds token ids, "
+                     "not documents; read them with pldr.data.load_tokens or build_loaders (as "
+                     "`pldr train --data DIR` does), or read the source it was prepared from")
 
 
 # ----- builtin ----------------------------------------------------------------------------

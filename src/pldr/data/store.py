@@ -142,8 +142,9 @@ class TokenStore:
             if len(ids) != entry["tokens"] or len(starts) != entry["documents"] + 1 \
                     or starts[-1] != len(ids):
                 raise DataError(f"shard {str(folder)!r} of the token store does not match "
-                                "its manifest (damaged?); run `pldr data info --verify` on "
-                                "the store, or prepare it again")
+                                "its manifest (damaged?); check the store with "
+                                "pldr.data.TokenStore.open(...).verify() (`pldr data info "
+                                "--verify`), or prepare it again")
             shards.append(ids)
             offsets.append(starts[1:] + shift)
             shift += len(ids)
@@ -218,8 +219,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of the store at `path`, checked to be one of ours."""
     file = path / STORE_MANIFEST
     if not file.is_file():
-        hint = ("its preparation did not finish: run the same `pldr data prepare` again"
-                if (path / STORE_PENDING).is_file() else "make one with `pldr data prepare`")
+        hint = ("its preparation did not finish: run the same pldr.data.prepare_store(...) "
+                "(`pldr data prepare`) again" if (path / STORE_PENDING).is_file()
+                else "make one with pldr.data.prepare_store (`pldr data prepare`)")
         raise DataError(f"{str(path)!r} is not a prepared token store (no {STORE_MANIFEST}); "
                         f"{hint}")
     try:

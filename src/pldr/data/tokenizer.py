@@ -75,7 +75,8 @@ class Tokenizer:
         except RuntimeError:
             where = f"{str(self.path)!r}" if self.path else "the given bytes"
             raise DataError(f"{where} is not a SentencePiece model file; pass the `.model` "
-                            "file written by SentencePiece or `pldr tokenizer train`") from None
+                            "file written by SentencePiece or Tokenizer.train (`pldr tokenizer "
+                            "train`)") from None
 
     # ----- construction ------------------------------------------------------------------
     @staticmethod
@@ -94,8 +95,8 @@ class Tokenizer:
         found = cls.find(path)
         if found is None:
             raise DataError(f"tokenizer file {str(Path(path))!r} does not exist; pass the path "
-                            "of a SentencePiece `.model` file (make one with `pldr tokenizer "
-                            "train`)")
+                            "of a SentencePiece `.model` file (make one with Tokenizer.train or "
+                            "`pldr tokenizer train`)")
         return cls(found.read_bytes(), path=found)
 
     def save(self, path: str | Path) -> Path:
@@ -258,7 +259,7 @@ class Tokenizer:
         `input_sentence_size=1_000_000` to sample a large corpus) and override the defaults.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise PLDRError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+            raise PLDRError(f"`vocab_size` must be a positive integer, got {vocab_size!r}")
         sentences = _nonempty(_training_texts(texts_or_files))
         first = next(sentences, None)
         if first is None:

@@ -128,7 +128,7 @@ def load_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
         store = _open_cached(path, tokenizer)
         if store is None:
             raise DataError(f"the token cache {str(path)!r} cannot be read back; check the "
-                            "cache folder (cache_dir, $PLDR_CACHE_DIR)")
+                            "cache folder (`cache_dir`, $PLDR_CACHE_DIR)")
     return TokenizedDocs(*store.slice())
 
 
@@ -152,7 +152,7 @@ def _store_tokens(data: str | os.PathLike | DataSource, tokenizer: Tokenizer,
     prepared = store.manifest["source"]["identity"].get("text_column")
     if text_column is not None and prepared is not None and text_column != prepared:
         raise DataError(f"the token store {str(store.path)!r} was prepared from column "
-                        f"{prepared!r}, not {text_column!r}; drop --text-column or prepare "
+                        f"{prepared!r}, not {text_column!r}; drop `text_column` or prepare "
                         "the data again")
     return TokenizedDocs(*store.slice(split))
 

@@ -24,11 +24,18 @@ class Labels:
         return {n: i for i, n in enumerate(self.names)}
 
 
-def read_split(data: str, split: str, *, progress: bool = False) -> Any:
-    """The rows of `data` and `split` as a `datasets.Dataset` (see pldr.data.load_table)."""
+def read_split(data: str, split: str, *, progress: bool = False, param: str = "data") -> Any:
+    """The rows of `data` and `split` as a `datasets.Dataset` (see pldr.data.load_table).
+    `param`: the setting that named `data` (`eval_data` for the evaluation rows), so that an
+    error about the source names the setting the user gave rather than load_table's `data`."""
     from ..data.sources import load_table
 
-    return load_table(data, split, progress=progress)
+    try:
+        return load_table(data, split, progress=progress)
+    except DataError as e:
+        if param == "data" or e.param != "data":
+            raise
+        raise type(e)(str(e).replace("`data`", f"`{param}`"), param=param) from None
 
 
 def find_labels(task: str, table: Any, cols: dict[str, str], num_labels: int | None,

@@ -152,7 +152,8 @@ def prepare_finetune(fcfg: FinetuneConfig) -> FinetuneRun:
     train = D.encode_split(fcfg.task, table, cols, tok, max_len, labels, fcfg.doc_stride, what)
     eval_data = None
     if (source := eval_source(fcfg)) is not None:
-        eval_data = D.encode_split(fcfg.task, D.read_split(*source), cols, tok, max_len, labels,
+        rows = D.read_split(*source, param="eval_data" if fcfg.eval_data else "data")
+        eval_data = D.encode_split(fcfg.task, rows, cols, tok, max_len, labels,
                                    fcfg.doc_stride, f"{source[0]} {source[1]}")
     config = _head_config(base.config, labels, fcfg.task, new_head)
     dist = ptd.init_distributed(cfg.device, timeout_s=cfg.dist_timeout)
