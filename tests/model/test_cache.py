@@ -196,3 +196,51 @@ def test_the_engine_leaves_a_v510G_models_G_LM_in_the_model():
     for req, prompt in zip(reqs, ([5, 6, 7], [9, 8, 4, 2])):
         assert req.tokens == generate(model, [prompt], 4, temperature=0, eos_id=-1,
                                       cache="no_cache")[0]
+
+
+def test_a_call_that_fails_after_its_description_shifts_nothing():
+    """A call whose layers never ran (an error, an interrupt) leaves the slot as it was: the
+    next call gets the same positions and logits as if it had never been tried."""
+    model = fixture_model().double()
+    prompt, step = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+
+    def cache_after_prompt():
+        cache = InferenceCache.for_mode(model.config, "kv_g", 1, 8, dtype=torch.float64)
+        with torch.no_grad():
+            model(prompt, cache=cache)
+        return cache
+
+    clean, tried = cache_after_prompt(), cache_after_prompt()
+    failed = model.describe(step, cache=tried)      # described, then the layers never run
+    with torch.no_grad():
+        want = model(step, cache=clean)
+        got = model(step, cache=tried)
+    assert failed.positions.tolist() == [[3, 4]] and tried.lengths == clean.lengths == [5]
+    assert torch.equal(got.logits, want.logits)
+
+
+def test_a_checked_G_LM_passes_with_its_A_LM_and_reads_as_the_per_layer_list():
+    from pldr.model.cache import GivenG
+
+    model = fixture_model()
+    eye = [torch.eye(16).expand(1, 4, 16, 16) for _ in range(2)]
+    A_LM = [2 * t for t in eye]
+    given = GivenG.check(eye, model.config)
+    assert len(given) == 2 and all(torch.equal(a, b) for a, b in zip(given, eye))
+    assert torch.equal(torch.stack(list(given)), torch.stack(eye))
+    cache = InferenceCache.for_mode(model.config, "no_cache", 1, 0)
+    cache.set_G_LM(given, A_LM=A_LM)                 # a checked G_LM keeps the A_LM given now
+    assert cache.state[0].given_A_LM and torch.equal(cache.tensors.A_LM[:, 0],
+                                                     torch.stack(A_LM)[:, 0])
+
+
+def test_a_listed_call_moves_a_released_slot_on():
+    model = fixture_model()
+    cache = InferenceCache.for_mode(model.config, "kv_only", 2, 8)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), cache=cache, slots=[0])
+        model(torch.tensor([[9, 9]]), cache=cache, slots=[1])
+        cache.release(0)
+        model(torch.tensor([[8]]), cache=cache, slots=[0])     # listed: it moves
+        model(torch.tensor([[8], [9]]), cache=cache)           # every slot: the idle one stays
+    assert cache.lengths == [4, 3]

@@ -117,7 +117,9 @@ def load_for_inference(path: str | os.PathLike,
 
     A given G_LM (tensor, list or file) wins in either variant: a v510G model takes it as its
     buffers (an original v510G .pth needs it to load at all; a directory's saved G_LM is
-    replaced), and for a v510 model it is returned, to be given to generation."""
+    replaced), and for a v510 model it is returned, to be given to generation: a `GivenG`,
+    checked once here (a sequence of the per-layer [1, H, dk, dk] tensors, as `load_G_LM`
+    returns them)."""
     if isinstance(G_LM, (str, os.PathLike)):
         G_LM = load_G_LM(G_LM)
     from .adapters import is_adapter_dir, load_adapter, merge_lora
@@ -230,7 +232,8 @@ def _attach_G_LM(state: dict[str, Tensor], config: PLDRConfig,
                  G_LM: Any) -> tuple[dict[str, Tensor], GivenG | None]:
     """Put a given G_LM into the state dict as the v510G buffers; demand one when missing.
 
-    Returns the state and the G_LM that was given (or None), checked here once."""
+    Returns the state and the G_LM that was given (or None), as a `GivenG` (checked here
+    unless it arrives as one)."""
     if config.variant != "v510G":
         if G_LM is not None:
             raise CheckpointError("G_LM is only for v510G checkpoints, and this one is v510 (it "

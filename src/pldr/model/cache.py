@@ -18,6 +18,7 @@ describes the modes and the invariants.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -170,10 +171,10 @@ class InferenceCache:
         return self.state if slots is None else [self.state[s] for s in slots]
 
     def advance(self, slots: Sequence[int] | None, T: int) -> None:
-        """After a call of T new tokens on `slots`: the live ones hold T more positions, and
-        none of them is fresh."""
-        for s in self.of(slots):
-            if s.live and self.has_kv:
+        """After a call of T new tokens on `slots` (None: every slot, where only the live
+        ones move): they hold T more positions, and none of them is fresh."""
+        for s in self.of(slots):  # listed slots move even when idle; a call over all: live ones
+            if self.has_kv and (s.live or slots is not None):
                 s.length = min(self.max_len, s.length + T)
             s.fresh = False
 
@@ -219,15 +220,22 @@ class GivenG:
     @classmethod
     def check(cls, G_LM: "GivenG | Tensor | Sequence[Tensor]", config: PLDRConfig,
               A_LM: Tensor | Sequence[Tensor] | None = None) -> "GivenG":
-        """`G_LM` (and `A_LM`) checked against `config` where they enter; a `GivenG` passes."""
+        """`G_LM` (and `A_LM`) checked against `config` where they enter; a `GivenG` passes
+        as it is (with `A_LM`, if given, checked and attached)."""
+        A = None if A_LM is None else stack_per_layer(A_LM, config, "A_LM")[:, 0]
         if isinstance(G_LM, GivenG):
-            return G_LM
-        return cls(stack_per_layer(G_LM, config, "G_LM")[:, 0],
-                   None if A_LM is None else stack_per_layer(A_LM, config, "A_LM")[:, 0])
+            return G_LM if A is None else dataclasses.replace(G_LM, A_LM=A)
+        return cls(stack_per_layer(G_LM, config, "G_LM")[:, 0], A)
 
-    def layers(self) -> list[Tensor]:
-        """The per-layer list [1, H, dk, dk] of `load_G_LM`."""
-        return list(self.G_LM[:, None].unbind(0))
+    # a sequence of the per-layer [1, H, dk, dk] tensors, as `load_G_LM` returns them
+    def __len__(self) -> int:
+        return self.G_LM.shape[0]
+
+    def __getitem__(self, layer: int) -> Tensor:
+        return self.G_LM[layer][None]
+
+    def __iter__(self):
+        return iter(self.G_LM[:, None].unbind(0))
 
 
 def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig | None,
@@ -237,8 +245,6 @@ def stack_per_layer(tensors: Tensor | Sequence[Tensor], config: PLDRConfig | Non
 
     With `config` None (a file read without a model) the layers need only agree with each
     other and be square per head."""
-    if isinstance(tensors, GivenG):
-        tensors = tensors.G_LM
     if isinstance(tensors, Tensor):
         items = list(tensors.unbind(0)) if tensors.dim() in (4, 5) else [tensors]
     elif isinstance(tensors, (list, tuple)):

@@ -73,15 +73,18 @@ class AttentionCall:
     rows: Tensor | None = None      # the call's cache slots (None: every slot, in order)
     where: Tensor | None = None     # [B, T] cache positions of the new keys (KV calls)
     span: int = 0                   # cache positions the call attends over (KV calls)
+    deductive: bool = False         # the caller reads the deductive outputs
 
 
 def describe(real: Tensor | None, B: int, T: int, *, device: torch.device,
              max_seq_len: int, own_G: Sequence[Tensor] | None, metric_pads: bool,
              cache: InferenceCache | None = None, slots: Sequence[int] | None = None,
-             deductive: bool = False) -> AttentionCall:
+             deductive: bool = False, positions: Tensor | None = None) -> AttentionCall:
     """The description of a call of B x T new tokens (`real` [B, T]: True = a real token;
     None: no pads). `own_G`: a v510G model's G_LM buffers (None for v510); `metric_pads`:
-    whether pads enter A (`config.metric_includes_pad`)."""
+    whether pads enter A (`config.metric_includes_pad`); `positions` [B, T]: the caller's
+    RoPE positions, instead of those counted from the real tokens."""
+    given_positions = positions
     metric_mask = real if real is not None and not metric_pads else None
     rows = _rows(cache, slots, device)
     known, compute = _G_source(cache, slots, rows, own_G, deductive)  # checks before writes
@@ -93,9 +96,11 @@ def describe(real: Tensor | None, B: int, T: int, *, device: torch.device,
             positions, mask = torch.arange(T, device=device)[None].expand(B, T), None
         else:
             positions, mask = count_positions(real), uncached_mask(real)
+    if given_positions is not None:
+        positions = given_positions
     return AttentionCall(positions=positions, mask=mask, metric_mask=metric_mask, known=known,
                          compute=compute, cache=None if cache is None else cache.tensors,
-                         rows=rows, where=where, span=span)
+                         rows=rows, where=where, span=span, deductive=deductive)
 
 
 def _rows(cache: InferenceCache | None, slots: Sequence[int] | None,
@@ -113,8 +118,9 @@ def _kv_positions(cache: InferenceCache, slots: Sequence[int] | None, rows: Tens
     [B', T] and the span (how many cache positions the call attends over: the longest live
     slot's plus T, or all of them when the cache is static).
 
-    RoPE positions count on from the slot's real tokens so far (its real keys), from the
-    call's first real token. The mask is causal in cache positions without pad keys; a query
+    RoPE positions count on from the slot's real tokens so far (its real keys below its
+    length: a call that failed after this wrote nothing that counts), from the call's first
+    real token. The mask is causal in cache positions without pad keys; a query
     that would see no key (a pad left of every real token) sees itself, so the softmax stays
     finite (its output is never used)."""
     states, device = cache.of(slots), real.device
@@ -128,7 +134,8 @@ def _kv_positions(cache: InferenceCache, slots: Sequence[int] | None, rows: Tens
     steps = torch.arange(T, device=device)
     where = (lengths[:, None] + steps).clamp(max=span - 1)                     # [B', T]
     key_real = kv.key_real if rows is None else kv.key_real.index_select(0, rows)
-    seen = key_real.sum(dim=1)                                                 # [B'] so far
+    held = torch.arange(key_real.shape[1], device=device) < lengths[:, None]  # [B', S]
+    seen = (key_real & held).sum(dim=1)  # [B'] real tokens so far (not a failed call's)
     kv.key_real[kv.row_index(rows, where), where] = real
     lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)                  # [B', 1]
     positions = seen[:, None] + (steps[None] - lead).clamp(min=0)             # [B', T]

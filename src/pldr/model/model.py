@@ -162,25 +162,25 @@ class PLDRModel(nn.Module):
         - `logits_to_keep=n > 0` computes the logits of the last n positions only.
 
         A forward is `describe` (one immutable description of the call, from the inputs and
-        the cache's host-side slot state), `run` (the layers) and `cache.advance`. Uncached calls check the ids' values (one device sync); cached calls check shapes
-        only, their callers (`generate`, `Engine`) check values at the API edge. `pads`
+        the cache's host-side slot state), `run` (the layers) and `cache.advance`. Uncached
+        calls check the ids' values (one device sync); cached calls check shapes only, their callers (`generate`, `Engine`) check values at the API edge. `pads`
         True/False says the caller checked the ids itself and whether they hold pad ids (the
         trainer, whose loader built them): no value is read back, so a training step does
         not wait on the device."""
         B, T, found = self._check_inputs(ids, attention_mask, positions, cache, slots,
                                          pads is None)
         pads = found if pads is None else bool(pads) and attention_mask is None
-        call = self.describe(ids, attention_mask=attention_mask, cache=cache, slots=slots,
-                             deductive=return_deductive, pads=pads)
-        out = self.run(ids, call, positions=positions, deductive=return_deductive,
-                       logits_to_keep=logits_to_keep)
+        call = self.describe(ids, attention_mask=attention_mask, positions=positions,
+                             cache=cache, slots=slots, deductive=return_deductive, pads=pads)
+        out = self.run(ids, call, logits_to_keep=logits_to_keep)
         if cache is not None:
             cache.advance(slots, T)
         return out
 
     def describe(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                 cache: InferenceCache | None = None, slots: Sequence[int] | None = None,
-                 deductive: bool = False, pads: bool = True) -> AttentionCall:
+                 positions: Tensor | None = None, cache: InferenceCache | None = None,
+                 slots: Sequence[int] | None = None, deductive: bool = False,
+                 pads: bool = True) -> AttentionCall:
         """The description of a call on ids [B, T] (`pldr.model.call`), built before any
         layer runs; `pads`: whether the ids may hold pad ids (a KV call always checks)."""
         kv = cache is not None and cache.has_kv
@@ -190,16 +190,14 @@ class PLDRModel(nn.Module):
             real = ids != self.config.pad_id if (pads or kv) else None
         return describe(real, *ids.shape, device=ids.device, max_seq_len=self.config.max_seq_len,
                         own_G=self.own_G_LM(), metric_pads=self.config.metric_includes_pad,
-                        cache=cache, slots=slots, deductive=deductive)
+                        cache=cache, slots=slots, deductive=deductive, positions=positions)
 
-    def run(self, ids: Tensor, call: AttentionCall, *, positions: Tensor | None = None,
-            deductive: bool = False, logits_to_keep: int = 0) -> PLDROutput:
+    def run(self, ids: Tensor, call: AttentionCall, *, logits_to_keep: int = 0) -> PLDROutput:
         """The layers and the output head on ids [B, T] as `call` describes (no host state:
         what a compiled decode step runs)."""
         cfg = self.config
         cos_table, sin_table = self.rope_tables(ids.device)                # [max_seq_len, dk/2]
-        pos = call.positions if positions is None else positions
-        cos, sin = cos_table[pos], sin_table[pos]                          # [B, T, dk/2]
+        cos, sin = cos_table[call.positions], sin_table[call.positions]    # [B, T, dk/2]
         x = self.decoder.embedding(ids)
         x = self.decoder.layernorm1(scale_embedding(x, cfg.d_model))       # [B, T, D]
         layer_outputs = []
@@ -209,7 +207,7 @@ class PLDRModel(nn.Module):
         head_in = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
         logits = self.final_layer(head_in).contiguous()  # a transposed view for a few rows
         return PLDROutput(logits=logits, hidden=x,
-                          deductive=Deductive.stack(layer_outputs) if deductive else None)
+                          deductive=Deductive.stack(layer_outputs) if call.deductive else None)
 
     def own_G_LM(self) -> list[Tensor] | None:
         """A v510G model's fixed G_LM buffers, one [H, dk, dk] per layer (None for v510)."""
