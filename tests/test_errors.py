@@ -15,7 +15,7 @@ import pytest
 
 from pldr.cli import main
 from pldr.cli import main as cli_main
-from pldr.cli.main import build_parser, command_flags
+from pldr.cli.main import RENAMED, _console_logging, build_parser, command_flags
 from pldr.errors import CheckpointError, PLDRError, import_extra, install_extra_command, render
 
 def test_an_error_knows_its_parameter_and_survives_pickling():
@@ -51,6 +51,32 @@ def test_each_command_spells_parameters_as_its_own_flags():
     assert convert["dest"] == "--out"  # convert_model(dest=...) is `pldr convert --out`
     assert train["resume"] == "--resume" and train["lr_alpha"] == "--lr-alpha"
     assert command_flags(parser, "data")["workers"] == "--workers"  # a nested subcommand
+    finetune, extract = command_flags(parser, "finetune"), command_flags(parser, "extract-G")
+    assert finetune["lora_targets"] == "--lora-targets" and finetune["merge"] == "--merge"
+    assert extract["samples"] == "--samples" and extract["context_length"] == "--context-length"
+    # where the Python name differs from the flag's dest (RENAMED)
+    assert command_flags(parser, "eval")["model_path"] == "--model"  # pldr.finetune.score
+    assert command_flags(parser, "inspect")["fmt"] == "--format"     # inspect_model(fmt=...)
+    for command, renamed in RENAMED.items():
+        assert set(renamed) <= set(command_flags(parser, command)), command
+
+
+def test_library_log_lines_show_flags_on_the_command_line(capsys, caplog):
+    """A warning the library logs names Python parameters; while a command runs, the CLI
+    prints it with that command's flags."""
+    from pldr.training.config import TrainConfig
+    from pldr.training.prepare import fit_warmup
+
+    with caplog.at_level("WARNING", logger="pldr"):
+        fit_warmup(TrainConfig(warmup_steps=100), 8)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "`warmup_steps` 100" in said[0] and "reach `lr`" in said[0]
+    capsys.readouterr()
+    with _console_logging(command_flags(build_parser(), "train")):
+        fit_warmup(TrainConfig(warmup_steps=100), 8)
+    printed = capsys.readouterr().out
+    assert printed.startswith("note: --warmup-steps 100 is not shorter than the run's 8 steps")
+    assert "never reach --lr; warming up over 1 steps" in printed and "`" not in printed
 
 
 def test_the_cli_names_the_flag_and_python_the_parameter(tmp_path, capsys):

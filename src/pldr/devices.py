@@ -101,7 +101,7 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int | N
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise error(f"device {str(device)!r} is not available on this machine; use "
-                        "device cpu (--device cpu)")
+                        "`device='cpu'`")
         if device.index is None and local_rank is not None:
             device = torch.device("cuda", local_rank)
         if device.index is not None and device.index >= torch.cuda.device_count():

@@ -1,77 +1,18 @@
 """The data package's errors speak Python: they name the parameter a Python caller passed, in
 backticks (`text_column`, `out`, `data`), never a command-line flag; the CLI boundary turns
-each into the running command's flag (--text-column, --out, --data)."""
+each into the running command's flag (--text-column, --out, --data). That no library message
+spells a flag is checked for every package by tests/test_messages.py."""
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-import pldr.data
 from pldr.cli.main import main as cli
 from pldr.data import Tokenizer, load_documents, load_tokens, parse_source, prepare_store
 from pldr.errors import DataError
-
-DATA_PACKAGE = Path(pldr.data.__file__).parent
-# a command line a message may quote: `pldr ...` in backticks (its flags are the command's)
-COMMAND = re.compile(r"`pldr [^`]*`")
-FLAG = re.compile(r"(?<![\w-])--[A-Za-z]")
-
-
-def message_texts(source: str) -> list[tuple[int, str]]:
-    """(line, text) of every string in a `raise` statement or in a call of an `...Error`
-    class (messages built by helpers that return the error): plain strings as they are,
-    f-strings with each placeholder as {}."""
-    tree = ast.parse(source)
-    roots = [n for n in ast.walk(tree) if isinstance(n, ast.Raise) or (
-        isinstance(n, ast.Call) and (getattr(n.func, "id", None) or
-                                     getattr(n.func, "attr", "")).endswith("Error"))]
-    found: dict[tuple[int, int], tuple[int, str]] = {}
-    for root in roots:
-        parts = {id(v) for n in ast.walk(root) if isinstance(n, ast.JoinedStr) for v in n.values}
-        for n in ast.walk(root):
-            if isinstance(n, ast.JoinedStr):
-                text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in n.values)
-            elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in parts:
-                text = n.value
-            else:
-                continue
-            found[(n.lineno, n.col_offset)] = (n.lineno, text)
-    return sorted(found.values())
-
-
-def flags_in(text: str) -> list[str]:
-    """The `--flag` spellings of a message outside any quoted `pldr ...` command line."""
-    return FLAG.findall(COMMAND.sub("", text))
-
-
-def test_the_checker_sees_flags_in_raises_and_in_built_errors():
-    source = '''
-def f(out):
-    raise DataError(f"--out {out!r} is taken; choose another " "--out")
-def g():
-    return DataError("drop " "--text-column")
-def h():
-    raise DataError("see `pldr data info --verify` and `out`")
-'''
-    texts = message_texts(source)
-    assert [flags_in(t) for _, t in texts] == [["--o", "--o"], ["--t"], []]
-
-
-def test_no_data_message_names_a_flag():
-    bad, seen = [], 0
-    for path in sorted(DATA_PACKAGE.glob("*.py")):
-        for line, text in message_texts(path.read_text(encoding="utf-8")):
-            seen += 1
-            if flags_in(text):
-                bad.append(f"{path.name}:{line}: {text}")
-    assert seen > 60, f"only {seen} message strings found: is the walk looking at raises?"
-    assert not bad, "messages that name a CLI flag instead of the Python parameter:\n" + \
-        "\n".join(bad)
 
 
 # ----- the same errors from Python and from the command line --------------------------------

@@ -104,7 +104,7 @@ def test_bad_rows_are_one_line_errors_that_name_the_row(base, tmp_path):
     with pytest.raises(DataError, match=r"row 1 of rows: label 5 is outside the 2 labels"):
         T.encode_sequence(table(tmp_path, [{"text": "a", "label": 0}, {"text": "b", "label": 5}]),
                           seq, tok, 64, {}, 2, "rows")
-    with pytest.raises(DataError, match="has no column 'label'.*--label-column"):
+    with pytest.raises(DataError, match="has no column 'label'.*`label_column`$"):
         T.check_columns(table(tmp_path, [{"text": "a", "y": 0}]), seq, "rows")
     tc = T.columns_of("token-classification", {})
     with pytest.raises(DataError, match="row 0 of rows: 2 words but 1 tags"):

@@ -550,7 +550,7 @@ def test_a_warmup_longer_than_the_run_is_capped_so_the_peak_lr_is_reached(shared
         result = quiet_train(small_cfg(shared, out, max_steps=4, warmup_steps=100, lr=1e-3))
     lrs = [r["lr"] for r in result.records if r["split"] == "train"]
     assert max(lrs) == pytest.approx(1e-3, rel=1e-12)  # the peak --lr, reached
-    said = [r.getMessage() for r in caplog.records if "--warmup-steps" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "`warmup_steps`" in r.getMessage()]
     assert len(said) == 1 and "100" in said[0], said
     capped = json.loads((out / "train_config.json").read_text())["warmup_steps"]
     assert 1 <= capped < 4  # recorded, so a resumed run keeps the same schedule

@@ -71,12 +71,12 @@ def data_chunks(data: str, tokenizer: Tokenizer, context_length: int, samples: i
     """The first `samples` chunks of `context_length` tokens of a data source, chunked as
     for training (documents end with EOS; `pack` cuts the token stream evenly)."""
     if samples < 1:
-        raise DataError(f"--samples must be at least 1, got {samples}")
+        raise DataError(f"`samples` must be at least 1, got {samples}")
     docs = load_tokens(data, tokenizer, split, text_column, progress=progress)
     chunks = Chunks.from_tokens(docs, context_length, mode)
     if len(chunks) < samples:
         raise DataError(f"{data!r} has only {len(chunks)} chunks of {context_length} tokens; "
-                        "lower --samples or --context-length")
+                        "lower `samples` or `context_length`")
     return Chunks(chunks.tokens, chunks.starts[:samples], chunks.lengths[:samples],
                   chunks.chunk_len)
 
@@ -84,7 +84,7 @@ def data_chunks(data: str, tokenizer: Tokenizer, context_length: int, samples: i
 def chunk_batches(chunks: Chunks, batch_size: int) -> Iterator[Tensor]:
     """LongTensor batches [<= batch_size, chunk_len] of the chunks in order."""
     if batch_size < 1:
-        raise PLDRError(f"--batch-size must be at least 1, got {batch_size}")
+        raise PLDRError(f"`batch_size` must be at least 1, got {batch_size}")
     for s in range(0, len(chunks), batch_size):
         yield torch.from_numpy(chunks.rows(np.arange(s, min(s + batch_size, len(chunks)))))
 

@@ -57,9 +57,9 @@ def inspect_model(model: PLDRModel, inputs: Sequence[Sequence[int]], out: str | 
     Pictures are `fmt` files (png, svg or pdf), drawn at `dpi` dots per inch."""
     layers = check_layers(layers, model.config.num_layers)
     if fmt not in plots.FORMATS:
-        raise PLDRError(f"picture format {fmt!r} is not one of {', '.join(plots.FORMATS)}")
+        raise PLDRError(f"picture format `fmt` {fmt!r} is not one of {', '.join(plots.FORMATS)}")
     if isinstance(dpi, bool) or not isinstance(dpi, int) or not MIN_DPI <= dpi <= MAX_DPI:
-        raise PLDRError(f"--dpi must be a whole number in {MIN_DPI}..{MAX_DPI}, got {dpi!r}")
+        raise PLDRError(f"`dpi` must be a whole number in {MIN_DPI}..{MAX_DPI}, got {dpi!r}")
     if pictures:
         plots.require_matplotlib()
     items = collect(model, inputs, labels)
@@ -94,7 +94,7 @@ def check_replaceable(out: Path) -> None:
     """Refuse an `out` that is a file, or a folder holding anything but an earlier inspect
     output (which is replaced as a whole, never mixed with the new pictures)."""
     if out.exists() and not out.is_dir():
-        raise PLDRError(f"{str(out)!r} exists and is not a folder; choose another --out")
+        raise PLDRError(f"`out` {str(out)!r} exists and is not a folder; choose another `out`")
     if not out.is_dir():
         return
     entries = sorted(p.name for p in out.iterdir())
@@ -106,7 +106,7 @@ def check_replaceable(out: Path) -> None:
         what = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "") if foreign else \
             "no report.json of pldr inspect"
         raise PLDRError(f"{str(out)!r} is not an earlier pldr inspect output ({what}); "
-                        "choose another --out (an earlier output is replaced as a whole)")
+                        "choose another `out` (an earlier output is replaced as a whole)")
 
 
 def _is_inspect_report(path: Path) -> bool:

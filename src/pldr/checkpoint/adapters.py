@@ -54,7 +54,7 @@ def lora_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
               if isinstance(m, nn.Linear)}
     for t in targets:
         if t not in linear.values():
-            raise ConfigError(f"--lora-targets {t!r} matches no linear layer of the model; its "
+            raise ConfigError(f"`lora_targets` entry {t!r} matches no linear layer of the model; its "
                               f"linear layers are named {', '.join(sorted(set(linear.values())))}")
     return [name for name, last in linear.items() if last in targets]
 

@@ -91,7 +91,7 @@ def convert_model(model: Any, dest: str | os.PathLike, to: str, tokenizer: Any =
         raise CheckpointError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
     if to == "original" and is_head_model(model):
         raise CheckpointError(f"the original release has no task heads, so a {model.task} "
-                              "model cannot be written in its layout; use --to pldr or hf-port")
+                              "model cannot be written in its layout; use `to='pldr'` or `to='hf-port'`")
     target = Path(dest).absolute()
     if to == "pldr":
         save_pretrained(model, target, tokenizer=tokenizer)

@@ -184,7 +184,8 @@ def read_state(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, T
         if (path / DCP_METADATA).is_file() and not (path / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{str(path)!r} is a resumable training checkpoint "
                                   "(Distributed Checkpoint), not a model directory; convert it "
-                                  f"with: pldr convert --dcp {path} --out MODEL_DIR")
+                                  f"with `pldr convert --dcp {path} --out MODEL_DIR` (in Python: "
+                                  "pldr.training.checkpointing.dcp_to_pretrained)")
         state, config = _read_directory(path, config)
     elif path.suffix == ".safetensors":
         state = read_safetensors(path)

@@ -7,9 +7,9 @@ become one `error: ...` line on stderr and exit status 2. The library names Pyth
 parameters (`max_len`, `resume='auto'`); the boundary spells each as the running command's
 flag (--max-len, --resume auto), looked up in that command's parser (`command_flags`). Any
 other exception is a bug, so its traceback is shown with a request to report it (exit
-status 1). `--debug`, anywhere on
-the line, shows the traceback of input errors too. The library logs to the "pldr" logger;
-here its records go to stdout.
+status 1). `--debug`, anywhere on the line, shows the traceback of input errors too. The
+library logs to the "pldr" logger; here its records go to stdout, the parameters they name
+spelt as flags too.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ COMMANDS = (version, demo, train, finetune, generate, serve, bench, convert, inf
 REPORT = "this is a bug in pldr; please report it with the traceback above"
 # Python parameters that a command's flag names otherwise: command -> {parameter: flag's dest}
 # (every other parameter is the flag whose dest has its name: max_len -> --max-len)
-RENAMED = {"convert": {"dest": "out"}}
+RENAMED = {"convert": {"dest": "out"},
+           "eval": {"model_path": "model"},     # pldr.finetune.score
+           "inspect": {"fmt": "format"}}        # pldr.analysis.inspect_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        with _console_logging():
+        with _console_logging(command_flags(parser, args.command)):
             check_model_arg(args)
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -81,12 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
-def _console_logging() -> Iterator[None]:
-    """While a command runs, INFO records of the "pldr" logger go to stdout as plain lines
-    (the stream is looked up per record, so redirected or captured stdout works)."""
+def _console_logging(flags: dict[str, str]) -> Iterator[None]:
+    """While a command runs, INFO records of the "pldr" logger go to stdout as plain lines,
+    each Python parameter they name spelt as its flag in `flags` (as errors are); the stream
+    is looked up per record, so redirected or captured stdout works."""
     logger = logging.getLogger("pldr")
     handler = _StdoutHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_FlagFormatter(flags))
     previous = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -95,6 +98,17 @@ def _console_logging() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
+
+
+class _FlagFormatter(logging.Formatter):
+    """The record's message alone, with the parameters it names rendered as flags."""
+
+    def __init__(self, flags: dict[str, str]) -> None:
+        super().__init__("%(message)s")
+        self.flags = flags
+
+    def format(self, record: logging.LogRecord) -> str:
+        return render(super().format(record), self.flags)
 
 
 class _StdoutHandler(logging.StreamHandler):

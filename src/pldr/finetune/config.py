@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..training.config import TrainConfig, flag_name, setting
+from ..training.config import TrainConfig, setting
 from .metrics import BEST_METRIC
 from .tasks import TASKS
 
@@ -124,28 +124,28 @@ class FinetuneConfig:
         return self.metric or BEST_METRIC[self.task]
 
     def check(self) -> None:
-        """Single values that cannot work, named by their flag (the rest: `TrainConfig`)."""
+        """Single values that cannot work, named by their field (the rest: `TrainConfig`)."""
         if self.task not in TASKS:
-            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+            raise ConfigError(f"`task` must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not self.model:
-            raise ConfigError("--model is required: a model directory or checkpoint")
+            raise ConfigError("`model` is required: a model directory or checkpoint")
         if not self.data:
-            raise ConfigError("--data is required: a .jsonl/.csv/.parquet file or hf:NAME")
+            raise ConfigError("`data` is required: a .jsonl/.csv/.parquet file or hf:NAME")
         for name, low in (("doc_stride", 0), ("max_answer_length", 1), ("early_stopping", 0),
                           ("lora_r", 0), ("max_length", 2), ("num_labels", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise ConfigError(f"--{flag_name(name)} must be an integer >= {low}, got {v!r}")
+                raise ConfigError(f"`{name}` must be an integer >= {low}, got {v!r}")
         for name in ("lora_alpha", "lora_dropout", "clip_norm"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < 0 or (name == "lora_dropout" and v >= 1):
-                raise ConfigError(f"--{flag_name(name)} must be a finite number >= 0"
+                raise ConfigError(f"`{name}` must be a finite number >= 0"
                                   f"{' and < 1' if name == 'lora_dropout' else ''}, got {v!r}")
         if self.lora_r and not self.targets:
-            raise ConfigError("--lora-targets names no module; e.g. --lora-targets wq,wv")
+            raise ConfigError("`lora_targets` names no module; e.g. `lora_targets='wq,wv'`")
         if self.merge and not self.lora_r:
-            raise ConfigError("--merge merges LoRA adapters: give --lora-r N as well")
+            raise ConfigError("`merge` merges LoRA adapters: give `lora_r=N` as well")
         self.train_config().check()
 
     def train_config(self) -> TrainConfig:

@@ -60,11 +60,13 @@ def find_labels(task: str, table: Any, cols: dict[str, str], num_labels: int | N
             num_labels = 1  # float labels: a regression head
         count = num_labels or (max(ints) + 1 if ints else 0)
         if count < 1:
-            raise DataError(f"column {column!r} holds no labels; check --{'label' if not sequence else 'tags'}-column")
+            role = "tags" if sequence else "label"
+            raise DataError(f"column {column!r} holds no labels; check `{role}_column`")
         names = [f"LABEL_{i}" for i in range(count)]
     elif num_labels is not None and num_labels != len(names):
-        raise DataError(f"--num-labels {num_labels} does not match the {len(names)} label names "
-                        f"of column {column!r} ({', '.join(names[:5])}...); drop --num-labels")
+        raise DataError(f"`num_labels` {num_labels} does not match the {len(names)} label "
+                        f"names of column {column!r} ({', '.join(names[:5])}...); drop "
+                        "`num_labels`")
     return Labels(tuple(names))
 
 

@@ -69,7 +69,7 @@ class FinetuneRun(PreparedRun):
 
 
 def load_start_model(fcfg: FinetuneConfig) -> tuple[Any, bool]:
-    """The model `--model` names (on CPU) and whether the task needs a new head on it; a
+    """The model `fcfg.model` names (on CPU) and whether the task needs a new head on it; a
     model with another task's head (or a head where causal needs the LM) is an error."""
     from ..checkpoint.load import load_model
 
@@ -80,8 +80,8 @@ def load_start_model(fcfg: FinetuneConfig) -> tuple[Any, bool]:
     have = type(model).__name__
     if cls is None or not isinstance(model, cls):
         need = f"a causal model or a {cls.__name__}" if cls else "a causal model (PLDRModel)"
-        raise CheckpointError(f"--model {fcfg.model!r} is a {have}; --task {fcfg.task} starts "
-                              f"from {need}: pick the matching --task, or the base model")
+        raise CheckpointError(f"`model` {fcfg.model!r} is a {have}; `task={fcfg.task!r}` starts "
+                              f"from {need}: pick the matching `task`, or the base model")
     return model, False
 
 
@@ -91,7 +91,7 @@ def _tokenizer(fcfg: FinetuneConfig, vocab_size: int) -> Any:
     found = Tokenizer.find(fcfg.tokenizer or fcfg.model)
     if found is None:
         raise DataError(f"fine-tuning needs the model's tokenizer: {fcfg.model!r} has no "
-                        "tokenizer.model; pass --tokenizer FILE")
+                        "tokenizer.model; pass `tokenizer=FILE`")
     tok = Tokenizer.load(found)
     if tok.vocab_size > vocab_size:
         raise DataError(f"the tokenizer has {tok.vocab_size} pieces but the model only "
@@ -116,21 +116,21 @@ def prepare_finetune(fcfg: FinetuneConfig) -> FinetuneRun:
     out = Path(fcfg.out)
     world = ptd.env_world_size()
     if cfg.batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
+        raise ConfigError(f"`batch_size` {cfg.batch_size} must be divisible by the number of "
                           f"processes, {world}")
     micro = cfg.micro_batch_size or cfg.batch_size // world
     if (cfg.batch_size // world) % micro:
-        raise ConfigError(f"--micro-batch-size {micro} must divide batch_size / processes = "
+        raise ConfigError(f"`micro_batch_size` {micro} must divide batch_size / processes = "
                           f"{cfg.batch_size // world}")
     if fcfg.best_metric not in METRICS_OF[fcfg.task]:
-        raise ConfigError(f"--metric {fcfg.best_metric!r} is not a figure of {fcfg.task}; "
+        raise ConfigError(f"`metric` {fcfg.best_metric!r} is not a figure of {fcfg.task}; "
                           f"choose one of {', '.join(METRICS_OF[fcfg.task])}")
     resume_dir = find_resume_checkpoint(cfg.resume, out)
     if resume_dir is not None:
         verify_checkpoint(resume_dir)
     elif is_run_dir(out):
-        raise CheckpointError(f"--out {str(out)!r} already holds a run; pass --resume auto to "
-                              "continue it, or choose another --out")
+        raise CheckpointError(f"`out` {str(out)!r} already holds a run; pass `resume='auto'` "
+                              "to continue it, or choose another `out`")
     else:
         _check_leftovers(out, cfg.tokenizer)
     base, new_head = load_start_model(fcfg)
@@ -141,7 +141,7 @@ def prepare_finetune(fcfg: FinetuneConfig) -> FinetuneRun:
     tok = _tokenizer(fcfg, base.config.vocab_size)
     max_len = fcfg.max_length or base.config.max_seq_len
     if max_len > base.config.max_seq_len:
-        raise ConfigError(f"--max-length {max_len} is longer than the model's max_seq_len "
+        raise ConfigError(f"`max_length` {max_len} is longer than the model's max_seq_len "
                           f"{base.config.max_seq_len}")
     cols = columns_of(fcfg.task, {k.removesuffix("_column"): getattr(fcfg, k)
                                   for k in fcfg.to_dict() if k.endswith("_column")})
@@ -162,7 +162,7 @@ def prepare_finetune(fcfg: FinetuneConfig) -> FinetuneRun:
     per_epoch = len(loader) // cfg.grad_accum
     if per_epoch == 0:
         raise DataError(f"{what} has {len(train.examples)} examples, fewer than one step of "
-                        f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}")
+                        f"`batch_size` {cfg.batch_size} x `grad_accum` {cfg.grad_accum}")
     total = (cfg.epochs or 1) * per_epoch
     if cfg.max_steps is not None:
         total = cfg.max_steps if cfg.epochs is None else min(cfg.max_steps, total)
@@ -327,7 +327,7 @@ class FinetuneTrainer(Trainer):
         return record
 
     def _track_best(self, figures: dict[str, float]) -> None:
-        """Keep OUT/best when --metric improved; count evaluations without improvement for
+        """Keep OUT/best when `metric` improved; count evaluations without improvement for
         --early-stopping."""
         name = self.fcfg.best_metric
         value = figures.get(name)
@@ -371,7 +371,7 @@ class FinetuneTrainer(Trainer):
         return self._export(self.prepared.out / "final")
 
     def _export(self, dest: Path) -> Path:
-        """The trained model as a model directory (LoRA merged with --merge), or an adapter
+        """The trained model as a model directory (LoRA merged with `merge`), or an adapter
         directory naming the base model; every rank gathers, rank 0 writes."""
         run, f = self.prepared, self.fcfg
         state = ptd.full_model_state(self.model, self.dist)
@@ -431,8 +431,8 @@ def score(task: str, model_path: str, data: str, split: str = "train", *,
     cls = head_class(task)
     if (cls is None and not isinstance(model, PLDRModel)) or (cls is not None
                                                              and not isinstance(model, cls)):
-        raise CheckpointError(f"--model {model_path!r} is a {type(model).__name__}, not a model "
-                              f"for --task {task}: score a model fine-tuned for it")
+        raise CheckpointError(f"`model_path` {model_path!r} is a {type(model).__name__}, not a "
+                              f"model for `task={task!r}`: score a model fine-tuned for it")
     tok = _tokenizer(fcfg, model.config.vocab_size)
     max_len = max_length or model.config.max_seq_len
     cols = columns_of(task, columns or {})

@@ -81,12 +81,13 @@ def columns_of(task: str, given: dict[str, str | None]) -> dict[str, str]:
 
 
 def check_columns(table: Any, cols: dict[str, str], what: str) -> None:
-    """Every column the task reads exists in `table`, else one line naming the flag."""
+    """Every column the task reads exists in `table`, else one line naming the setting
+    (`text_column`, ...) that picks it."""
     for role, name in cols.items():
         if name not in table.column_names:
             raise DataError(f"{what} has no column {name!r} ({role}); its columns are "
                             f"{', '.join(table.column_names)}: name it with "
-                            f"--{role}-column")
+                            f"`{role}_column`")
 
 
 def label_names(table: Any, column: str, sequence: bool) -> list[str] | None:
@@ -118,7 +119,7 @@ def _label_id(value: Any, label2id: dict[str, int], num_labels: int, where: str)
         raise DataError(f"{where}: label {value!r} is not a class id (an integer) or name")
     if not 0 <= value < num_labels:
         raise DataError(f"{where}: label {value} is outside the {num_labels} labels "
-                        f"[0, {num_labels}); fix the data or pass --num-labels")
+                        f"[0, {num_labels}); fix the data or pass `num_labels`")
     return value
 
 
@@ -139,7 +140,7 @@ def encode_sequence(table: Any, cols: dict[str, str], tok: Any, max_len: int,
         where = f"row {i} of {what}"
         if not isinstance(text, str):
             raise DataError(f"{where}: column {cols['text']!r} holds {type(text).__name__}, "
-                            "not text; name the text column with --text-column")
+                            "not text; name the text column with `text_column`")
         if num_labels == 1 and isinstance(value, (int, float)) and not isinstance(value, bool):
             label: int | float = float(value)  # regression
         else:
@@ -204,7 +205,7 @@ def encode_qa(table: Any, cols: dict[str, str], tok: Any, max_len: int, stride: 
         room = max_len - len(q_ids) - 1
         stride = room // 3 if stride is None else stride
         if stride >= room:
-            raise DataError(f"--doc-stride {stride} must be smaller than the context window "
+            raise DataError(f"`doc_stride` {stride} must be smaller than the context window "
                             f"of {room} pieces (max length {max_len} less the question)")
         a_first, a_last = _answer_pieces(c_spans, starts[0], starts[0] + len(texts[0])) \
             if texts else (-1, -1)
@@ -259,7 +260,7 @@ def encode_causal(table: Any, cols: dict[str, str], tok: Any, max_len: int,
         ids = (p + c)[:max_len]
         if len(p) >= len(ids):
             raise DataError(f"row {i} of {what}: the prompt fills all {max_len} positions; "
-                            "shorten it or raise --max-length")
+                            "shorten it or raise `max_length`")
         examples.append(Example(ids, i, labels=list(ids), start=len(p)))
     return TaskData(examples, len(examples))
 

@@ -174,8 +174,8 @@ def fit_warmup(cfg: TrainConfig, total: int, say: bool = True) -> TrainConfig:
         return cfg
     capped = max(1, total // 10)
     if say:
-        log.warning(f"note: --warmup-steps {cfg.warmup_steps} is not shorter than the run's "
-                    f"{total} steps, so the learning rate would never reach --lr; warming up "
+        log.warning(f"note: `warmup_steps` {cfg.warmup_steps} is not shorter than the run's "
+                    f"{total} steps, so the learning rate would never reach `lr`; warming up "
                     f"over {capped} steps instead (a tenth of the run)")
     return cfg.replace(warmup_steps=capped)
 
