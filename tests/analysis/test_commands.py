@@ -282,3 +282,34 @@ def test_every_plot_with_several_lines_has_a_legend_naming_them():
     assert several == 2  # the spectrum's two layers, each a line per head
     assert sorted(t.get_text() for t in figures[0].legends[0].get_texts()) == \
         ["head 0", "head 1", "head 2", "head 3"]
+
+
+def test_a_bad_dpi_names_the_parameter_in_python_and_the_flag_on_the_command_line(
+        corpus, tmp_path, capsys):
+    from pldr.analysis import inspect_model
+    from pldr.errors import PLDRError
+
+    model = load_model(corpus["root"] / "m")
+    out = tmp_path / "o"
+    with pytest.raises(PLDRError) as e:
+        inspect_model(model, [[5, 6, 7]], out, pictures=False, dpi=10)
+    assert str(e.value) == "`dpi` must be a whole number in 30..600, got 10"
+    assert e.value.param == "dpi"
+    assert main(["inspect", "--model", str(corpus["root"] / "m"), "--ids", "5,6,7", "--out",
+                 str(out), "--no-pictures", "--dpi", "10"]) == 2
+    assert one_error_line(capsys) == "error: --dpi must be a whole number in 30..600, got 10"
+    assert not out.exists()
+
+
+def test_too_few_chunks_names_samples_in_python_and_its_flag_on_the_command_line(
+        corpus, tmp_path, capsys):
+    from pldr.errors import DataError
+
+    with pytest.raises(DataError, match=r"; lower `samples` or `context_length`$") as e:
+        data_chunks(corpus["data"], corpus["tok"], 20, 100000)
+    assert e.value.param == "samples"
+    out = tmp_path / "g.safetensors"
+    assert main(["extract-G", "--model", str(corpus["root"] / "m"), "--data", corpus["data"],
+                 "--samples", "100000", "--context-length", "20", "--out", str(out)]) == 2
+    assert one_error_line(capsys).endswith("; lower --samples or --context-length")
+    assert not out.exists()
