@@ -22,12 +22,13 @@ if TYPE_CHECKING:  # `datasets` takes a second to import; only structured data n
     pass
 
 
-class TokenBatches:
-    """Batches of chunks as LongTensors [batch_size / world_size, chunk_len].
+class EpochBatches:
+    """A resumable walk over `count` items in global batches; subclasses say what a batch of
+    item indices is (`batch`).
 
-    - Each epoch visits every chunk once in an order drawn from (seed, epoch), or in order
+    - Each epoch visits every item once in an order drawn from (seed, epoch), or in order
       when `shuffle=False`; the final incomplete batch is dropped, so `len()` is
-      `num_chunks // batch_size`.
+      `count // batch_size`.
     - `batch_size` is the global batch: rank r gets rows [r*b, (r+1)*b) of every global batch,
       b = batch_size / world_size, so the ranks' rows are disjoint and, concatenated in rank
       order, equal the single-process batch. Runs on 1 or N ranks see the same data.
@@ -37,23 +38,25 @@ class TokenBatches:
       iterator at a time; `iter_epoch` reads an epoch without touching the position (for
       validation)."""
 
-    def __init__(self, chunks: Chunks, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+    count_key = "count"  # the state_dict key of the item count (checked on resume)
+    resume_hint = "the same data, batch size and seed"
+
+    def __init__(self, count: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
         _check_batching(batch_size, rank, world_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise DataError(f"`seed` must be a non-negative integer, got {seed!r}")
-        self.chunks = chunks
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.step = 0
+        self.count, self.batch_size, self.shuffle, self.seed = count, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = self.step = 0
+
+    def batch(self, indices: np.ndarray):
+        """The batch of the items at `indices` (this rank's rows)."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        return len(self.chunks) // self.batch_size
+        return self.count // self.batch_size
 
     @property
     def local_batch_size(self) -> int:
@@ -61,27 +64,26 @@ class TokenBatches:
         return self.batch_size // self.world_size
 
     def order(self, epoch: int) -> np.ndarray:
-        """The chunk order of an epoch (the same on every rank)."""
+        """The item order of an epoch (the same on every rank)."""
         if not self.shuffle:
-            return np.arange(len(self.chunks))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
+            return np.arange(self.count)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
 
-    def get_batch(self, step: int, epoch: int = 0, *,
-                  order: np.ndarray | None = None) -> torch.Tensor:
-        """This rank's rows of global batch `step` of `epoch`, as a LongTensor."""
+    def get_batch(self, step: int, epoch: int = 0, *, order: np.ndarray | None = None):
+        """This rank's rows of global batch `step` of `epoch`."""
         if not 0 <= step < len(self):
             raise IndexError(f"batch {step} is out of range (an epoch has {len(self)})")
         order = self.order(epoch) if order is None else order
         first = step * self.batch_size + self.rank * self.local_batch_size
-        return torch.from_numpy(self.chunks.rows(order[first:first + self.local_batch_size]))
+        return self.batch(order[first:first + self.local_batch_size])
 
-    def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
+    def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator:
         """The batches of one epoch from batch `start`, leaving the position alone."""
         order = self.order(epoch)
         for step in range(start, len(self)):
             yield self.get_batch(step, epoch, order=order)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator:
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
         order = self.order(self.epoch)
@@ -94,17 +96,32 @@ class TokenBatches:
     def state_dict(self) -> dict[str, int]:
         """The position of the next batch, plus what must match when resuming."""
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
-                "batch_size": self.batch_size, "num_chunks": len(self.chunks)}
+                "batch_size": self.batch_size, self.count_key: self.count}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at `state["epoch"]`, batch `state["step"]` (from `state_dict`)."""
-        for key in ("seed", "batch_size", "num_chunks"):
-            ours = self.seed if key == "seed" else self.state_dict()[key]
-            if key in state and state[key] != ours:
+        ours = self.state_dict()
+        for key in ("seed", "batch_size", self.count_key):
+            if key in state and state[key] != ours[key]:
                 raise DataError(f"cannot resume the data loader: its saved {key} is "
-                                f"{state[key]}, this one has {ours}; resume with the same data, "
-                                "tokenizer, context length, batch size and seed")
+                                f"{state[key]}, this one has {ours[key]}; resume with "
+                                f"{self.resume_hint}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class TokenBatches(EpochBatches):
+    """Batches of chunks as LongTensors [batch_size / world_size, chunk_len], walked as
+    `EpochBatches` says."""
+
+    count_key = "num_chunks"
+    resume_hint = "the same data, tokenizer, context length, batch size and seed"
+
+    def __init__(self, chunks: Chunks, batch_size: int, **kw) -> None:
+        super().__init__(len(chunks), batch_size, **kw)
+        self.chunks = chunks
+
+    def batch(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.chunks.rows(indices))
 
 
 def _check_batching(batch_size: int, rank: int, world_size: int) -> None:

@@ -5,10 +5,11 @@ rank-sharded loader of example batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..data.loader import EpochBatches
 from ..errors import DataError
 from . import tasks as T
 
@@ -86,54 +87,21 @@ def encode_split(task: str, table: Any, cols: dict[str, str], tokenizer: Any, ma
     return T.encode_causal(table, cols, tokenizer, max_len, what)
 
 
-class ExampleBatches:
-    """Batches of examples, as `pldr.data.TokenBatches` batches chunks: each epoch visits
-    every example once in an order drawn from (seed, epoch); `batch_size` is the global
-    batch and rank r takes rows [r*b, (r+1)*b) of it; the last incomplete batch is dropped;
-    `state_dict()` is the position of the next batch, so a resumed run reads the same
-    batches. Yields lists of `Example` (this rank's rows)."""
+class ExampleBatches(EpochBatches):
+    """Batches of examples (lists of `Example`, this rank's rows), walked and resumed as
+    `pldr.data.TokenBatches` walks chunks (`EpochBatches`: a shuffled order per (seed,
+    epoch), the global batch split over ranks, the last incomplete batch dropped)."""
+
+    count_key = "num_examples"
 
     def __init__(self, examples: Sequence[T.Example], batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
-        if batch_size % world_size:
-            raise DataError(f"batch size {batch_size} must divide over {world_size} processes")
         self.examples = list(examples)
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = self.step = 0
+        super().__init__(len(self.examples), batch_size, seed=seed, rank=rank,
+                         world_size=world_size)
 
-    def __len__(self) -> int:
-        return len(self.examples) // self.batch_size
-
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-
-    def _batch(self, step: int, order: np.ndarray) -> list[T.Example]:
-        b = self.batch_size // self.world_size
-        first = step * self.batch_size + self.rank * b
-        return [self.examples[i] for i in order[first:first + b]]
-
-    def __iter__(self) -> Iterator[list[T.Example]]:
-        if self.step >= len(self):
-            self.epoch, self.step = self.epoch + 1, 0
-        order = self.order(self.epoch)
-        while self.step < len(self):
-            step = self.step
-            self.step += 1  # the position of the next batch, for a checkpoint taken now
-            yield self._batch(step, order)
-        self.epoch, self.step = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
-                "batch_size": self.batch_size, "num_examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "batch_size", "num_examples"):
-            if key in state and state[key] != self.state_dict()[key]:
-                raise DataError(f"cannot resume: the checkpoint's {key} is {state[key]}, this "
-                                f"run has {self.state_dict()[key]}; resume with the same data, "
-                                "batch size and seed")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+    def batch(self, indices: np.ndarray) -> list[T.Example]:
+        return [self.examples[i] for i in indices]
 
 
 __all__ = ["Labels", "read_split", "find_labels", "encode_split", "ExampleBatches"]
