@@ -84,22 +84,20 @@ def describe(real: Tensor | None, B: int, T: int, *, device: torch.device,
     None: no pads). `own_G`: a v510G model's G_LM buffers (None for v510); `metric_pads`:
     whether pads enter A (`config.metric_includes_pad`); `positions` [B, T]: the caller's
     RoPE positions, instead of those counted from the real tokens."""
-    given_positions = positions
     metric_mask = real if real is not None and not metric_pads else None
     rows = _rows(cache, slots, device)
     known, compute = _G_source(cache, slots, rows, own_G, deductive)  # checks before writes
     if cache is not None and cache.has_kv:
-        positions, mask, where, span = _kv_positions(cache, slots, rows, real, T, max_seq_len)
+        counted, mask, where, span = _kv_positions(cache, slots, rows, real, T, max_seq_len)
     else:
         where, span = None, 0
         if real is None:
-            positions, mask = torch.arange(T, device=device)[None].expand(B, T), None
+            counted, mask = torch.arange(T, device=device)[None].expand(B, T), None
         else:
-            positions, mask = count_positions(real), uncached_mask(real)
-    if given_positions is not None:
-        positions = given_positions
-    return AttentionCall(positions=positions, mask=mask, metric_mask=metric_mask, known=known,
-                         compute=compute, cache=None if cache is None else cache.tensors,
+            counted, mask = count_positions(real), uncached_mask(real)
+    return AttentionCall(positions=counted if positions is None else positions, mask=mask,
+                         metric_mask=metric_mask, known=known, compute=compute,
+                         cache=None if cache is None else cache.tensors,
                          rows=rows, where=where, span=span, deductive=deductive)
 
 
