@@ -184,3 +184,17 @@ def test_decode_bytes_per_token_counts_packed_int8_and_bf16_weights():
     final = config.vocab_size * config.d_model                  # the int8 final layer alone
     assert final < int8 < 0.5 * fp32
     assert bf16 == pytest.approx(fp32 / 2, rel=0.01)
+
+
+def test_bench_finetune_measures_each_lora_target_set(tmp_path, capsys):
+    """`--lora-targets` measures LoRA on the named layers beside full fine-tuning, with its
+    own ratio (the flag repeats for several sets)."""
+    out = tmp_path / "ft.json"
+    assert main(["bench", "--model", "tiny", "--what", "finetune", "--lora-r", "2", "--quick",
+                 "--train-batch", "1", "--train-len", "16", "--lora-targets", "wq, wv",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    runs = [(r["spec"]["lora_r"], r["spec"]["lora_targets"]) for r in data["results"]]
+    assert runs == [(0, ""), (2, "wq,wv")]
+    assert "finetune lora r2 [wq,wv] float32 / full tokens/s" in data["ratios"]
+    assert "finetune lora r2 [wq,wv]" in capsys.readouterr().out

@@ -62,6 +62,7 @@ class BenchSpec:
     compile: bool = False         # decode (kv modes), engine, train: torch.compile the step
     activation_checkpointing: bool = False  # train: recompute each decoder layer in backward
     lora_r: int = 0               # finetune: LoRA rank (0: every weight trains)
+    lora_targets: str = ""        # finetune: comma-separated layer names ("": the default)
 
 
 @dataclass
@@ -330,7 +331,8 @@ def _finetune_job(model, spec: BenchSpec, ids):
     torch.manual_seed(0)
     head = attach_head(model, PLDRForSequenceClassification, model.config.replace(num_labels=2))
     if spec.lora_r:
-        add_lora(head, spec.lora_r, 2.0 * spec.lora_r, 0.0, DEFAULT_LORA_TARGETS, ("score",))
+        targets = spec.lora_targets.split(",") if spec.lora_targets else DEFAULT_LORA_TARGETS
+        add_lora(head, spec.lora_r, 2.0 * spec.lora_r, 0.0, targets, ("score",))
     head.train()
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=7e-5, betas=ADAMW_BETAS, eps=ADAMW_EPS,
@@ -377,6 +379,7 @@ def format_table(results: list[BenchResult]) -> str:
             name += " checkpointed"
         if s.what == "finetune":
             name += f" lora r{s.lora_r}" if s.lora_r else " full"
+            name += f" [{s.lora_targets}]" if s.lora_targets else ""
         model = s.model + (f" ({s.variant})" if s.variant else "") + f" {s.dtype}"
         rows.append((name, model, f"{r.median_s:.3f}", f"{r.tokens_per_s:.1f}",
                      f"{r.peak_rss_mb:.0f}"))
@@ -407,7 +410,9 @@ def summarise(results: list[BenchResult]) -> dict[str, float]:
     for r in results:
         f = full.get((r.spec.variant, r.spec.dtype))
         if r.spec.what == "finetune" and r.spec.lora_r and f is not None:
-            tag = f"finetune lora r{r.spec.lora_r} {r.spec.dtype}"
+            tag = (f"finetune lora r{r.spec.lora_r}"
+                   + (f" [{r.spec.lora_targets}]" if r.spec.lora_targets else "")
+                   + f" {r.spec.dtype}")
             out[f"{tag} / full tokens/s"] = r.tokens_per_s / f.tokens_per_s
             out[f"{tag} / full peak RSS"] = r.peak_rss_mb / f.peak_rss_mb
     by = {k: v for k, v in by.items() if k[0] != "finetune"}

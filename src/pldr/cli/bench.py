@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=8,
                    help="finetune: the LoRA rank measured beside full fine-tuning (default 8)")
+    p.add_argument("--lora-targets", action="append", default=None, metavar="NAMES",
+                   help="finetune: comma-separated linear layers that get adapters (default: "
+                        "pldr finetune's); repeat to measure several sets in one run")
     p.add_argument("--clients", default="1,16",
                    help="serve: comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=64, help="serve: requests per client count")
@@ -144,11 +147,12 @@ def run(args: argparse.Namespace) -> int:
                         for b in (batches if w == "engine" else [1]):
                             for ac in ([False, True] if args.activation_checkpointing
                                        and w == "train" else [False]):
-                                for r in ([0, args.lora_r] if w == "finetune" else [0]):
+                                for r, t in (_lora_runs(args) if w == "finetune"
+                                             else [(0, "")]):
                                     specs.append(BenchSpec(
                                         what=w, cache=c, variant=variant, dtype=dtype, batch=b,
                                         compile=comp, activation_checkpointing=ac, lora_r=r,
-                                        **common))
+                                        lora_targets=t, **common))
     info = machine_info()
     print(f"cpu: {info['cpu']} flags: {' '.join(info['cpu_flags'])} nproc: {info['nproc']} "
           f"torch {info['torch']} threads {info['torch_threads']} load {info['loadavg']}",
@@ -172,6 +176,13 @@ def run(args: argparse.Namespace) -> int:
              "results": [asdict(r) for r in results], "ratios": ratios,
              "serve": serve_result}, indent=2))
     return 0
+
+
+def _lora_runs(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """The finetune measurements: every weight (rank 0), then LoRA of `--lora-r` on each
+    `--lora-targets` set ("" is pldr finetune's default set)."""
+    sets = [",".join(t.strip() for t in s.split(",") if t.strip()) for s in args.lora_targets or [""]]
+    return [(0, "")] + [(args.lora_r, t) for t in sets]
 
 
 def _fit_lengths(args: argparse.Namespace) -> None:
