@@ -101,11 +101,6 @@ def _known(pads: bool | None) -> dict:
     return {} if pads is None else {"pads": pads}
 
 
-def _check_G_LM(model: PLDRModel, G_LM) -> GivenG | None:
-    """A user-given G_LM, shape-checked before any work (the one check of a run)."""
-    return None if G_LM is None else GivenG.check(G_LM, model.config)
-
-
 def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int, *,
            cache: str = "kv_g", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            G_LM=None, eos_id: int | None = None, seed: int | Sequence[int] | None = None,
@@ -124,7 +119,7 @@ def stream(model: PLDRModel, prompts: Sequence[Sequence[int]] | Tensor, max_new_
     if positions_needed(T, max_new_tokens) > model.config.max_seq_len:
         raise PLDRError(f"the longest prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) "
                         f"exceeds max_seq_len={model.config.max_seq_len}; shorten one of them")
-    G_LM = _check_G_LM(model, G_LM)
+    G_LM = None if G_LM is None else GivenG.check(G_LM, model.config)  # the run's one check
     if compile and cache not in ("kv_g", "kv_only"):
         raise PLDRError(f"compile=True needs a KV-cache mode (kv_g or kv_only), not {cache!r}: "
                         "the other modes re-run a growing sequence")

@@ -1,7 +1,6 @@
 """The model: power law graph attention (attention.py), the inference cache (cache.py), the
 description of one call (call.py), `PLDRModel` and its outputs (model.py), and the losses
-(losses.py). It imports only the
-leaves of `pldr` (config, errors, devices, files)."""
+(losses.py). It imports only the leaves of `pldr` (config, errors, devices, files)."""
 
 from .cache import CACHE_MODES, InferenceCache, stack_per_layer
 from .heads import (

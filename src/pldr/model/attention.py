@@ -19,6 +19,7 @@ match the original release, so its state dicts load without renaming.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -76,7 +76,7 @@ class CacheTensors:
         """Write one layer's new keys and values k, v [B', H, T, dk] at the cache positions
         `where` [B', T]; returns the keys and values of the rows' first `span` positions
         [B', H, span, dk] (a view when the call runs every slot)."""
-        row_ix = self.row_index(rows, where)                            # [B', 1]
+        row_ix = self.row_index(rows)                                   # [B', 1]
         self.k[layer][row_ix, :, where] = k.transpose(1, 2)             # [B', T, H, dk]
         self.v[layer][row_ix, :, where] = v.transpose(1, 2)
         keys, values = self.k[layer, :, :, :span], self.v[layer, :, :, :span]
@@ -84,10 +84,10 @@ class CacheTensors:
             return keys, values
         return keys.index_select(0, rows), values.index_select(0, rows)
 
-    def row_index(self, rows: Tensor | None, like: Tensor) -> Tensor:
+    def row_index(self, rows: Tensor | None) -> Tensor:
         """The slot of each of a call's rows as a column [B', 1] for advanced indexing."""
         if rows is None:
-            rows = torch.arange(self.key_real.shape[0], device=like.device)
+            rows = torch.arange(self.key_real.shape[0], device=self.key_real.device)
         return rows[:, None]
 
     def zero(self, slot: int, upto: int | None = None, unless: Tensor | None = None) -> None:

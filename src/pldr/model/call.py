@@ -94,7 +94,8 @@ def describe(real: Tensor | None, B: int, T: int, *, device: torch.device,
         if real is None:
             counted, mask = torch.arange(T, device=device)[None].expand(B, T), None
         else:
-            counted, mask = count_positions(real), uncached_mask(real)
+            counted = count_positions(real)
+            mask = causal_mask(torch.arange(T, device=device)[None].expand(B, T), real)
     return AttentionCall(positions=counted if positions is None else positions, mask=mask,
                          metric_mask=metric_mask, known=known, compute=compute,
                          cache=None if cache is None else cache.tensors,
@@ -118,9 +119,7 @@ def _kv_positions(cache: InferenceCache, slots: Sequence[int] | None, rows: Tens
 
     RoPE positions count on from the slot's real tokens so far (its real keys below its
     length: a call that failed after this wrote nothing that counts), from the call's first
-    real token. The mask is causal in cache positions without pad keys; a query
-    that would see no key (a pad left of every real token) sees itself, so the softmax stays
-    finite (its output is never used)."""
+    real token. The mask (`causal_mask`) is causal in cache positions."""
     states, device = cache.of(slots), real.device
     if cache.static:
         span = cache.max_len
@@ -132,21 +131,16 @@ def _kv_positions(cache: InferenceCache, slots: Sequence[int] | None, rows: Tens
     steps = torch.arange(T, device=device)
     where = (lengths[:, None] + steps).clamp(max=span - 1)                     # [B', T]
     key_real = kv.key_real if rows is None else kv.key_real.index_select(0, rows)
-    held = torch.arange(key_real.shape[1], device=device) < lengths[:, None]  # [B', S]
-    seen = (key_real & held).sum(dim=1)  # [B'] real tokens so far (not a failed call's)
-    kv.key_real[kv.row_index(rows, where), where] = real
-    lead = (real.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)                  # [B', 1]
-    positions = seen[:, None] + (steps[None] - lead).clamp(min=0)             # [B', T]
+    below = torch.arange(key_real.shape[1], device=device) < lengths[:, None]  # [B', S]
+    seen = (key_real & below).sum(dim=1)  # [B'] real tokens so far (not a failed call's)
+    kv.key_real[kv.row_index(rows), where] = real
+    positions = count_positions(real, start=seen)                              # [B', T]
     # a live slot stays below max_seq_len (the callers check it); an idle one that used
     # every position would index past the RoPE tables in a call over every slot
     positions = positions.clamp(max=max_seq_len - 1)
     key_real = kv.key_real[:, :span]
     key_real = key_real if rows is None else key_real.index_select(0, rows)    # [B', span]
-    k_idx = torch.arange(span, device=device)
-    mask = (k_idx <= where[..., None]) & key_real[:, None, :]                  # [B', T, span]
-    lonely = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (lonely & (k_idx == where[..., None]))
-    return positions, mask[:, None], where, span
+    return positions, causal_mask(where, key_real), where, span
 
 
 def _G_source(cache: InferenceCache | None, slots: Sequence[int] | None, rows: Tensor | None,
@@ -202,12 +196,12 @@ def count_positions(real: Tensor, start: Tensor | None = None) -> Tensor:
     return positions if start is None else positions + start[:, None]
 
 
-def uncached_mask(real: Tensor) -> Tensor:
-    """Boolean mask [B, 1, T, T] (True = attend) of a padded uncached call real [B, T]:
-    causal and without pad keys; a query that would see no key sees itself."""
-    T = real.shape[1]
-    idx = torch.arange(T, device=real.device)
-    mask = (idx[None, :] <= idx[:, None])[None] & real[:, None, :]          # [B, T, T]
+def causal_mask(where: Tensor, key_real: Tensor) -> Tensor:
+    """Boolean mask [B, 1, T, S] (True = attend) of queries at key positions where [B, T]
+    over keys key_real [B, S] (True = a real token): causal, without pad keys. A query that
+    would see no key (a pad left of every real token) sees itself, so the softmax stays
+    finite; its output is never used. An uncached call's queries sit at 0..T-1."""
+    k_idx = torch.arange(key_real.shape[1], device=key_real.device)
+    mask = (k_idx <= where[..., None]) & key_real[:, None, :]                  # [B, T, S]
     lonely = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (lonely & torch.eye(T, dtype=torch.bool, device=real.device)[None])
-    return mask[:, None]
+    return (mask | (lonely & (k_idx == where[..., None])))[:, None]

@@ -163,7 +163,8 @@ class PLDRModel(nn.Module):
 
         A forward is `describe` (one immutable description of the call, from the inputs and
         the cache's host-side slot state), `run` (the layers) and `cache.advance`. Uncached
-        calls check the ids' values (one device sync); cached calls check shapes only, their callers (`generate`, `Engine`) check values at the API edge. `pads`
+        calls check the ids' values (one device sync); cached calls check shapes only,
+        their callers (`generate`, `Engine`) check values at the API edge. `pads`
         True/False says the caller checked the ids itself and whether they hold pad ids (the
         trainer, whose loader built them): no value is read back, so a training step does
         not wait on the device."""
